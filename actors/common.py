@@ -1,0 +1,17 @@
+"""Process setup shared by the actors: quiet libraries, deterministic seeds, CPU threads."""
+from __future__ import annotations
+
+import os
+
+
+def setup_worker_process(seed: int, torch_threads: int | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    torch.manual_seed(seed)

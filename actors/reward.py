@@ -1,0 +1,22 @@
+"""RewardWorker: scores samples with the configured reward function (errors/timeouts counted)."""
+from __future__ import annotations
+
+import ray
+
+from miles_ray.rewards import RewardRunner
+
+
+@ray.remote
+class RewardWorker:
+    def __init__(self, spec: str, timeout_s: float, failure_score: float, isolate: bool = True):
+        self.runner = RewardRunner(spec, timeout_s, failure_score, isolate)
+
+    def ready(self) -> bool:
+        return True
+
+    def score(self, samples: list) -> tuple:
+        """Returns (samples with ``reward`` set, stats dict)."""
+        scores, stats = self.runner.score([(s.prompt, s.response_text, s.label) for s in samples])
+        for s, r in zip(samples, scores):
+            s.reward = r
+        return samples, stats.as_dict()

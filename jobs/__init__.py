@@ -1,0 +1,1 @@
+"""Drivers and entry points that ``ray job submit`` runs."""

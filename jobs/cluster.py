@@ -1,0 +1,64 @@
+"""Join the Ray cluster in RAY_ADDRESS (as under ``ray job submit``) or start a local one, then
+place the actors of a run on their placement-group bundles."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import ray
+
+from actors import BufferActor, RewardWorker, RolloutEngineActor, TrainerActor
+from placement.groups import actor_options, create_groups, remove_groups
+from placement.plan import plan_placement
+
+
+def init_ray(cfg, needed_cpus: float) -> None:
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=env, log_to_driver=True)
+        return
+    cpus = cfg.cluster.local_num_cpus or max(int(needed_cpus + 0.999), os.cpu_count() or 1)
+    ray.init(num_cpus=cpus, num_gpus=cfg.cluster.local_num_gpus, include_dashboard=False,
+             runtime_env=env, log_to_driver=True)
+
+
+@dataclass
+class RunActors:
+    trainer: object
+    engines: list
+    rewards: list
+    buffer: object
+    groups: dict = field(default_factory=dict)
+
+    def all(self) -> list:
+        return [self.trainer, *self.engines, *self.rewards, self.buffer]
+
+
+def start_actors(cfg) -> RunActors:
+    """Plan placement, create the groups, start every actor and wait until all are ready."""
+    plan = plan_placement(cfg.cluster, cfg.rollout.num_engines, cfg.reward.num_workers)
+    init_ray(cfg, plan.total_resources().get("CPU", 1))
+    prefix = cfg.run_name
+    groups = create_groups(plan, prefix)
+    cfg_dict = cfg.model_dump()
+
+    def opts(a):
+        return actor_options(a, groups, f"{prefix}-{a.role}-{a.rank}")
+
+    trainer = TrainerActor.options(**opts(plan.for_role("trainer")[0])).remote(cfg_dict, 0)
+    engines = [RolloutEngineActor.options(**opts(a)).remote(cfg_dict, a.rank) for a in plan.for_role("rollout")]
+    r = cfg.reward
+    rewards = [RewardWorker.options(**opts(a)).remote(r.fn, r.timeout_s, r.failure_score, r.isolate)
+               for a in plan.for_role("reward")]
+    buffer = BufferActor.options(**opts(plan.for_role("buffer")[0])).remote()
+    actors = RunActors(trainer, engines, rewards, buffer, groups)
+    ray.get([a.ready.remote() for a in actors.all()])
+    return actors
+
+
+def stop_actors(actors: RunActors) -> None:
+    for a in actors.all():
+        ray.kill(a)
+    remove_groups(actors.groups)

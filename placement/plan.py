@@ -1,0 +1,94 @@
+"""Turn a resource spec into placement-group specs and per-actor bundle assignments.
+
+Pure logic (no Ray): :func:`plan_placement` is unit-tested; :mod:`placement.groups` makes it real.
+
+Layouts
+- disaggregated: ``trainer`` PG (PACK, one bundle per rank) and ``rollout`` PG (SPREAD, one bundle
+  per engine GPU), so training and rollout own separate devices;
+- colocated: one ``colocated`` PG whose bundles are shared: trainer rank i and the engine whose
+  GPUs include bundle i each take half of it (time-shared: the engine releases memory while the
+  trainer runs);
+- both: a ``service`` PG (PACK) holds CPU bundles for the reward workers and the buffer.
+With ``use_gpu=False`` bundles ask only for CPUs, so the same plan runs on a CPU-only cluster.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GroupSpec:
+    name: str
+    bundles: list  # list of resource dicts
+    strategy: str
+
+
+@dataclass
+class Assignment:
+    role: str  # trainer | rollout | reward | buffer
+    rank: int
+    group: str
+    bundle_index: int
+    num_cpus: float
+    num_gpus: float = 0.0
+    bundle_indices: list = field(default_factory=list)  # every bundle whose GPU this actor uses
+
+
+@dataclass
+class PlacementPlan:
+    groups: list
+    assignments: list
+
+    def for_role(self, role: str) -> list:
+        return [a for a in self.assignments if a.role == role]
+
+    def total_resources(self) -> dict:
+        total: dict = {}
+        for g in self.groups:
+            for b in g.bundles:
+                for k, v in b.items():
+                    total[k] = total.get(k, 0) + v
+        return total
+
+
+def _bundle(cpus: float, gpus: float) -> dict:
+    return {"CPU": cpus, "GPU": gpus} if gpus else {"CPU": cpus}
+
+
+def plan_placement(cluster, num_engines: int, num_reward_workers: int) -> PlacementPlan:
+    """Plan groups for ``cluster`` (a ClusterConfig) with the given engine and reward counts."""
+    c, g = cluster.cpus_per_actor, cluster.gpus_per_engine
+    gpu = 1.0 if cluster.use_gpu else 0.0
+    groups, assign = [], []
+    if cluster.colocate:
+        n = max(cluster.num_trainers, num_engines * g)
+        groups.append(GroupSpec("colocated", [_bundle(2 * c, gpu) for _ in range(n)], "PACK"))
+        for r in range(cluster.num_trainers):
+            assign.append(Assignment("trainer", r, "colocated", r, c, gpu / 2, [r]))
+        for e in range(num_engines):
+            idx = list(range(e * g, (e + 1) * g))
+            assign.append(Assignment("rollout", e, "colocated", idx[0], c, gpu / 2, idx))
+    else:
+        groups.append(GroupSpec("trainer", [_bundle(c, gpu) for _ in range(cluster.num_trainers)], "PACK"))
+        groups.append(GroupSpec("rollout", [_bundle(c, gpu) for _ in range(num_engines * g)], "SPREAD"))
+        for r in range(cluster.num_trainers):
+            assign.append(Assignment("trainer", r, "trainer", r, c, gpu, [r]))
+        for e in range(num_engines):
+            idx = list(range(e * g, (e + 1) * g))
+            assign.append(Assignment("rollout", e, "rollout", idx[0], c, gpu, idx))
+    service = [_bundle(c, 0) for _ in range(num_reward_workers + 1)]
+    groups.append(GroupSpec("service", service, "PACK"))
+    for w in range(num_reward_workers):
+        assign.append(Assignment("reward", w, "service", w, c))
+    assign.append(Assignment("buffer", 0, "service", num_reward_workers, c))
+    return PlacementPlan(groups, assign)
+
+
+def check_fits(plan: PlacementPlan, available: dict) -> None:
+    """Raise a clear error when the cluster lacks the resources the plan asks for."""
+    need = plan.total_resources()
+    short = {k: (v, available.get(k, 0)) for k, v in need.items() if available.get(k, 0) + 1e-9 < v}
+    if short:
+        parts = ", ".join(f"{k}: needs {v:g}, cluster has {have:g}" for k, (v, have) in short.items())
+        hint = " Set cluster.use_gpu=false to run on CPUs." if "GPU" in short else ""
+        raise RuntimeError(f"The cluster cannot hold this placement plan ({parts}).{hint}")
