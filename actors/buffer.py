@@ -3,16 +3,14 @@ from __future__ import annotations
 
 import ray
 
+from actors.common import ActorBase
 from miles_ray.buffer import SampleBuffer
 
 
 @ray.remote
-class BufferActor:
+class BufferActor(ActorBase):
     def __init__(self):
         self.buffer = SampleBuffer()
-
-    def ready(self) -> bool:
-        return True
 
     def put(self, samples: list) -> int:
         return self.buffer.put(samples)

@@ -15,3 +15,18 @@ def setup_worker_process(seed: int, torch_threads: int | None = None) -> None:
     if torch_threads:
         torch.set_num_threads(torch_threads)
     torch.manual_seed(seed)
+
+
+class ActorBase:
+    """Methods every actor shares: readiness and where it runs (for tests and the dashboard)."""
+
+    def ready(self) -> bool:
+        return True
+
+    def where(self) -> dict:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {"pid": os.getpid(), "node_id": ctx.get_node_id(), "gpu_ids": ray.get_gpu_ids(),
+                "placement_group_id": ctx.get_placement_group_id(),
+                "resources": ctx.get_assigned_resources()}

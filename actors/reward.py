@@ -3,16 +3,14 @@ from __future__ import annotations
 
 import ray
 
+from actors.common import ActorBase
 from miles_ray.rewards import RewardRunner
 
 
 @ray.remote
-class RewardWorker:
+class RewardWorker(ActorBase):
     def __init__(self, spec: str, timeout_s: float, failure_score: float, isolate: bool = True):
         self.runner = RewardRunner(spec, timeout_s, failure_score, isolate)
-
-    def ready(self) -> bool:
-        return True
 
     def score(self, samples: list) -> tuple:
         """Returns (samples with ``reward`` set, stats dict)."""

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import ray
 
-from actors.common import setup_worker_process
+from actors.common import ActorBase, setup_worker_process
 from miles_ray.config import Config
 
 
 @ray.remote
-class RolloutEngineActor:
+class RolloutEngineActor(ActorBase):
     def __init__(self, cfg: dict, rank: int = 0):
         self.cfg = Config.model_validate(cfg)
         setup_worker_process(self.cfg.seed + 1000 + rank)
@@ -18,9 +18,6 @@ class RolloutEngineActor:
         self.engine = make_engine(self.cfg.rollout.backend, model_spec=self.cfg.model.path,
                                   dtype=self.cfg.model.dtype, tiny_cache_dir=self.cfg.model.tiny_cache_dir,
                                   seed=self.cfg.seed + 1000 + rank)
-
-    def ready(self) -> bool:
-        return True
 
     def generate(self, requests: list, n: int, params) -> list:
         return self.engine.generate(requests, n, params)

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import ray
 
-from actors.common import setup_worker_process
+from actors.common import ActorBase, setup_worker_process
 from miles_ray.config import Config
 
 
 @ray.remote
-class TrainerActor:
+class TrainerActor(ActorBase):
     def __init__(self, cfg: dict, rank: int = 0):
         self.cfg = Config.model_validate(cfg)
         setup_worker_process(self.cfg.seed + rank)
@@ -20,9 +20,6 @@ class TrainerActor:
             tiny_cache_dir=self.cfg.model.tiny_cache_dir, temperature=self.cfg.rollout.temperature,
             seed=self.cfg.seed,
         )
-
-    def ready(self) -> bool:
-        return True
 
     def sft_step(self, samples, lr=None) -> dict:
         return self.trainer.sft_step(samples, lr=lr)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import ray
 
 from actors import BufferActor, RewardWorker, RolloutEngineActor, TrainerActor
+from miles_ray.models import resolve_model_path
 from placement.groups import actor_options, create_groups, remove_groups
 from placement.plan import plan_placement
 
@@ -20,7 +21,8 @@ def init_ray(cfg, needed_cpus: float) -> None:
         ray.init(runtime_env=env, log_to_driver=True)
         return
     cpus = cfg.cluster.local_num_cpus or max(int(needed_cpus + 0.999), os.cpu_count() or 1)
-    ray.init(num_cpus=cpus, num_gpus=cfg.cluster.local_num_gpus, include_dashboard=False,
+    # address="local": never join some other cluster by accident (set RAY_ADDRESS=auto for that)
+    ray.init(address="local", num_cpus=cpus, num_gpus=cfg.cluster.local_num_gpus, include_dashboard=False,
              runtime_env=env, log_to_driver=True)
 
 
@@ -36,8 +38,20 @@ class RunActors:
         return [self.trainer, *self.engines, *self.rewards, self.buffer]
 
 
+def with_resolved_model(cfg):
+    """Resolve the model spec once in the driver (writes a tiny model once) and hand actors an
+    absolute folder, so their working directory does not matter. GGUF specs stay symbolic."""
+    where = resolve_model_path(cfg.model.path, cfg.model.tiny_cache_dir)
+    if where["gguf_file"]:
+        return cfg
+    cfg = cfg.model_copy(deep=True)
+    cfg.model.path = where["path"]
+    return cfg
+
+
 def start_actors(cfg) -> RunActors:
     """Plan placement, create the groups, start every actor and wait until all are ready."""
+    cfg = with_resolved_model(cfg)
     plan = plan_placement(cfg.cluster, cfg.rollout.num_engines, cfg.reward.num_workers)
     init_ray(cfg, plan.total_resources().get("CPU", 1))
     prefix = cfg.run_name

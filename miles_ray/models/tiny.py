@@ -6,7 +6,9 @@ tokenizer with a chat template to a folder. Used by tests and the demo.
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import shutil
 from pathlib import Path
 
 CHAT_TEMPLATE = (
@@ -78,11 +80,14 @@ def write_tiny_model(out_dir: str | Path, arch: str = "qwen3", seed: int = 0, hi
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")  # write aside, then rename: safe for racing writers
     tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.replace(out) if not out.exists() else None
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished first; its copy is identical (same seed)
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

