@@ -58,13 +58,19 @@ class RewardConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    advantage: str = "grpo"
-    normalize_std: bool = True
-    policy_loss: str = "ppo_clip"
-    eps_clip: float = Field(0.2, gt=0)
-    loss_agg: str = "token_mean"
+    advantage: str = Field("grpo", description="grpo | rloo | reinforce_pp | reinforce_pp_baseline | gae")
+    normalize_std: bool = Field(True, description="GRPO std normalisation (false: Dr.GRPO)")
+    policy_loss: str = Field("ppo_clip", description="ppo_clip | gspo")
+    eps_low: float = Field(0.2, gt=0, description="lower clip: ratio >= 1 - eps_low")
+    eps_high: float = Field(0.2, gt=0, description="upper clip: ratio <= 1 + eps_high")
+    dual_clip: Optional[float] = Field(None, gt=1, description="dual-clip constant c > 1 (None: off)")
+    loss_agg: str = Field("token_mean", description="token_mean | seq_mean_token_sum | seq_mean_token_mean")
     kl_coef: float = Field(0.0, ge=0)
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_mode: Literal["loss", "reward"] = Field("loss", description="KL as a loss term or as a reward penalty")
+    entropy_coef: float = Field(0.0, ge=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(1.0, ge=0, le=1)
 
 
 class TrainConfig(_Section):
@@ -72,6 +78,10 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     micro_batch_size: int = Field(16, ge=1)
+    max_tokens_per_micro_batch: int = Field(0, ge=0, description="dynamic batching by tokens (0: by count)")
+    strategy: Literal["ddp", "fsdp2"] = Field("ddp", description="data-parallel wrapper when num_trainers > 1")
+    critic_lr: float = Field(1e-4, gt=0)
+    value_clip: Optional[float] = Field(0.2, gt=0)
     num_minibatches: int = Field(1, ge=1, description="optimizer steps per rollout batch")
     sft_warmup_steps: int = Field(0, ge=0, description="SFT steps on (prompt, label) pairs before RL")
     sft_batch_size: int = Field(32, ge=1)
@@ -120,6 +130,10 @@ class Config(_Section):
         ):
             if value not in registry:
                 raise ValueError(f"{key}={value!r} is not registered; choose one of {sorted(registry)}")
+        per_minibatch = self.rollout.prompts_per_step * self.rollout.n_samples_per_prompt // self.train.num_minibatches
+        if per_minibatch < self.cluster.num_trainers:
+            raise ValueError(f"each mini-batch has {per_minibatch} samples, fewer than cluster.num_trainers="
+                             f"{self.cluster.num_trainers}; lower train.num_minibatches or raise rollout.prompts_per_step")
         return self
 
 

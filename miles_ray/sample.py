@@ -18,8 +18,12 @@ class Sample:
     finish_reason: str = ""  # "stop" (eos / stop token) or "length"
     weight_version: int = 0  # version of the weights that produced the response
     reward: float = 0.0
-    advantage: float = 0.0
+    # filled by the trainer / critic / advantage estimator before the update, one per response token
+    old_logprobs: Optional[list] = None
     ref_logprobs: Optional[list] = None
+    values: Optional[list] = None
+    advantages: Optional[list] = None
+    returns: Optional[list] = None
 
     @property
     def response_length(self) -> int:

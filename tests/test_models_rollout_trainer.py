@@ -8,6 +8,7 @@ from miles_ray.models import load_model, load_tokenizer
 from miles_ray.rollout import HFRolloutEngine, SamplingParams
 from miles_ray.sample import Sample
 from miles_ray.training import PolicyTrainer
+from miles_ray.training.trainer import train_on_samples
 from miles_ray.training.sft import sft_samples
 from miles_ray.data import synthetic_rows, validate_rows
 
@@ -81,7 +82,7 @@ def test_greedy_matches_transformers_generate(model_cache, tokenizer):
 def _grads(trainer, samples):
     trainer.optimizer.zero_grad()
     trainer.optimizer.step = lambda: None  # measure the gradient only
-    trainer.train_step(samples)
+    train_on_samples(trainer, samples, 1)
     return [p.grad.clone() for p in trainer.model.parameters()]
 
 
@@ -90,10 +91,10 @@ def test_loss_does_not_depend_on_micro_batch_size(model_cache, tokenizer):
     _, reqs = _requests(tokenizer, 4)
     samples = engine.generate(reqs, n=2, params=SamplingParams(max_new_tokens=6))
     for i, s in enumerate(samples):
-        s.advantage = (-1) ** i * (1 + i / 10)
+        s.advantages = [(-1) ** i * (1 + i / 10)] * len(s.response_ids)
     grads = []
-    for mbs in (1, 3, 8):
-        cfg = TrainConfig(micro_batch_size=mbs, grad_clip=1e9)
+    for mbs, max_tokens in ((1, 0), (3, 0), (8, 0), (8, 40)):
+        cfg = TrainConfig(micro_batch_size=mbs, grad_clip=1e9, max_tokens_per_micro_batch=max_tokens)
         trainer = PolicyTrainer("tiny:qwen3", cfg, AlgorithmConfig(kl_coef=0.1), tiny_cache_dir=model_cache)
         grads.append(_grads(trainer, copy.deepcopy(samples)))
     for other in grads[1:]:
@@ -103,8 +104,8 @@ def test_loss_does_not_depend_on_micro_batch_size(model_cache, tokenizer):
 
 def test_fully_masked_sample_gives_no_nan(model_cache, tokenizer):
     trainer = PolicyTrainer("tiny:qwen3", TrainConfig(), AlgorithmConfig(), tiny_cache_dir=model_cache)
-    empty = Sample(prompt_index=0, group_id=0, prompt="x", label="1", prompt_ids=[5, 6], advantage=1.0)
-    metrics = trainer.train_step([empty])
+    empty = Sample(prompt_index=0, group_id=0, prompt="x", label="1", prompt_ids=[5, 6], advantages=[])
+    metrics = train_on_samples(trainer, [empty], 1)
     assert metrics["skipped_step"] == 0.0 and metrics["loss"] == 0.0
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 

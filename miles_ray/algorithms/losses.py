@@ -49,23 +49,60 @@ def agg_seq_mean_token_mean(loss, mask, n_tokens, n_seqs):
 
 
 # ---- policy losses ----------------------------------------------------------------------------
-@POLICY_LOSSES.register("ppo_clip")
-def ppo_clip_loss(logp, old_logp, advantages, mask, eps_clip: float = 0.2, **_):
-    """PPO-clip per token: max(-A r, -A clip(r, 1-eps, 1+eps)), r = exp(logp - old_logp).
-
-    Returns (per-token loss, metrics dict of detached scalars over masked tokens).
-    """
-    log_ratio = (logp - old_logp).clamp(-20.0, 20.0)
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - eps_clip, 1.0 + eps_clip)
-    loss = torch.maximum(unclipped, clipped)
+def _clip_metrics(ratio, clipped_mask, mask) -> dict:
     n = mask.sum().clamp(min=1.0)
-    metrics = {
-        "clipfrac": (((clipped > unclipped).float() * mask).sum() / n).item(),
-        "ratio_mean": ((ratio * mask).sum() / n).item(),
-    }
+    return {"clipfrac": ((clipped_mask.float() * mask).sum() / n).item(),
+            "ratio_mean": ((ratio.detach() * mask).sum() / n).item()}
+
+
+@POLICY_LOSSES.register("ppo_clip")
+def ppo_clip_loss(logp, old_logp, advantages, mask, eps_low: float = 0.2, eps_high: float = 0.2,
+                  dual_clip: float | None = None, **_):
+    """PPO-clip per token with asymmetric clip: max(-A r, -A clip(r, 1-eps_low, 1+eps_high)),
+    r = exp(logp - old_logp). Dual-clip (c > 1): for A < 0 the loss is capped at -c A.
+
+    Returns (per-token loss, metrics of detached scalars over masked tokens).
+    """
+    ratio = torch.exp((logp - old_logp).clamp(-20.0, 20.0))
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    loss = torch.maximum(unclipped, clipped)
+    metrics = _clip_metrics(ratio, clipped > unclipped, mask)
+    if dual_clip is not None:
+        capped = torch.minimum(loss, -dual_clip * advantages)
+        loss = torch.where(advantages < 0, capped, loss)
+        metrics["dual_clipfrac"] = (((loss < torch.maximum(unclipped, clipped)) & (advantages < 0)).float()
+                                    * mask).sum().item() / max(mask.sum().item(), 1.0)
     return loss, metrics
+
+
+@POLICY_LOSSES.register("gspo")
+def gspo_loss(logp, old_logp, advantages, mask, eps_low: float = 3e-4, eps_high: float = 4e-4, **_):
+    """GSPO: sequence-level ratio s = exp(mean_t(logp - old_logp)) used on every token, in the token
+    form s_t = sg(s) * exp(logp_t - sg(logp_t)) so each token gets the gradient of its own log-prob.
+    Loss per token: max(-A s_t, -A clip(s_t, 1-eps_low, 1+eps_high))."""
+    n_tok = mask.sum(-1).clamp(min=1.0)
+    seq_log_ratio = (((logp - old_logp) * mask).sum(-1) / n_tok).clamp(-20.0, 20.0)
+    seq_ratio = torch.exp(seq_log_ratio).detach().unsqueeze(-1)
+    ratio = seq_ratio * torch.exp(logp - logp.detach())
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    return torch.maximum(unclipped, clipped), _clip_metrics(ratio, clipped > unclipped, mask)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Per-token entropy of softmax(logits)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def value_loss(values, old_values, returns, mask, clip: float | None = 0.2):
+    """Clipped value loss per token: 0.5 * max((V - R)^2, (clip(V, V_old +- clip) - R)^2)."""
+    loss = (values - returns) ** 2
+    if clip is not None:
+        v_clipped = old_values + (values - old_values).clamp(-clip, clip)
+        loss = torch.maximum(loss, (v_clipped - returns) ** 2)
+    return 0.5 * loss
 
 
 def sft_token_loss(logp: torch.Tensor) -> torch.Tensor:

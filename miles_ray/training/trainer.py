@@ -1,36 +1,37 @@
-"""Torch policy trainer: recompute old log-probs, PPO-style loss with optional KL, AdamW steps with
-grad clipping over micro-batches, an SFT loss, and weight export for sync.
+"""Policy trainer rank: recompute old (and reference) log-probs, policy loss from the registry with
+optional KL-as-loss and entropy bonus, AdamW over micro-batches, an SFT loss, weight export.
 
-Loss normalisation uses the token/sequence counts of the whole mini-batch, so the gradient does
-not depend on the micro-batch size.
+Loss normalisation uses the token/sequence counts of the whole global mini-batch (summed over
+ranks), so gradients depend neither on the micro-batch size nor on the number of ranks.
 """
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 
 from miles_ray.algorithms import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 from miles_ray.algorithms.losses import sft_token_loss
 from miles_ray.models import load_model, load_tokenizer
-from miles_ray.training.batching import pack, split, token_logprobs
+from miles_ray.training.base import TorchTrainerBase, all_sum, padded_micro_batches
+from miles_ray.training.batching import make_minibatches, pack, token_logprobs, unpack
+
+SUMMED_METRICS = ("loss", "pg_loss", "kl", "entropy", "clipfrac")
 
 
-class PolicyTrainer:
+class PolicyTrainer(TorchTrainerBase):
     def __init__(self, model_spec: str, train_cfg, algo_cfg, dtype: str = "float32",
                  tiny_cache_dir: str = "runs/_models", temperature: float = 1.0, seed: int = 0):
         torch.manual_seed(seed)
-        self.cfg, self.algo, self.temperature = train_cfg, algo_cfg, temperature or 1.0
+        self.algo, self.temperature = algo_cfg, temperature or 1.0
         self.tokenizer = load_tokenizer(model_spec, tiny_cache_dir)
         self.pad_id = self.tokenizer.pad_token_id or 0
-        self.model = load_model(model_spec, dtype, tiny_cache_dir)
+        model = load_model(model_spec, dtype, tiny_cache_dir)
         self.ref_model = None
         if algo_cfg.kl_coef > 0:
-            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train_cfg.lr,
-                                           weight_decay=train_cfg.weight_decay)
-        self.version = 0  # bumped by every optimizer step round (train_step / sft_step)
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        super().__init__(model, train_cfg, train_cfg.lr, getattr(train_cfg, "strategy", "ddp"))
+        self.version = 0  # optimizer-step rounds done (train_step / sft_step)
 
     # -- log-probs ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -39,79 +40,92 @@ class PolicyTrainer:
         model = model or self.model
         model.eval()
         out = []
-        for chunk in split(samples, self.cfg.micro_batch_size):
+        for chunk, weight in padded_micro_batches(samples, self.cfg.micro_batch_size, self.cfg.max_tokens_per_micro_batch):
+            if not chunk:
+                continue
             batch = pack(chunk, self.pad_id)
-            lp = token_logprobs(model, batch, self.temperature)
-            for i, s in enumerate(chunk):
-                out.append(lp[i][batch.mask[i].bool()].tolist())
+            lps = unpack(token_logprobs(model, batch, self.temperature), batch)
+            out.extend(lps if weight else [])
         return out
 
+    def prepare(self, samples) -> list:
+        """Fill ``old_logprobs`` (and ``ref_logprobs`` when a reference model is used)."""
+        for s, lp in zip(samples, self.compute_logprobs(samples)):
+            s.old_logprobs = lp
+        if self.ref_model is not None:
+            for s, lp in zip(samples, self.compute_logprobs(samples, self.ref_model)):
+                s.ref_logprobs = lp
+        return samples
+
     # -- RL step --------------------------------------------------------------------------------
-    def train_step(self, samples) -> dict:
-        """One rollout batch: recompute old (and ref) log-probs, then ``num_minibatches`` steps."""
-        old = self.compute_logprobs(samples)
-        refs = self.compute_logprobs(samples, self.ref_model) if self.ref_model is not None else None
-        metrics = {"mismatch_abs": _mean_abs_diff(old, [s.response_logprobs for s in samples])}
-        rows = [(s, old[i], refs[i] if refs else None) for i, s in enumerate(samples)]
-        n_mb = self.cfg.num_minibatches
-        mb_size = math.ceil(len(rows) / n_mb)
-        steps = [self._minibatch_step(mb) for mb in split(rows, mb_size)]
-        for key in steps[0]:
-            metrics[key] = sum(m[key] for m in steps) / len(steps)
+    def train_step(self, minibatches: list[list]) -> dict:
+        """One optimizer step per mini-batch (this rank's part of each global mini-batch).
+        Samples must be prepared (old log-probs) and carry per-token ``advantages``."""
+        for mb in minibatches:
+            for s in mb:
+                if s.old_logprobs is None:
+                    s.old_logprobs = self.compute_logprobs([s])[0]
+        steps = [self._minibatch_step(mb) for mb in minibatches]
+        metrics = {k: sum(m[k] for m in steps) / len(steps) for k in steps[0]}
+        metrics["mismatch_abs"] = _mismatch([s for mb in minibatches for s in mb])
         self.version += 1
         return metrics
 
-    def _minibatch_step(self, rows) -> dict:
+    def _minibatch_step(self, samples) -> dict:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        n_tokens = float(sum(len(s.response_ids) for s, _, _ in rows))
-        n_seqs = float(len(rows))
+        n_tokens, n_seqs = all_sum([float(sum(len(s.response_ids) for s in samples)), float(len(samples))])
         agg = LOSS_AGGREGATIONS.get_fn(self.algo.loss_agg)
         policy_loss = POLICY_LOSSES.get_fn(self.algo.policy_loss)
-        totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clipfrac": 0.0}
-        for chunk in split(rows, self.cfg.micro_batch_size):
-            batch = pack([s for s, _, _ in chunk], self.pad_id)
-            old = _scatter([o for _, o, _ in chunk], batch.mask)
-            logp = token_logprobs(self.model, batch, self.temperature)
-            pg, pg_metrics = policy_loss(logp, old, batch.advantages, batch.mask, eps_clip=self.algo.eps_clip)
-            loss = agg(pg, batch.mask, n_tokens, n_seqs)
-            totals["pg_loss"] += loss.item()
-            totals["clipfrac"] += pg_metrics["clipfrac"] * len(chunk) / n_seqs
-            if self.ref_model is not None:
-                ref = _scatter([r for _, _, r in chunk], batch.mask)
-                kl = agg(KL_ESTIMATORS.get_fn(self.algo.kl_estimator)(logp, ref), batch.mask, n_tokens, n_seqs)
-                loss = loss + self.algo.kl_coef * kl
-                totals["kl"] += kl.item()
-            totals["loss"] += loss.item()
-            loss.backward()
-        totals.update(self._optimizer_step())
-        return totals
+        use_ref = self.ref_model is not None and self.algo.kl_mode == "loss"
 
-    def _optimizer_step(self) -> dict:
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        if not torch.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)  # never let NaN/inf reach the weights
-            return {"grad_norm": float("nan"), "skipped_step": 1.0}
-        self.optimizer.step()
-        return {"grad_norm": grad_norm.item(), "skipped_step": 0.0}
+        def loss_fn(chunk):
+            batch = pack(chunk, self.pad_id)
+            logp, entropy = token_logprobs(self.model, batch, self.temperature, with_entropy=True)
+            pg, m = policy_loss(logp, batch.old_logprobs, batch.advantages, batch.mask, eps_low=self.algo.eps_low,
+                                eps_high=self.algo.eps_high, dual_clip=self.algo.dual_clip)
+            loss = agg(pg, batch.mask, n_tokens, n_seqs)
+            ent = agg(entropy.detach() if not self.algo.entropy_coef else entropy, batch.mask, n_tokens, n_seqs)
+            metrics = {"pg_loss": loss.item(), "entropy": ent.item(),
+                       "clipfrac": m["clipfrac"] * batch.mask.sum().item() / max(n_tokens, 1.0)}
+            if use_ref:
+                kl = agg(KL_ESTIMATORS.get_fn(self.algo.kl_estimator)(logp, batch.ref_logprobs), batch.mask,
+                         n_tokens, n_seqs)
+                loss = loss + self.algo.kl_coef * kl
+                metrics["kl"] = kl.item()
+            if self.algo.entropy_coef:
+                loss = loss - self.algo.entropy_coef * ent
+            metrics["loss"] = loss.item()
+            return loss, metrics
+
+        micro = padded_micro_batches(samples, self.cfg.micro_batch_size, self.cfg.max_tokens_per_micro_batch)
+        totals = self.backward_micro_batches(micro, loss_fn)
+        keys = [k for k in SUMMED_METRICS]
+        summed = all_sum([totals.get(k, 0.0) for k in keys])
+        out = dict(zip(keys, summed))
+        out.update(self.optimizer_step())
+        return out
 
     # -- SFT ------------------------------------------------------------------------------------
     def sft_step(self, samples, lr: float | None = None) -> dict:
-        """One supervised step: token-mean NLL of the response tokens of ``samples``."""
+        """One supervised step: token-mean NLL of the response tokens of this rank's ``samples``
+        (normalised by the global token count)."""
         if lr is not None:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        n_tokens = float(sum(len(s.response_ids) for s in samples))
-        total = 0.0
-        for chunk in split(samples, self.cfg.micro_batch_size):
+        n_tokens, n_seqs = all_sum([float(sum(len(s.response_ids) for s in samples)), float(len(samples))])
+
+        def loss_fn(chunk):
             batch = pack(chunk, self.pad_id)
             logp = token_logprobs(self.model, batch, 1.0)
-            loss = LOSS_AGGREGATIONS["token_mean"](sft_token_loss(logp), batch.mask, n_tokens, len(samples))
-            loss.backward()
-            total += loss.item()
-        metrics = {"sft_loss": total, **self._optimizer_step()}
+            loss = LOSS_AGGREGATIONS["token_mean"](sft_token_loss(logp), batch.mask, n_tokens, n_seqs)
+            return loss, {"sft_loss": loss.item()}
+
+        micro = padded_micro_batches(samples, self.cfg.micro_batch_size, self.cfg.max_tokens_per_micro_batch)
+        totals = self.backward_micro_batches(micro, loss_fn)
+        metrics = {"sft_loss": all_sum([totals.get("sft_loss", 0.0)])[0], **self.optimizer_step()}
         if lr is not None:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.cfg.lr
@@ -119,19 +133,19 @@ class PolicyTrainer:
         return metrics
 
     # -- weights --------------------------------------------------------------------------------
-    def get_weights(self) -> dict:
-        """CPU copy of the state dict (what engines load)."""
-        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.model.state_dict().items()}
+    def get_weights(self) -> dict | None:
+        """Full CPU state dict on rank 0 (what engines load); None on other ranks."""
+        return self.full_state_dict()
 
 
-def _scatter(per_sample: list[list[float]], mask: torch.Tensor) -> torch.Tensor:
-    out = torch.zeros_like(mask)
-    for i, values in enumerate(per_sample):
-        if values:
-            out[i][mask[i].bool()] = torch.tensor(values, dtype=out.dtype)
-    return out
+def train_on_samples(trainer: PolicyTrainer, samples: list, num_minibatches: int) -> dict:
+    """Single-process convenience: prepare and train on a whole rollout batch."""
+    trainer.prepare(samples)
+    return trainer.train_step(make_minibatches(samples, num_minibatches))
 
 
-def _mean_abs_diff(a: list[list[float]], b: list[list[float]]) -> float:
-    diffs = [abs(x - y) for xs, ys in zip(a, b) for x, y in zip(xs, ys)]
+def _mismatch(samples) -> float:
+    """Mean |behaviour - recomputed old| log-prob over response tokens (rollout/trainer drift)."""
+    diffs = [abs(x - y) for s in samples if s.old_logprobs and s.response_logprobs
+             for x, y in zip(s.old_logprobs, s.response_logprobs)]
     return sum(diffs) / max(len(diffs), 1)

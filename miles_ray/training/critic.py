@@ -1,0 +1,70 @@
+"""Critic (value model) rank for PPO with GAE: the policy's backbone with a scalar head per token.
+
+Values are read at the same positions as log-probs (position t scores the state before token t+1),
+so ``values[j]`` is the value before response token j.
+"""
+from __future__ import annotations
+
+import torch
+
+from miles_ray.algorithms.losses import value_loss
+from miles_ray.models.loading import _DTYPES, resolve_model_path
+from miles_ray.training.base import TorchTrainerBase, all_sum, padded_micro_batches
+from miles_ray.training.batching import pack, unpack
+
+
+def load_value_model(spec: str, dtype: str = "float32", tiny_cache_dir: str = "runs/_models"):
+    from transformers import AutoModelForTokenClassification
+
+    where = resolve_model_path(spec, tiny_cache_dir)
+    kwargs = {"gguf_file": where["gguf_file"]} if where["gguf_file"] else {}
+    model = AutoModelForTokenClassification.from_pretrained(where["path"], num_labels=1, dtype=_DTYPES[dtype], **kwargs)
+    torch.nn.init.zeros_(model.score.weight)  # start from V = 0 everywhere
+    return model
+
+
+class CriticTrainer(TorchTrainerBase):
+    def __init__(self, model_spec: str, train_cfg, dtype: str = "float32", tiny_cache_dir: str = "runs/_models",
+                 pad_id: int = 0, seed: int = 0):
+        torch.manual_seed(seed)
+        self.pad_id = pad_id
+        super().__init__(load_value_model(model_spec, dtype, tiny_cache_dir), train_cfg, train_cfg.critic_lr,
+                         train_cfg.strategy)
+
+    def _values(self, batch) -> torch.Tensor:
+        out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        return out.logits[:, :-1, 0].float()
+
+    @torch.no_grad()
+    def compute_values(self, samples) -> list:
+        """Fill ``values`` on each sample (per response token) and return the samples."""
+        self.model.eval()
+        values = []
+        for chunk, weight in padded_micro_batches(samples, self.cfg.micro_batch_size, self.cfg.max_tokens_per_micro_batch):
+            batch = pack(chunk, self.pad_id)
+            v = unpack(self._values(batch), batch)
+            values.extend(v if weight else [])
+        for s, v in zip(samples, values):
+            s.values = v
+        return samples
+
+    def train_step(self, minibatches: list[list]) -> dict:
+        """Clipped value loss (token mean) against ``returns``; one optimizer step per mini-batch."""
+        steps = []
+        for mb in minibatches:
+            self.model.train()
+            self.optimizer.zero_grad(set_to_none=True)
+            (n_tokens,) = all_sum([float(sum(len(s.response_ids) for s in mb))])
+
+            def loss_fn(chunk):
+                batch = pack(chunk, self.pad_id)
+                per_tok = value_loss(self._values(batch), batch.values, batch.returns, batch.mask, self.cfg.value_clip)
+                loss = (per_tok * batch.mask).sum() / max(n_tokens, 1.0)
+                return loss, {"value_loss": loss.item()}
+
+            micro = padded_micro_batches(mb, self.cfg.micro_batch_size, self.cfg.max_tokens_per_micro_batch)
+            totals = self.backward_micro_batches(micro, loss_fn)
+            step = {"value_loss": all_sum([totals.get("value_loss", 0.0)])[0]}
+            step.update({f"critic_{k}": v for k, v in self.optimizer_step().items()})
+            steps.append(step)
+        return {k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}
