@@ -1,4 +1,4 @@
-"""RolloutEngineActor: one rollout engine, reporting the weight version it serves."""
+"""RolloutEngineActor: one rollout engine with explicit health (ready / released / stale)."""
 from __future__ import annotations
 
 import ray
@@ -18,12 +18,47 @@ class RolloutEngineActor(ActorBase):
         self.engine = make_engine(self.cfg.rollout.backend, model_spec=self.cfg.model.path,
                                   dtype=self.cfg.model.dtype, tiny_cache_dir=self.cfg.model.tiny_cache_dir,
                                   seed=self.cfg.seed + 1000 + rank)
+        self.channel = None
 
     def generate(self, requests: list, n: int, params) -> list:
         return self.engine.generate(requests, n, params)
 
-    def update_weights(self, weights: dict, version: int) -> int:
-        return self.engine.update_weights(weights, version)
+    def health(self) -> dict:
+        return self.engine.health()
 
     def weight_version(self) -> int:
         return self.engine.weight_version
+
+    def release_memory(self) -> None:
+        self.engine.release_memory()
+
+    def resume_memory(self) -> None:
+        self.engine.resume_memory()
+
+    # -- weight loading, one method per transport ------------------------------------------------
+    def load_buckets(self, buckets: list, version: int) -> int:
+        return self.engine.load_buckets(buckets, version)
+
+    def update_weights(self, weights: dict, version: int) -> int:
+        return self.engine.update_weights(weights, version)
+
+    def open_broadcast(self, addr: str, port: int, rank: int, world_size: int) -> bool:
+        from miles_ray.weights import BroadcastChannel
+
+        backend = "nccl" if self.cfg.cluster.use_gpu and _cuda() else "gloo"
+        self.channel = BroadcastChannel(rank, world_size, addr, port, backend)
+        return True
+
+    def receive_broadcast(self, metas: list, version: int) -> int:
+        return self.engine.load_buckets(self.channel.receive(metas), version)
+
+    def load_ipc(self, handles: list, version: int) -> int:
+        from miles_ray.weights import cuda_ipc
+
+        return self.engine.load_buckets(cuda_ipc.import_handles(handles), version)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

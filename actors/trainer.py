@@ -1,5 +1,8 @@
-"""TrainerActor: one policy-trainer rank."""
+"""Trainer ranks: TrainerActor (policy) and CriticActor (value model). Each wraps one library
+trainer; a :class:`actors.group.RankGroup` forms the torch.distributed group across ranks."""
 from __future__ import annotations
+
+import socket
 
 import ray
 
@@ -7,31 +10,114 @@ from actors.common import ActorBase, setup_worker_process
 from miles_ray.config import Config
 
 
-@ray.remote
-class TrainerActor(ActorBase):
-    def __init__(self, cfg: dict, rank: int = 0):
+class _RankActor(ActorBase):
+    def __init__(self, cfg: dict, rank: int, world_size: int):
         self.cfg = Config.model_validate(cfg)
+        self.rank, self.world_size = rank, world_size
         setup_worker_process(self.cfg.seed + rank)
+        self.trainer = None
+        self._ipc_keep = None
+        self._pending = None
+
+    def master_address(self) -> tuple[str, int]:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup(self, master_addr: str | None, master_port: int | None) -> bool:
+        """Join the data-parallel group (when world_size > 1), then build the trainer."""
+        if self.world_size > 1:
+            from miles_ray.training.base import init_distributed
+
+            backend = "nccl" if self.cfg.cluster.use_gpu and _cuda() else "gloo"
+            init_distributed(self.rank, self.world_size, master_addr, master_port, backend)
+        self.trainer = self.build()
+        return True
+
+    def train_step(self, minibatches: list) -> dict:
+        return self.trainer.train_step(minibatches)
+
+    def offload_optimizer(self) -> None:
+        self.trainer.offload_optimizer()
+
+    def reload_optimizer(self) -> None:
+        self.trainer.reload_optimizer()
+
+
+@ray.remote
+class TrainerActor(_RankActor):
+    def build(self):
         from miles_ray.training import PolicyTrainer
 
-        self.rank = rank
-        self.trainer = PolicyTrainer(
-            self.cfg.model.path, self.cfg.train, self.cfg.algorithm, dtype=self.cfg.model.dtype,
-            tiny_cache_dir=self.cfg.model.tiny_cache_dir, temperature=self.cfg.rollout.temperature,
-            seed=self.cfg.seed,
-        )
+        c = self.cfg
+        return PolicyTrainer(c.model.path, c.train, c.algorithm, dtype=c.model.dtype,
+                             tiny_cache_dir=c.model.tiny_cache_dir, temperature=c.rollout.temperature, seed=c.seed)
 
-    def sft_step(self, samples, lr=None) -> dict:
+    def prepare(self, samples: list) -> list:
+        return self.trainer.prepare(samples)
+
+    def sft_step(self, samples: list, lr=None) -> dict:
         return self.trainer.sft_step(samples, lr=lr)
-
-    def train_step(self, samples) -> dict:
-        return self.trainer.train_step(samples)
-
-    def compute_logprobs(self, samples) -> list:
-        return self.trainer.compute_logprobs(samples)
-
-    def get_weights(self) -> dict:
-        return self.trainer.get_weights()
 
     def version(self) -> int:
         return self.trainer.version
+
+    # -- weight export (rank 0 returns data; other ranks take part in FSDP gathers) ------------
+    def export_buckets(self, version: int) -> list | None:
+        return self.trainer.export_buckets(version, _bucket_bytes(self.cfg))
+
+    def open_broadcast(self, addr: str, port: int, world_size: int) -> bool:
+        from miles_ray.weights import BroadcastChannel
+
+        self.channel = BroadcastChannel(0, world_size, addr, port, _backend(self.cfg))
+        return True
+
+    def prepare_broadcast(self, version: int) -> list | None:
+        self._pending = self.trainer.export_buckets(version, _bucket_bytes(self.cfg))
+        return [b.meta() for b in self._pending] if self._pending is not None else None
+
+    def send_broadcast(self) -> bool:
+        self.channel.send(self._pending)
+        self._pending = None
+        return True
+
+    def export_ipc(self, version: int) -> list | None:
+        from miles_ray.weights import cuda_ipc
+
+        buckets = self.trainer.export_buckets(version, _bucket_bytes(self.cfg), to_cpu=False)
+        if buckets is None:
+            return None
+        handles, self._ipc_keep = cuda_ipc.export_handles(buckets)
+        return handles
+
+    def release_ipc(self) -> None:
+        self._ipc_keep = None
+
+
+@ray.remote
+class CriticActor(_RankActor):
+    def build(self):
+        from miles_ray.models import load_tokenizer
+        from miles_ray.training.critic import CriticTrainer
+
+        c = self.cfg
+        pad = load_tokenizer(c.model.path, c.model.tiny_cache_dir).pad_token_id or 0
+        return CriticTrainer(c.model.path, c.train, c.model.dtype, c.model.tiny_cache_dir, pad_id=pad, seed=c.seed)
+
+    def compute_values(self, samples: list) -> list:
+        return self.trainer.compute_values(samples)
+
+
+def _bucket_bytes(cfg) -> int:
+    return int(cfg.weight_sync.bucket_mb * (1 << 20))
+
+
+def _backend(cfg) -> str:
+    return "nccl" if cfg.cluster.use_gpu and _cuda() else "gloo"
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

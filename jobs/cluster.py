@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Optional
 
 import ray
 
-from actors import BufferActor, RewardWorker, RolloutEngineActor, TrainerActor
+from actors import BufferActor, CriticActor, RankGroup, RewardWorker, RolloutEngineActor, TrainerActor
 from miles_ray.models import resolve_model_path
 from placement.groups import actor_options, create_groups, remove_groups
 from placement.plan import plan_placement
@@ -28,14 +29,16 @@ def init_ray(cfg, needed_cpus: float) -> None:
 
 @dataclass
 class RunActors:
-    trainer: object
+    policy: RankGroup
     engines: list
     rewards: list
     buffer: object
+    critic: Optional[RankGroup] = None
     groups: dict = field(default_factory=dict)
 
     def all(self) -> list:
-        return [self.trainer, *self.engines, *self.rewards, self.buffer]
+        critics = self.critic.actors if self.critic else []
+        return [*self.policy.actors, *critics, *self.engines, *self.rewards, self.buffer]
 
 
 def with_resolved_model(cfg):
@@ -52,7 +55,8 @@ def with_resolved_model(cfg):
 def start_actors(cfg) -> RunActors:
     """Plan placement, create the groups, start every actor and wait until all are ready."""
     cfg = with_resolved_model(cfg)
-    plan = plan_placement(cfg.cluster, cfg.rollout.num_engines, cfg.reward.num_workers)
+    n_critics = cfg.cluster.num_trainers if cfg.uses_critic else 0
+    plan = plan_placement(cfg.cluster, cfg.rollout.num_engines, cfg.reward.num_workers, n_critics)
     init_ray(cfg, plan.total_resources().get("CPU", 1))
     prefix = cfg.run_name
     groups = create_groups(plan, prefix)
@@ -61,14 +65,23 @@ def start_actors(cfg) -> RunActors:
     def opts(a):
         return actor_options(a, groups, f"{prefix}-{a.role}-{a.rank}")
 
-    trainer = TrainerActor.options(**opts(plan.for_role("trainer")[0])).remote(cfg_dict, 0)
+    world = cfg.cluster.num_trainers
+    policy = RankGroup([TrainerActor.options(**opts(a)).remote(cfg_dict, a.rank, world)
+                        for a in plan.for_role("trainer")])
+    critic = None
+    if n_critics:
+        critic = RankGroup([CriticActor.options(**opts(a)).remote(cfg_dict, a.rank, n_critics)
+                            for a in plan.for_role("critic")])
     engines = [RolloutEngineActor.options(**opts(a)).remote(cfg_dict, a.rank) for a in plan.for_role("rollout")]
     r = cfg.reward
     rewards = [RewardWorker.options(**opts(a)).remote(r.fn, r.timeout_s, r.failure_score, r.isolate)
                for a in plan.for_role("reward")]
     buffer = BufferActor.options(**opts(plan.for_role("buffer")[0])).remote()
-    actors = RunActors(trainer, engines, rewards, buffer, groups)
+    actors = RunActors(policy, engines, rewards, buffer, critic, groups)
     ray.get([a.ready.remote() for a in actors.all()])
+    policy.setup()
+    if critic:
+        critic.setup()
     return actors
 
 

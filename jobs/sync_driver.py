@@ -14,7 +14,8 @@ import ray
 import yaml
 
 from jobs.cluster import RunActors, start_actors, stop_actors
-from miles_ray.algorithms import compute_advantages
+from jobs.weight_sync import WeightSync
+from miles_ray.algorithms import assign_advantages
 from miles_ray.data import PromptSampler, load_prompts
 from miles_ray.models import load_tokenizer
 from miles_ray.rollout import SamplingParams
@@ -30,20 +31,11 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True)
 
 
-def sync_weights(actors: RunActors, version: int) -> float:
-    """Trainer exports once into the object store; every engine loads the same object."""
-    t0 = time.time()
-    weights = actors.trainer.get_weights.remote()
-    served = ray.get([e.update_weights.remote(weights, version) for e in actors.engines])
-    assert all(v == version for v in served), f"engines serve versions {served}, expected {version}"
-    return time.time() - t0
-
-
 def sft_warmup(cfg, actors: RunActors, sampler: PromptSampler, tokenizer, logger: MetricsLogger) -> None:
     bar = _progress(cfg.train.sft_warmup_steps, "SFT warm-up", cfg.logging.progress_bar)
     for i in range(cfg.train.sft_warmup_steps):
         batch = sft_samples(sampler.next_batch(cfg.train.sft_batch_size), tokenizer)
-        m = ray.get(actors.trainer.sft_step.remote(batch, cfg.train.sft_lr))
+        m = actors.policy.sft_step(batch, cfg.train.sft_lr)
         bar.update(1)
         bar.set_postfix(loss=f"{m['sft_loss']:.3f}")
     bar.close()
@@ -73,11 +65,24 @@ def score(actors: RunActors, samples: list) -> tuple[list, dict]:
     return out, stats
 
 
-def assign_advantages(cfg, samples: list) -> None:
-    adv = compute_advantages(cfg.algorithm.advantage, [s.reward for s in samples],
-                             [s.group_id for s in samples], normalize_std=cfg.algorithm.normalize_std)
-    for s, a in zip(samples, adv.tolist()):
-        s.advantage = a
+def prepare_batch(cfg, actors: RunActors, samples: list) -> dict:
+    """Old/ref log-probs from the policy ranks, values from the critic, then advantages."""
+    samples[:] = actors.policy.scatter("prepare", samples)
+    if actors.critic is not None:
+        samples[:] = actors.critic.scatter("compute_values", samples)
+    return assign_advantages(samples, cfg.algorithm)
+
+
+def colocate_phase(cfg, actors: RunActors, phase: str) -> None:
+    """Colocated mode time-shares devices: engines free memory while the trainers run, and the
+    trainers offload optimizer state while the engines run."""
+    if not cfg.cluster.colocate:
+        return
+    trainers = actors.policy.actors + (actors.critic.actors if actors.critic else [])
+    if phase == "train":
+        ray.get([e.release_memory.remote() for e in actors.engines] + [t.reload_optimizer.remote() for t in trainers])
+    else:
+        ray.get([t.offload_optimizer.remote() for t in trainers] + [e.resume_memory.remote() for e in actors.engines])
 
 
 def rollout_metrics(samples: list) -> dict:
@@ -92,28 +97,38 @@ def rollout_metrics(samples: list) -> dict:
     }
 
 
+def train_step(cfg, actors: RunActors, sampler, params, step: int) -> tuple[list, dict]:
+    t0 = time.time()
+    samples = rollout(cfg, actors, sampler, step, params)
+    t1 = time.time()
+    colocate_phase(cfg, actors, "train")
+    samples, reward_stats = score(actors, samples)
+    adv_metrics = prepare_batch(cfg, actors, samples)
+    t2 = time.time()
+    ray.get(actors.buffer.put.remote(samples))
+    batch = ray.get(actors.buffer.get.remote(len(samples)))
+    train = actors.policy.train_step(batch, cfg.train.num_minibatches)
+    if actors.critic is not None:
+        train.update(actors.critic.train_step(batch, cfg.train.num_minibatches))
+    colocate_phase(cfg, actors, "rollout")
+    t3 = time.time()
+    return samples, {**rollout_metrics(samples), **reward_stats, **adv_metrics, **train,
+                     "time_rollout_s": t1 - t0, "time_prepare_s": t2 - t1, "time_train_s": t3 - t2}
+
+
 def train_loop(cfg, actors: RunActors, sampler, logger: MetricsLogger, out_dir: Path) -> list[float]:
     params = SamplingParams.from_config(cfg.rollout)
+    weights = WeightSync(actors, cfg.weight_sync.transport)
+    colocate_phase(cfg, actors, "rollout")
     version = 1
-    sync_weights(actors, version)
+    weights.sync(version)
     rewards, bar = [], _progress(cfg.total_steps, "GRPO", cfg.logging.progress_bar)
     with (out_dir / "samples.jsonl").open("a") as sample_log:
         for step in range(cfg.total_steps):
             t0 = time.time()
-            samples = rollout(cfg, actors, sampler, step, params)
-            t1 = time.time()
-            samples, reward_stats = score(actors, samples)
-            assign_advantages(cfg, samples)
-            t2 = time.time()
-            ray.get(actors.buffer.put.remote(samples))
-            batch = ray.get(actors.buffer.get.remote(len(samples)))
-            train = ray.get(actors.trainer.train_step.remote(batch))
-            t3 = time.time()
+            samples, metrics = train_step(cfg, actors, sampler, params, step)
             version += 1
-            sync_s = sync_weights(actors, version)
-            metrics = {**rollout_metrics(samples), **reward_stats, **train, "weight_version": version,
-                       "time_rollout_s": t1 - t0, "time_reward_s": t2 - t1, "time_train_s": t3 - t2,
-                       "time_sync_s": sync_s, "time_step_s": time.time() - t0}
+            metrics.update(weight_version=version, time_sync_s=weights.sync(version), time_step_s=time.time() - t0)
             logger.log(step, metrics)
             for s in samples[:2]:
                 sample_log.write(json.dumps({"step": step, "prompt": s.prompt, "response": s.response_text,

@@ -88,6 +88,12 @@ class TrainConfig(_Section):
     sft_lr: float = Field(3e-3, gt=0)
 
 
+class WeightSyncConfig(_Section):
+    transport: Literal["object_store", "broadcast", "cuda_ipc"] = Field(
+        "object_store", description="object_store (any layout), broadcast (torch.distributed), cuda_ipc (colocated GPU)")
+    bucket_mb: float = Field(256, gt=0, description="bucket size bound in MiB")
+
+
 class ClusterConfig(_Section):
     num_trainers: int = Field(1, ge=1)
     gpus_per_engine: int = Field(1, ge=1)
@@ -117,6 +123,7 @@ class Config(_Section):
     algorithm: AlgorithmConfig = AlgorithmConfig()
     train: TrainConfig = TrainConfig()
     cluster: ClusterConfig = ClusterConfig()
+    weight_sync: WeightSyncConfig = WeightSyncConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")
@@ -134,7 +141,13 @@ class Config(_Section):
         if per_minibatch < self.cluster.num_trainers:
             raise ValueError(f"each mini-batch has {per_minibatch} samples, fewer than cluster.num_trainers="
                              f"{self.cluster.num_trainers}; lower train.num_minibatches or raise rollout.prompts_per_step")
+        if self.weight_sync.transport == "cuda_ipc" and not (self.cluster.colocate and self.cluster.use_gpu):
+            raise ValueError("weight_sync.transport=cuda_ipc needs cluster.colocate=true and cluster.use_gpu=true")
         return self
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.algorithm.advantage == "gae"
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

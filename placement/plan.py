@@ -8,6 +8,7 @@ Layouts
 - colocated: one ``colocated`` PG whose bundles are shared: trainer rank i and the engine whose
   GPUs include bundle i each take half of it (time-shared: the engine releases memory while the
   trainer runs);
+- a ``critic`` PG (PACK) when PPO with GAE needs a value model (colocated: it shares the bundles);
 - both: a ``service`` PG (PACK) holds CPU bundles for the reward workers and the buffer.
 With ``use_gpu=False`` bundles ask only for CPUs, so the same plan runs on a CPU-only cluster.
 """
@@ -55,24 +56,32 @@ def _bundle(cpus: float, gpus: float) -> dict:
     return {"CPU": cpus, "GPU": gpus} if gpus else {"CPU": cpus}
 
 
-def plan_placement(cluster, num_engines: int, num_reward_workers: int) -> PlacementPlan:
-    """Plan groups for ``cluster`` (a ClusterConfig) with the given engine and reward counts."""
+def plan_placement(cluster, num_engines: int, num_reward_workers: int, num_critics: int = 0) -> PlacementPlan:
+    """Plan groups for ``cluster`` (a ClusterConfig) with the given engine, reward and critic counts
+    (critic ranks, for PPO with GAE, mirror the trainer ranks)."""
     c, g = cluster.cpus_per_actor, cluster.gpus_per_engine
     gpu = 1.0 if cluster.use_gpu else 0.0
     groups, assign = [], []
     if cluster.colocate:
-        n = max(cluster.num_trainers, num_engines * g)
-        groups.append(GroupSpec("colocated", [_bundle(2 * c, gpu) for _ in range(n)], "PACK"))
+        n = max(cluster.num_trainers, num_engines * g, num_critics)
+        roles = 2 + (1 if num_critics else 0)  # trainer + engine (+ critic) time-share each bundle
+        groups.append(GroupSpec("colocated", [_bundle(roles * c, gpu) for _ in range(n)], "PACK"))
         for r in range(cluster.num_trainers):
-            assign.append(Assignment("trainer", r, "colocated", r, c, gpu / 2, [r]))
+            assign.append(Assignment("trainer", r, "colocated", r, c, gpu / roles, [r]))
+        for r in range(num_critics):
+            assign.append(Assignment("critic", r, "colocated", r, c, gpu / roles, [r]))
         for e in range(num_engines):
             idx = list(range(e * g, (e + 1) * g))
-            assign.append(Assignment("rollout", e, "colocated", idx[0], c, gpu / 2, idx))
+            assign.append(Assignment("rollout", e, "colocated", idx[0], c, gpu / roles, idx))
     else:
         groups.append(GroupSpec("trainer", [_bundle(c, gpu) for _ in range(cluster.num_trainers)], "PACK"))
         groups.append(GroupSpec("rollout", [_bundle(c, gpu) for _ in range(num_engines * g)], "SPREAD"))
         for r in range(cluster.num_trainers):
             assign.append(Assignment("trainer", r, "trainer", r, c, gpu, [r]))
+        if num_critics:
+            groups.append(GroupSpec("critic", [_bundle(c, gpu) for _ in range(num_critics)], "PACK"))
+            for r in range(num_critics):
+                assign.append(Assignment("critic", r, "critic", r, c, gpu, [r]))
         for e in range(num_engines):
             idx = list(range(e * g, (e + 1) * g))
             assign.append(Assignment("rollout", e, "rollout", idx[0], c, gpu, idx))

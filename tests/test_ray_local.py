@@ -28,7 +28,7 @@ def test_actors_on_their_bundles_with_fake_gpus(local_ray, tmp_path, model_cache
                "rollout.num_engines=2", f"run_name=place{int(colocate)}")
     actors = start_actors(cfg)
     try:
-        trainer = ray.get(actors.trainer.where.remote())
+        trainer = ray.get(actors.policy.actors[0].where.remote())
         engines = ray.get([e.where.remote() for e in actors.engines])
         reward = ray.get(actors.rewards[0].where.remote())
         for role in ("trainer-0", "rollout-0", "rollout-1", "reward-0", "buffer-0"):  # named: roles on the dashboard
@@ -48,16 +48,78 @@ def test_actors_on_their_bundles_with_fake_gpus(local_ray, tmp_path, model_cache
         stop_actors(actors)
 
 
-def test_sync_run_writes_metrics(local_ray, tmp_path, model_cache):
+def test_weight_sync_transports_make_engines_match_trainer(local_ray, tmp_path, model_cache):
+    """After each sync, the engines' log-probs for their samples equal the trainer ranks' (1e-5)."""
+    from jobs.weight_sync import WeightSync
+    from miles_ray.data import synthetic_rows, validate_rows
+    from miles_ray.models import load_tokenizer
+    from miles_ray.rollout import SamplingParams
+    from miles_ray.training.sft import sft_samples
+
+    cfg = _cfg(tmp_path, model_cache, "cluster.num_trainers=2", "rollout.num_engines=2", "run_name=wsync",
+               "weight_sync.bucket_mb=0.05")  # small buckets: many per sync
+    actors = start_actors(cfg)
+    try:
+        tok = load_tokenizer("tiny:qwen3", model_cache)
+        items, _ = validate_rows(synthetic_rows("arithmetic", 8, 9, 0), tok)
+        reqs = [{"prompt": i.prompt, "label": i.label, "prompt_index": i.index, "group_id": k}
+                for k, i in enumerate(items)]
+        for version, transport in enumerate(["object_store", "broadcast", "broadcast", "object_store"], start=2):
+            actors.policy.sft_step(sft_samples(items, tok), 1e-2)  # move the weights
+            sync = WeightSync(actors, transport)
+            if transport == "broadcast" and version == 4:
+                sync._opened = True  # the channel opened at version 3 is reused
+            sync.sync(version)
+            assert ray.get([e.health.remote() for e in actors.engines]) == [
+                {"state": "ready", "weight_version": version}] * 2
+            samples = [s for e in actors.engines for s in ray.get(e.generate.remote(reqs[:4], 2, SamplingParams(6)))]
+            prepared = actors.policy.scatter("prepare", samples)
+            diffs = [abs(a - b) for s in prepared for a, b in zip(s.old_logprobs, s.response_logprobs)]
+            assert max(diffs) < 1e-5, (transport, max(diffs))
+    finally:
+        stop_actors(actors)
+
+
+def test_colocated_engine_serves_only_after_refit(local_ray, tmp_path, model_cache):
+    from miles_ray.rollout import SamplingParams
+
+    cfg = _cfg(tmp_path, model_cache, "cluster.colocate=true", "run_name=coloc")
+    actors = start_actors(cfg)
+    try:
+        engine = actors.engines[0]
+        ray.get(engine.release_memory.remote())
+        assert ray.get(engine.health.remote())["state"] == "released"
+        ray.get(engine.resume_memory.remote())
+        assert ray.get(engine.health.remote())["state"] == "stale"
+        req = [{"prompt": "What is 1+1?", "label": "2", "prompt_index": 0, "group_id": 0}]
+        with pytest.raises(ray.exceptions.RayTaskError, match="only after a complete weight load"):
+            ray.get(engine.generate.remote(req, 1, SamplingParams(4)))
+        from jobs.weight_sync import WeightSync
+
+        WeightSync(actors, "object_store").sync(5)
+        assert ray.get(engine.health.remote()) == {"state": "ready", "weight_version": 5}
+        assert len(ray.get(engine.generate.remote(req, 2, SamplingParams(4)))) == 2
+    finally:
+        stop_actors(actors)
+
+
+@pytest.mark.parametrize("extra", [
+    ("cluster.colocate=false", "weight_sync.transport=object_store", "algorithm.advantage=grpo"),
+    ("cluster.colocate=true", "weight_sync.transport=broadcast", "algorithm.advantage=gae",
+     "algorithm.kl_coef=0.01", "algorithm.kl_mode=reward", "train.strategy=fsdp2"),
+])
+def test_sync_run_two_ranks_two_engines(local_ray, tmp_path, model_cache, extra):
     from jobs.sync_driver import run
 
     cfg = _cfg(tmp_path, model_cache, "total_steps=3", "rollout.prompts_per_step=4",
                "rollout.n_samples_per_prompt=4", "train.sft_warmup_steps=2", "rollout.num_engines=2",
-               "reward.num_workers=2", "run_name=syncrun")
+               "cluster.num_trainers=2", "reward.num_workers=2", f"run_name=run{len(extra)}", *extra)
     summary = run(cfg)
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 1, 2] and summary["steps"] == 3
     assert all(r["num_samples"] == 16 and 0 <= r["reward_mean"] <= 1 for r in rows)
     assert [r["weight_version"] for r in rows] == [2, 3, 4]
-    assert rows[0]["mismatch_abs"] < 1e-4  # engines served exactly the trainer's weights
+    assert all(r["mismatch_abs"] < 1e-4 for r in rows)  # engines served exactly the trainer's weights
+    if "algorithm.advantage=gae" in extra:
+        assert all(r["value_loss"] > 0 and "kl_reward_penalty" in r for r in rows)
     assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "samples.jsonl").is_file()

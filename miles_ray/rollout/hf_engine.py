@@ -8,8 +8,10 @@ from __future__ import annotations
 import torch
 
 from miles_ray.models import load_model, load_tokenizer
+from miles_ray.rollout.health import READY, RELEASED, STALE, EngineNotReady
 from miles_ray.rollout.types import SamplingParams
 from miles_ray.sample import Sample
+from miles_ray.weights import check_complete, load_bucket, to_buckets
 
 
 class HFRolloutEngine:
@@ -18,23 +20,57 @@ class HFRolloutEngine:
         self.tokenizer = load_tokenizer(model_spec, tiny_cache_dir)
         self.model = load_model(model_spec, dtype, tiny_cache_dir)
         self.weight_version = 0
+        self.state = READY  # serves its initial weights (version 0) until the first sync
+        self._shapes = None
         self.max_batch_size = max_batch_size
         self.generator_seed = seed
         torch.manual_seed(seed)
 
-    # -- weights --------------------------------------------------------------------------------
-    def update_weights(self, state_dict: dict, version: int) -> int:
-        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
-        tied = {"lm_head.weight"} if getattr(self.model.config, "tie_word_embeddings", False) else set()
-        if set(missing) - tied or unexpected:
-            raise ValueError(f"weight update does not match the model: missing={missing} unexpected={unexpected}")
-        self.weight_version = version
+    # -- weights and memory ------------------------------------------------------------------
+    def load_buckets(self, buckets: list, version: int) -> int:
+        """Load a complete weight version in place; the engine is READY afterwards."""
+        if self.state == RELEASED:
+            raise EngineNotReady("engine memory is released; resume_memory() before loading weights")
+        params = dict(self.model.state_dict(keep_vars=True))
+        names = set()
+        for b in buckets:
+            load_bucket(self.model, b, params)
+            names.update(e[0] for e in b.entries)
+        check_complete(self.model, names)
+        self.weight_version, self.state = version, READY
         return version
+
+    def update_weights(self, state_dict: dict, version: int) -> int:
+        return self.load_buckets(to_buckets(state_dict, version), version)
+
+    def release_memory(self) -> None:
+        """Free the weights (colocation: the trainer uses the device meanwhile)."""
+        self._shapes = {id(p): (p.shape, p.dtype) for p in self.model.parameters()}
+        for p in self.model.parameters():
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.state = RELEASED
+
+    def resume_memory(self) -> None:
+        """Re-allocate the weights; they hold garbage until the next weight load (STALE)."""
+        if self.state != RELEASED:
+            return
+        for p in self.model.parameters():
+            shape, dtype = self._shapes[id(p)]
+            p.data = torch.empty(shape, dtype=dtype, device=p.device)
+        self.state = STALE
+
+    def health(self) -> dict:
+        return {"state": self.state, "weight_version": self.weight_version}
 
     # -- generation -----------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, requests: list[dict], n: int, params: SamplingParams) -> list[Sample]:
         """``requests``: dicts with prompt, label, prompt_index, group_id. Returns n Samples each."""
+        if self.state != READY:
+            raise EngineNotReady(f"engine is {self.state} (weight version {self.weight_version}); it serves "
+                                 "only after a complete weight load")
         expanded = [r for r in requests for _ in range(n)]
         out = []
         for start in range(0, len(expanded), self.max_batch_size):

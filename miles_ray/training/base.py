@@ -151,12 +151,19 @@ class TorchTrainerBase:
                     state[k] = v.to(device, non_blocking=True)
 
     # -- weights --------------------------------------------------------------------------------
-    def full_state_dict(self) -> dict | None:
-        """Full CPU state dict on rank 0 (None elsewhere). Collective under FSDP2: call on all ranks."""
+    def full_state_dict(self, to_cpu: bool = True) -> dict | None:
+        """Full state dict on rank 0 (None elsewhere). Collective under FSDP2: call on all ranks."""
         out = {}
         for name, tensor in self.module.state_dict().items():
             if hasattr(tensor, "full_tensor"):
                 tensor = tensor.full_tensor()
             if self.rank == 0:
-                out[name] = tensor.detach().to("cpu", copy=True).contiguous()
+                out[name] = tensor.detach().to("cpu", copy=True) if to_cpu else tensor.detach()
         return out if self.rank == 0 else None
+
+    def export_buckets(self, version: int, bucket_bytes: int, to_cpu: bool = True) -> list | None:
+        """Weights as size-bounded buckets on rank 0 (None elsewhere); call on all ranks."""
+        from miles_ray.weights import to_buckets
+
+        state = self.full_state_dict(to_cpu=to_cpu)
+        return to_buckets(state, version, bucket_bytes) if state is not None else None
