@@ -39,6 +39,19 @@ class RolloutEngineActor(ActorBase):
     def load_buckets(self, buckets: list, version: int) -> int:
         return self.engine.load_buckets(buckets, version)
 
+    def load_part(self, item) -> None:
+        """One streamed bucket: a Bucket (object store) or a (meta, handle) pair (shm / cuda_ipc)."""
+        if isinstance(item, tuple):
+            from miles_ray.weights.ipc import HandleReader
+
+            if not hasattr(self, "_reader"):
+                self._reader = HandleReader()
+            item = self._reader.open([item], keep=True)[0]
+        self.engine.load_part(item)
+
+    def finish_load(self, version: int) -> int:
+        return self.engine.finish_load(version)
+
     def update_weights(self, weights: dict, version: int) -> int:
         return self.engine.update_weights(weights, version)
 
@@ -52,10 +65,12 @@ class RolloutEngineActor(ActorBase):
     def receive_broadcast(self, metas: list, version: int) -> int:
         return self.engine.load_buckets(self.channel.receive(metas), version)
 
-    def load_ipc(self, handles: list, version: int) -> int:
-        from miles_ray.weights import cuda_ipc
+    def load_handles(self, handles: list, version: int) -> int:
+        from miles_ray.weights.ipc import HandleReader
 
-        return self.engine.load_buckets(cuda_ipc.import_handles(handles), version)
+        if not hasattr(self, "_reader"):
+            self._reader = HandleReader()
+        return self.engine.load_buckets(self._reader.open(handles), version)
 
 
 def _cuda() -> bool:

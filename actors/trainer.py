@@ -82,17 +82,24 @@ class TrainerActor(_RankActor):
         self._pending = None
         return True
 
-    def export_ipc(self, version: int) -> list | None:
-        from miles_ray.weights import cuda_ipc
+    def export_handles(self, version: int, device: str) -> list | None:
+        """shm / cuda_ipc: handles to persistent bucket buffers (kept alive until the next export)."""
+        from miles_ray.weights import ipc
 
-        buckets = self.trainer.export_buckets(version, _bucket_bytes(self.cfg), to_cpu=False)
-        if buckets is None:
-            return None
-        handles, self._ipc_keep = cuda_ipc.export_handles(buckets)
-        return handles
+        buckets = self.trainer.export_buckets(version, _bucket_bytes(self.cfg), to_cpu=device == "cpu")
+        return ipc.export_handles(buckets, device) if buckets is not None else None
 
-    def release_ipc(self) -> None:
-        self._ipc_keep = None
+    def stream_export(self, version: int, mode: str):
+        """Generator (call with num_returns="streaming"): one item per bucket as soon as it is
+        packed, so engines load bucket k while bucket k+1 is packed. ``mode``: object_store
+        (the bucket itself), cpu or cuda (a handle). Other ranks only take part in gathers."""
+        from miles_ray.weights import ipc
+
+        state = self.trainer.full_state_dict(to_cpu=mode != "cuda")
+        if state is None:
+            return
+        for bucket in self.trainer.iter_export(state, version, _bucket_bytes(self.cfg)):
+            yield bucket if mode == "object_store" else ipc.export_handles([bucket], mode)[0]
 
 
 @ray.remote

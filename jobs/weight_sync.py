@@ -5,7 +5,8 @@ new version (checked).
   loads the same object (zero-copy reads on a node).
 - broadcast: a torch.distributed group {trainer rank 0, engines} (gloo on CPU, NCCL on GPU),
   opened on first use; bucket metadata goes through Ray, data through the group.
-- cuda_ipc: colocated on one GPU; engines open CUDA IPC handles of the trainer's buckets.
+- shm / cuda_ipc: same node; engines open handles to the trainer's persistent bucket buffers
+  (POSIX shared memory on CPU, CUDA IPC on a GPU) and copy from them.
 """
 from __future__ import annotations
 
@@ -28,10 +29,20 @@ class WeightSync:
             raise RuntimeError(f"engines serve weight versions {served} after syncing version {version}")
         return time.time() - t0
 
+    def _stream(self, version: int, mode: str) -> list:
+        """Forward each bucket (or handle) to every engine as soon as trainer rank 0 yields it."""
+        ranks = self.actors.policy.actors
+        stream = ranks[0].stream_export.options(num_returns="streaming").remote(version, mode)
+        others = [r.stream_export.options(num_returns="streaming").remote(version, mode) for r in ranks[1:]]
+        for ref in stream:
+            for e in self.actors.engines:
+                e.load_part.remote(ref)
+        for gen in others:  # they yield nothing; wait for them to finish the gathers
+            list(gen)
+        return ray.get([e.finish_load.remote(version) for e in self.actors.engines])
+
     def _object_store(self, version: int) -> list:
-        refs = self.actors.policy.call("export_buckets", version)
-        return ray.get([e.load_buckets.remote(refs[0], version) for e in self.actors.engines] + refs[1:])[
-            : len(self.actors.engines)]
+        return self._stream(version, "object_store")
 
     def _open_broadcast(self) -> None:
         rank0, engines = self.actors.policy.actors[0], self.actors.engines
@@ -50,8 +61,17 @@ class WeightSync:
         ray.get(send)
         return served
 
+    def _handles(self, version: int, device: str) -> list:
+        if not self._opened:
+            nodes = ray.get([a.where.remote() for a in [self.actors.policy.actors[0], *self.actors.engines]])
+            if len({n["node_id"] for n in nodes}) > 1:
+                raise RuntimeError(f"weight_sync.transport={self.transport} needs the engines on the node of trainer "
+                                   "rank 0; use object_store or broadcast across nodes")
+            self._opened = True
+        return self._stream(version, device)
+
+    def _shm(self, version: int) -> list:
+        return self._handles(version, "cpu")
+
     def _cuda_ipc(self, version: int) -> list:
-        refs = self.actors.policy.call("export_ipc", version)
-        served = ray.get([e.load_ipc.remote(refs[0], version) for e in self.actors.engines])
-        ray.get(self.actors.policy.call("release_ipc"))
-        return served
+        return self._handles(version, "cuda")

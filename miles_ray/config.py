@@ -89,8 +89,9 @@ class TrainConfig(_Section):
 
 
 class WeightSyncConfig(_Section):
-    transport: Literal["object_store", "broadcast", "cuda_ipc"] = Field(
-        "object_store", description="object_store (any layout), broadcast (torch.distributed), cuda_ipc (colocated GPU)")
+    transport: Literal["object_store", "broadcast", "shm", "cuda_ipc"] = Field(
+        "object_store", description="object_store (any layout), broadcast (torch.distributed), "
+        "shm (same node, CPU), cuda_ipc (colocated, GPU)")
     bucket_mb: float = Field(256, gt=0, description="bucket size bound in MiB")
 
 

@@ -64,12 +64,11 @@ def test_weight_sync_transports_make_engines_match_trainer(local_ray, tmp_path, 
         items, _ = validate_rows(synthetic_rows("arithmetic", 8, 9, 0), tok)
         reqs = [{"prompt": i.prompt, "label": i.label, "prompt_index": i.index, "group_id": k}
                 for k, i in enumerate(items)]
-        for version, transport in enumerate(["object_store", "broadcast", "broadcast", "object_store"], start=2):
+        syncs = {t: WeightSync(actors, t) for t in ("object_store", "broadcast", "shm")}
+        order = ["object_store", "broadcast", "shm", "broadcast", "shm", "object_store"]  # reuse channels/buffers
+        for version, transport in enumerate(order, start=2):
             actors.policy.sft_step(sft_samples(items, tok), 1e-2)  # move the weights
-            sync = WeightSync(actors, transport)
-            if transport == "broadcast" and version == 4:
-                sync._opened = True  # the channel opened at version 3 is reused
-            sync.sync(version)
+            syncs[transport].sync(version)
             assert ray.get([e.health.remote() for e in actors.engines]) == [
                 {"state": "ready", "weight_version": version}] * 2
             samples = [s for e in actors.engines for s in ray.get(e.generate.remote(reqs[:4], 2, SamplingParams(6)))]

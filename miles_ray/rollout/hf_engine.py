@@ -22,6 +22,7 @@ class HFRolloutEngine:
         self.weight_version = 0
         self.state = READY  # serves its initial weights (version 0) until the first sync
         self._shapes = None
+        self._loading = None
         self.max_batch_size = max_batch_size
         self.generator_seed = seed
         torch.manual_seed(seed)
@@ -29,13 +30,24 @@ class HFRolloutEngine:
     # -- weights and memory ------------------------------------------------------------------
     def load_buckets(self, buckets: list, version: int) -> int:
         """Load a complete weight version in place; the engine is READY afterwards."""
+        for b in buckets:
+            self.load_part(b)
+        return self.finish_load(version)
+
+    def load_part(self, bucket) -> None:
+        """Load one bucket (streamed sync). The engine stops serving until :meth:`finish_load`."""
         if self.state == RELEASED:
             raise EngineNotReady("engine memory is released; resume_memory() before loading weights")
-        params = dict(self.model.state_dict(keep_vars=True))
-        names = set()
-        for b in buckets:
-            load_bucket(self.model, b, params)
-            names.update(e[0] for e in b.entries)
+        if self._loading is None:
+            self._loading = {"params": dict(self.model.state_dict(keep_vars=True)), "names": set()}
+            self.state = STALE
+        load_bucket(self.model, bucket, self._loading["params"])
+        self._loading["names"].update(e[0] for e in bucket.entries)
+
+    def finish_load(self, version: int) -> int:
+        """Check that every weight arrived, then serve ``version``."""
+        names = self._loading["names"] if self._loading else set()
+        self._loading = None
         check_complete(self.model, names)
         self.weight_version, self.state = version, READY
         return version

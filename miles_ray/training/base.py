@@ -152,18 +152,27 @@ class TorchTrainerBase:
 
     # -- weights --------------------------------------------------------------------------------
     def full_state_dict(self, to_cpu: bool = True) -> dict | None:
-        """Full state dict on rank 0 (None elsewhere). Collective under FSDP2: call on all ranks."""
+        """Full state dict on rank 0 (None elsewhere). Collective under FSDP2: call on all ranks.
+        On CPU the tensors are the live parameters (callers copy them, e.g. into buckets)."""
         out = {}
         for name, tensor in self.module.state_dict().items():
             if hasattr(tensor, "full_tensor"):
                 tensor = tensor.full_tensor()
             if self.rank == 0:
-                out[name] = tensor.detach().to("cpu", copy=True) if to_cpu else tensor.detach()
+                out[name] = tensor.detach().to("cpu") if to_cpu else tensor.detach()  # no copy on CPU
         return out if self.rank == 0 else None
 
     def export_buckets(self, version: int, bucket_bytes: int, to_cpu: bool = True) -> list | None:
         """Weights as size-bounded buckets on rank 0 (None elsewhere); call on all ranks."""
-        from miles_ray.weights import to_buckets
-
         state = self.full_state_dict(to_cpu=to_cpu)
-        return to_buckets(state, version, bucket_bytes) if state is not None else None
+        return list(self.iter_export(state, version, bucket_bytes)) if state is not None else None
+
+    def iter_export(self, state: dict, version: int, bucket_bytes: int):
+        """Yield buckets of ``state``, reusing the buffers of the previous export (persistent)."""
+        from miles_ray.weights.buckets import iter_buckets
+
+        previous, fresh = getattr(self, "_buckets", None), []
+        for bucket in iter_buckets(state, version, bucket_bytes, reuse=previous):
+            fresh.append(bucket)
+            yield bucket
+        self._buckets = fresh

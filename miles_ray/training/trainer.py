@@ -134,8 +134,9 @@ class PolicyTrainer(TorchTrainerBase):
 
     # -- weights --------------------------------------------------------------------------------
     def get_weights(self) -> dict | None:
-        """Full CPU state dict on rank 0 (what engines load); None on other ranks."""
-        return self.full_state_dict()
+        """A CPU copy of the full state dict on rank 0; None on other ranks."""
+        state = self.full_state_dict()
+        return {k: v.clone() for k, v in state.items()} if state is not None else None
 
 
 def train_on_samples(trainer: PolicyTrainer, samples: list, num_minibatches: int) -> dict:

@@ -58,21 +58,33 @@ def plan_buckets(named_shapes: list, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -
     return groups
 
 
-def to_buckets(state_dict: dict, version: int, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[Bucket]:
+def to_buckets(state_dict: dict, version: int, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+               reuse: list[Bucket] | None = None) -> list[Bucket]:
+    """Pack ``state_dict`` into buckets. ``reuse``: buckets of an earlier call with the same layout,
+    whose buffers are overwritten (no fresh allocation: page faults cost more than the copy)."""
+    return list(iter_buckets(state_dict, version, bucket_bytes, reuse))
+
+
+def iter_buckets(state_dict: dict, version: int, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 reuse: list[Bucket] | None = None):
+    """Like :func:`to_buckets`, one bucket at a time (a sender can ship bucket k while packing k+1)."""
     shapes = [(k, tuple(v.shape), v.dtype) for k, v in state_dict.items()]
     plans = plan_buckets(shapes, bucket_bytes)
-    out = []
+    if reuse is not None and len(reuse) != len(plans):
+        reuse = None
     for i, items in enumerate(plans):
         total = sum(torch.Size(s).numel() for _, s, _ in items)
-        flat = torch.empty(total, dtype=items[0][2], device=state_dict[items[0][0]].device)
+        device = state_dict[items[0][0]].device
+        old = reuse[i].flat if reuse is not None else None
+        usable = old is not None and old.numel() == total and old.dtype == items[0][2] and old.device == device
+        flat = old if usable else torch.empty(total, dtype=items[0][2], device=device)
         entries, offset = [], 0
         for name, shape, _ in items:
             n = torch.Size(shape).numel()
             flat[offset:offset + n].copy_(state_dict[name].reshape(-1))
             entries.append((name, shape, offset, n))
             offset += n
-        out.append(Bucket(version, i, len(plans), items[0][2], flat, entries))
-    return out
+        yield Bucket(version, i, len(plans), items[0][2], flat, entries)
 
 
 def iter_tensors(bucket: Bucket):
