@@ -19,6 +19,8 @@ class HFRolloutEngine:
                  seed: int = 0, max_batch_size: int = 256):
         self.tokenizer = load_tokenizer(model_spec, tiny_cache_dir)
         self.model = load_model(model_spec, dtype, tiny_cache_dir)
+        if torch.cuda.is_available():
+            self.model.cuda()
         self.weight_version = 0
         self.state = READY  # serves its initial weights (version 0) until the first sync
         self._shapes = None
@@ -92,6 +94,7 @@ class HFRolloutEngine:
     def _generate_batch(self, reqs: list[dict], params: SamplingParams) -> list[Sample]:
         tok = self.tokenizer
         enc = tok([r["prompt"] for r in reqs], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(self.model.device) for k, v in enc.items()}
         kwargs = dict(max_new_tokens=params.max_new_tokens, do_sample=not params.greedy,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                       return_dict_in_generate=True, output_logits=True)

@@ -81,6 +81,8 @@ class TorchTrainerBase:
     def __init__(self, model: torch.nn.Module, train_cfg, lr: float, strategy: str = "ddp"):
         self.cfg = train_cfg
         self.rank, self.world_size = world()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        model.to(self.device)
         self.module = model  # unwrapped, for state_dict names
         self.model = self._wrap(model, strategy) if self.world_size > 1 else model
         self.strategy = strategy if self.world_size > 1 else "none"

@@ -30,7 +30,7 @@ class PackedBatch:
         raise AttributeError(name)
 
 
-def pack(samples, pad_id: int = 0) -> PackedBatch:
+def pack(samples, pad_id: int = 0, device=None) -> PackedBatch:
     seqs = [list(s.prompt_ids) + list(s.response_ids) for s in samples]
     length = max(2, max(len(x) for x in seqs))
     B = len(samples)
@@ -47,6 +47,9 @@ def pack(samples, pad_id: int = 0) -> PackedBatch:
             mask[i, p - 1 : p - 1 + r] = 1.0
             for f in names:
                 fields[f][i, p - 1 : p - 1 + r] = torch.tensor(getattr(s, f), dtype=torch.float32)
+    if device is not None and str(device) != "cpu":
+        input_ids, attention, mask = input_ids.to(device), attention.to(device), mask.to(device)
+        fields = {k: v.to(device) for k, v in fields.items()}
     return PackedBatch(input_ids, attention, input_ids[:, 1:], mask, fields)
 
 

@@ -41,7 +41,7 @@ class CriticTrainer(TorchTrainerBase):
         self.model.eval()
         values = []
         for chunk, weight in padded_micro_batches(samples, self.cfg.micro_batch_size, self.cfg.max_tokens_per_micro_batch):
-            batch = pack(chunk, self.pad_id)
+            batch = pack(chunk, self.pad_id, self.device)
             v = unpack(self._values(batch), batch)
             values.extend(v if weight else [])
         for s, v in zip(samples, values):
@@ -57,7 +57,7 @@ class CriticTrainer(TorchTrainerBase):
             (n_tokens,) = all_sum([float(sum(len(s.response_ids) for s in mb))])
 
             def loss_fn(chunk):
-                batch = pack(chunk, self.pad_id)
+                batch = pack(chunk, self.pad_id, self.device)
                 per_tok = value_loss(self._values(batch), batch.values, batch.returns, batch.mask, self.cfg.value_clip)
                 loss = (per_tok * batch.mask).sum() / max(n_tokens, 1.0)
                 return loss, {"value_loss": loss.item()}

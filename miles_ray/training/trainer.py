@@ -30,6 +30,8 @@ class PolicyTrainer(TorchTrainerBase):
         self.ref_model = None
         if algo_cfg.kl_coef > 0:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+            if torch.cuda.is_available():
+                self.ref_model.cuda()
         super().__init__(model, train_cfg, train_cfg.lr, getattr(train_cfg, "strategy", "ddp"))
         self.version = 0  # optimizer-step rounds done (train_step / sft_step)
 
@@ -43,7 +45,7 @@ class PolicyTrainer(TorchTrainerBase):
         for chunk, weight in padded_micro_batches(samples, self.cfg.micro_batch_size, self.cfg.max_tokens_per_micro_batch):
             if not chunk:
                 continue
-            batch = pack(chunk, self.pad_id)
+            batch = pack(chunk, self.pad_id, self.device)
             lps = unpack(token_logprobs(model, batch, self.temperature), batch)
             out.extend(lps if weight else [])
         return out
@@ -80,7 +82,7 @@ class PolicyTrainer(TorchTrainerBase):
         use_ref = self.ref_model is not None and self.algo.kl_mode == "loss"
 
         def loss_fn(chunk):
-            batch = pack(chunk, self.pad_id)
+            batch = pack(chunk, self.pad_id, self.device)
             logp, entropy = token_logprobs(self.model, batch, self.temperature, with_entropy=True)
             pg, m = policy_loss(logp, batch.old_logprobs, batch.advantages, batch.mask, eps_low=self.algo.eps_low,
                                 eps_high=self.algo.eps_high, dual_clip=self.algo.dual_clip)
@@ -118,7 +120,7 @@ class PolicyTrainer(TorchTrainerBase):
         n_tokens, n_seqs = all_sum([float(sum(len(s.response_ids) for s in samples)), float(len(samples))])
 
         def loss_fn(chunk):
-            batch = pack(chunk, self.pad_id)
+            batch = pack(chunk, self.pad_id, self.device)
             logp = token_logprobs(self.model, batch, 1.0)
             loss = LOSS_AGGREGATIONS["token_mean"](sft_token_loss(logp), batch.mask, n_tokens, n_seqs)
             return loss, {"sft_loss": loss.item()}

@@ -1,0 +1,46 @@
+"""GPU-only paths (skipped without CUDA): CUDA IPC weight handoff between two processes, and the
+trainer/engine log-prob match on a GPU."""
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+pytestmark = pytest.mark.gpu
+
+
+def _export(queue, done):
+    from miles_ray.weights import ipc, to_buckets
+
+    state = {"a": torch.arange(6, dtype=torch.float32, device="cuda").view(2, 3),
+             "b": torch.ones(4, device="cuda")}
+    buckets = to_buckets(state, version=3, bucket_bytes=16)
+    queue.put(ipc.export_handles(buckets, "cuda"))
+    done.wait()  # keep the buffers alive until the parent has copied them
+
+
+def test_cuda_ipc_handles_between_processes():
+    from miles_ray.weights.buckets import iter_tensors
+    from miles_ray.weights.ipc import HandleReader
+
+    ctx = mp.get_context("spawn")
+    queue, done = ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=_export, args=(queue, done))
+    proc.start()
+    buckets = HandleReader().open(queue.get(timeout=120))
+    got = {name: t.clone() for b in buckets for name, t in iter_tensors(b)}
+    done.set()
+    proc.join(60)
+    assert torch.equal(got["a"].cpu(), torch.arange(6.0).view(2, 3)) and torch.equal(got["b"].cpu(), torch.ones(4))
+    assert all(b.version == 3 for b in buckets)
+
+
+def test_engine_logprobs_match_trainer_on_gpu(model_cache):
+    from miles_ray.config import AlgorithmConfig, TrainConfig
+    from miles_ray.rollout import HFRolloutEngine, SamplingParams
+    from miles_ray.training import PolicyTrainer
+
+    engine = HFRolloutEngine("tiny:qwen3", tiny_cache_dir=model_cache)
+    trainer = PolicyTrainer("tiny:qwen3", TrainConfig(), AlgorithmConfig(), tiny_cache_dir=model_cache)
+    req = [{"prompt": "What is 2+3?", "label": "5", "prompt_index": 0, "group_id": 0}]
+    samples = engine.generate(req, 4, SamplingParams(6))
+    for s, lp in zip(samples, trainer.compute_logprobs(samples)):
+        assert lp == pytest.approx(s.response_logprobs, abs=1e-4)
