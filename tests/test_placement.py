@@ -45,3 +45,12 @@ def test_check_fits_names_missing_resource():
     with pytest.raises(RuntimeError, match="GPU: needs 4, cluster has 0.*use_gpu=false"):
         check_fits(plan, {"CPU": 16})
     check_fits(plan, {"CPU": 16, "GPU": 4})
+
+
+def test_critic_ranks_get_their_own_group_or_share_colocated():
+    plan = plan_placement(ClusterConfig(num_trainers=2, use_gpu=True), 1, 1, num_critics=2)
+    assert [g.name for g in plan.groups] == ["trainer", "rollout", "critic", "service"]
+    assert [(a.group, a.num_gpus) for a in plan.for_role("critic")] == [("critic", 1.0)] * 2
+    plan = plan_placement(ClusterConfig(num_trainers=2, use_gpu=True, colocate=True), 2, 1, num_critics=2)
+    shares = [a.num_gpus for a in plan.assignments if a.group == "colocated"]
+    assert shares == pytest.approx([1 / 3] * 6) and plan.total_resources()["GPU"] == 2
