@@ -39,7 +39,7 @@ class DataConfig(_Section):
 
 
 class RolloutConfig(_Section):
-    backend: Literal["hf"] = "hf"
+    backend: Literal["hf", "native"] = Field("hf", description="hf (transformers.generate) or native")
     num_engines: int = Field(1, ge=1)
     prompts_per_step: int = Field(16, ge=1)
     n_samples_per_prompt: int = Field(8, ge=1)

@@ -1,0 +1,134 @@
+"""A slot-KV-cache forward pass over a transformers Llama / Qwen2 / Qwen3 model.
+
+The HF module's own submodules (projections, norms, rotary embedding, MLP) are called, so the
+weights are shared with the HF model: an in-place weight update is seen here at once.
+
+Slots: the cache holds ``slots`` sequences; the running batch always occupies slots ``0..B-1``
+(the scheduler compacts on finish), so decode reads the cache through views, not gathers.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+
+
+class SlotCache:
+    """K/V of ``[layers, slots, kv_heads, capacity, head_dim]`` and a length per slot."""
+
+    def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, capacity: int, dtype, device):
+        shape = (layers, slots, kv_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def grown(self, slots: int, capacity: int) -> "SlotCache":
+        """A larger cache holding this one's contents."""
+        L, S, H, C, D = self.k.shape
+        new = SlotCache(L, max(S, slots), H, D, max(C, capacity), self.k.dtype, self.k.device)
+        new.k[:, :S, :, :C] = self.k
+        new.v[:, :S, :, :C] = self.v
+        new.lengths[:S] = self.lengths
+        return new
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        n = int(self.lengths[src])
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst] = n
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rope(x, cos, sin):  # x [B, H, S, D]; cos/sin [B, S, D]
+    return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
+
+
+class NativeForward:
+    def __init__(self, hf_model):
+        cfg = hf_model.config
+        if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"native engine supports {SUPPORTED_MODEL_TYPES}, not '{cfg.model_type}'; "
+                             "use rollout.backend=hf")
+        self.hf = hf_model
+        self.layers = hf_model.model.layers
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scale = self.head_dim ** -0.5
+
+    def new_cache(self, slots: int, capacity: int) -> SlotCache:
+        p = next(self.hf.parameters())
+        return SlotCache(len(self.layers), slots, self.n_kv, self.head_dim, capacity, p.dtype, p.device)
+
+    def _qkv(self, attn, h, positions):
+        B, S, _ = h.shape
+        q = attn.q_proj(h).view(B, S, self.n_heads, self.head_dim)
+        k = attn.k_proj(h).view(B, S, self.n_kv, self.head_dim)
+        v = attn.v_proj(h).view(B, S, self.n_kv, self.head_dim)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        cos, sin = self.hf.model.rotary_emb(h, positions)
+        return _rope(q, cos, sin), _rope(k, cos, sin), v
+
+    def _block(self, layer, x, attend):
+        h = layer.input_layernorm(x)
+        out = attend(layer.self_attn, h)
+        x = x + layer.self_attn.o_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def _logits(self, x):
+        return self.hf.lm_head(self.hf.model.norm(x)).float()
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, cache: SlotCache, slots: torch.Tensor):
+        """Right-padded prompts ``ids [N, P]`` (true ``lengths``) into ``slots``; returns the logits
+        at each prompt's last token ``[N, V]``. Causal attention alone keeps padding out of valid rows."""
+        N, P = ids.shape
+        positions = torch.arange(P, device=ids.device).expand(N, P)
+        x = self.hf.model.embed_tokens(ids)
+        for li, layer in enumerate(self.layers):
+            def attend(attn, h, li=li):
+                q, k, v = self._qkv(attn, h, positions)
+                cache.k[li, slots, :, :P] = k
+                cache.v[li, slots, :, :P] = v
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                                      enable_gqa=self.n_kv != self.n_heads)
+            x = self._block(layer, x, attend)
+        cache.lengths[slots] = lengths
+        last = x[torch.arange(N, device=ids.device), lengths - 1]
+        return self._logits(last)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, cache: SlotCache) -> torch.Tensor:
+        """One token for each of the ``B`` running sequences in slots ``0..B-1``; returns ``[B, V]``."""
+        B = tokens.shape[0]
+        pos = cache.lengths[:B].clone()
+        T = int(pos.max()) + 1
+        rows = torch.arange(B, device=tokens.device)
+        mask = (torch.arange(T, device=tokens.device)[None, :] <= pos[:, None])[:, None, None, :]
+        x = self.hf.model.embed_tokens(tokens[:, None])
+        for li, layer in enumerate(self.layers):
+            def attend(attn, h, li=li):
+                q, k, v = self._qkv(attn, h, pos[:, None])
+                cache.k[li, rows, :, pos] = k[:, :, 0]
+                cache.v[li, rows, :, pos] = v[:, :, 0]
+                K, V = cache.k[li, :B, :, :T], cache.v[li, :B, :, :T]
+                return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, scale=self.scale,
+                                                      enable_gqa=self.n_kv != self.n_heads)
+            x = self._block(layer, x, attend)
+        cache.lengths[:B] = pos + 1
+        return self._logits(x[:, 0])

@@ -1,0 +1,35 @@
+"""Vectorised sampling with per-row parameters: temperature (0 = greedy), top-k, top-p, min-p.
+
+Returned log-probs are those of the chosen tokens under softmax(logits / temperature), before
+truncation (the convention the trainer recomputes); greedy rows use temperature 1.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+           min_p: torch.Tensor, generator: torch.Generator | None = None):
+    """``logits [B, V]`` and per-row parameter tensors ``[B]``. Returns (tokens [B], logprobs [B])."""
+    greedy = temperature <= 0
+    temp = torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
+    logp = torch.log_softmax(logits / temp, dim=-1)
+    tokens = logits.argmax(-1)
+    if not bool(greedy.all()):
+        probs = logp.exp()
+        if bool((top_k > 0).any() | (top_p < 1).any() | (min_p > 0).any()):
+            probs = _truncate(probs, top_k, top_p, min_p)
+        drawn = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        tokens = torch.where(greedy, tokens, drawn)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _truncate(probs, top_k, top_p, min_p):
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    rank = torch.arange(probs.shape[-1], device=probs.device)[None, :]
+    drop = (top_k[:, None] > 0) & (rank >= top_k[:, None])
+    drop |= (sorted_p.cumsum(-1) - sorted_p) > top_p[:, None]  # keep the smallest set reaching top_p
+    drop |= sorted_p < (min_p[:, None] * sorted_p[:, :1])
+    drop[:, 0] = False  # the most likely token always survives
+    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_p)
