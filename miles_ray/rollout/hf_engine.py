@@ -17,6 +17,7 @@ from miles_ray.weights import check_complete, load_bucket, to_buckets
 class HFRolloutEngine:
     def __init__(self, model_spec: str, dtype: str = "float32", tiny_cache_dir: str = "runs/_models",
                  seed: int = 0, max_batch_size: int = 256):
+        self.model_spec = model_spec
         self.tokenizer = load_tokenizer(model_spec, tiny_cache_dir)
         self.model = load_model(model_spec, dtype, tiny_cache_dir)
         if torch.cuda.is_available():

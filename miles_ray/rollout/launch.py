@@ -1,0 +1,40 @@
+"""Start an engine server as a subprocess: our native server or ``sglang.launch_server`` (GPU),
+through the same code path, and wait until it serves.
+
+On CPU machines only the native backend runs; the SGLang command is built the same way and its
+import happens in the child process, so sglang is never imported here.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from miles_ray.rollout.client import EngineClient
+
+
+def server_command(backend: str, model_path: str, port: int, host: str = "127.0.0.1", extra: list | None = None) -> list:
+    if backend == "native":
+        cmd = [sys.executable, "-m", "miles_ray.rollout.server", "--model-path", model_path]
+    elif backend == "sglang":
+        # --enable-memory-saver gives release/resume_memory_occupation for colocation
+        cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--enable-memory-saver",
+               "--skip-server-warmup"]
+    else:
+        raise ValueError(f"unknown engine server backend '{backend}' (native or sglang)")
+    return cmd + ["--host", host, "--port", str(port), *(extra or [])]
+
+
+def launch_server(backend: str, model_path: str, port: int, host: str = "127.0.0.1", extra: list | None = None,
+                  wait_s: float = 180.0, log_path: str | None = None, env: dict | None = None):
+    """Start the server and block until /health answers 200. Returns (process, client)."""
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    process = subprocess.Popen(server_command(backend, model_path, port, host, extra), stdout=log,
+                               stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True)
+    client = EngineClient(f"http://{host}:{port}")
+    try:
+        client.wait_healthy(wait_s, process)
+    except Exception:
+        process.kill()
+        raise
+    return process, client
