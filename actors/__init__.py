@@ -3,4 +3,5 @@ from actors.buffer import BufferActor  # noqa: F401
 from actors.group import RankGroup  # noqa: F401
 from actors.reward import RewardWorker  # noqa: F401
 from actors.rollout import RolloutEngineActor  # noqa: F401
+from actors.router import RouterActor  # noqa: F401
 from actors.trainer import CriticActor, TrainerActor  # noqa: F401

@@ -1,5 +1,12 @@
-"""RolloutEngineActor: one rollout engine with explicit health (ready / released / stale)."""
+"""RolloutEngineActor: one rollout engine with explicit health (ready / released / stale).
+
+In-actor mode runs the engine in this process. HTTP mode (``rollout.serve_http`` or the sglang
+backend) launches the engine server as a subprocess inside this actor's bundle (so it sees the
+bundle's GPUs) and drives it through :class:`EngineClient`: the same calls, over HTTP.
+"""
 from __future__ import annotations
+
+import socket
 
 import ray
 
@@ -12,35 +19,80 @@ class RolloutEngineActor(ActorBase):
     def __init__(self, cfg: dict, rank: int = 0):
         self.cfg = Config.model_validate(cfg)
         setup_worker_process(self.cfg.seed + 1000 + rank)
-        from miles_ray.rollout import make_engine
+        self.rank, self.channel, self.process, self.client = rank, None, None, None
+        self._parts, self._version = [], 0
+        r = self.cfg.rollout
+        if r.over_http:
+            self._launch()
+        else:
+            from miles_ray.rollout import make_engine
 
-        self.rank = rank
-        self.engine = make_engine(self.cfg.rollout.backend, model_spec=self.cfg.model.path,
-                                  dtype=self.cfg.model.dtype, tiny_cache_dir=self.cfg.model.tiny_cache_dir,
-                                  seed=self.cfg.seed + 1000 + rank)
-        self.channel = None
+            self.engine = make_engine(r.backend, model_spec=self.cfg.model.path, dtype=self.cfg.model.dtype,
+                                      tiny_cache_dir=self.cfg.model.tiny_cache_dir, seed=self.cfg.seed + 1000 + rank)
+
+    def _launch(self) -> None:
+        from miles_ray.models import load_tokenizer
+        from miles_ray.rollout.launch import launch_server
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        host = ray.util.get_node_ip_address() if self.cfg.cluster.use_gpu else "127.0.0.1"
+        c, r = self.cfg, self.cfg.rollout
+        extra = (["--seed", str(c.seed + 1000 + self.rank), "--tiny-cache-dir", c.model.tiny_cache_dir]
+                 if r.backend == "native" else list(r.sglang_args))
+        self.process, self.client = launch_server(r.backend, c.model.path, port, host, extra)
+        self.tokenizer = load_tokenizer(c.model.path, c.model.tiny_cache_dir)
+
+    def url(self) -> str | None:
+        return self.client.url if self.client else None
 
     def generate(self, requests: list, n: int, params) -> list:
+        if self.client:
+            return self.client.generate_samples(requests, n, params, self.tokenizer)
         return self.engine.generate(requests, n, params)
 
     def health(self) -> dict:
+        if self.client:
+            h = self.client.health()  # sglang's /health has no body: keep the version here
+            state = h.get("state", "ready" if h["status"] == 200 else "stale")
+            return {"state": state, "weight_version": h.get("weight_version", self._version)}
         return self.engine.health()
 
     def weight_version(self) -> int:
-        return self.engine.weight_version
+        return self.health()["weight_version"]
 
     def release_memory(self) -> None:
-        self.engine.release_memory()
+        self.client.release_memory() if self.client else self.engine.release_memory()
 
     def resume_memory(self) -> None:
-        self.engine.resume_memory()
+        self.client.resume_memory() if self.client else self.engine.resume_memory()
 
     # -- weight loading, one method per transport ------------------------------------------------
     def load_buckets(self, buckets: list, version: int) -> int:
+        if self.client:
+            return self._post_buckets(buckets, version)
         return self.engine.load_buckets(buckets, version)
+
+    def _post_buckets(self, buckets: list, version: int) -> int:
+        if self.cfg.rollout.backend == "sglang":
+            from miles_ray.rollout.sglang_backend import update_weights_from_buckets
+
+            self._version = update_weights_from_buckets(self.client, buckets, version)
+        else:
+            self._version = self.client.update_weights_from_tensor(buckets, version)["weight_version"]
+        return self._version
+
+    def update_weights(self, weights: dict, version: int) -> int:
+        from miles_ray.weights import to_buckets
+
+        return self.load_buckets(to_buckets(weights, version), version)
 
     def load_part(self, item) -> None:
         """One streamed bucket: a Bucket (object store) or a (meta, handle) pair (shm / cuda_ipc)."""
+        if self.client:  # HTTP engines take the whole version at finish_load
+            self._parts.append(item)
+            return
         if isinstance(item, tuple):
             from miles_ray.weights.ipc import HandleReader
 
@@ -50,10 +102,10 @@ class RolloutEngineActor(ActorBase):
         self.engine.load_part(item)
 
     def finish_load(self, version: int) -> int:
+        if self.client:
+            parts, self._parts = self._parts, []
+            return self._post_buckets(parts, version)
         return self.engine.finish_load(version)
-
-    def update_weights(self, weights: dict, version: int) -> int:
-        return self.engine.update_weights(weights, version)
 
     def open_broadcast(self, addr: str, port: int, rank: int, world_size: int) -> bool:
         from miles_ray.weights import BroadcastChannel
@@ -65,12 +117,9 @@ class RolloutEngineActor(ActorBase):
     def receive_broadcast(self, metas: list, version: int) -> int:
         return self.engine.load_buckets(self.channel.receive(metas), version)
 
-    def load_handles(self, handles: list, version: int) -> int:
-        from miles_ray.weights.ipc import HandleReader
-
-        if not hasattr(self, "_reader"):
-            self._reader = HandleReader()
-        return self.engine.load_buckets(self._reader.open(handles), version)
+    def __del__(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
 
 
 def _cuda() -> bool:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import ray
 
-from actors import BufferActor, CriticActor, RankGroup, RewardWorker, RolloutEngineActor, TrainerActor
+from actors import BufferActor, CriticActor, RankGroup, RewardWorker, RolloutEngineActor, RouterActor, TrainerActor
 from miles_ray.models import resolve_model_path
 from placement.groups import actor_options, create_groups, remove_groups
 from placement.plan import plan_placement
@@ -35,10 +35,13 @@ class RunActors:
     buffer: object
     critic: Optional[RankGroup] = None
     groups: dict = field(default_factory=dict)
+    router: object = None
+    router_url: Optional[str] = None
 
     def all(self) -> list:
         critics = self.critic.actors if self.critic else []
-        return [*self.policy.actors, *critics, *self.engines, *self.rewards, self.buffer]
+        router = [self.router] if self.router else []
+        return [*self.policy.actors, *critics, *self.engines, *self.rewards, self.buffer, *router]
 
 
 def with_resolved_model(cfg):
@@ -52,11 +55,16 @@ def with_resolved_model(cfg):
     return cfg
 
 
-def start_actors(cfg) -> RunActors:
-    """Plan placement, create the groups, start every actor and wait until all are ready."""
+def start_actors(cfg, trainers: bool = True, engines: bool = True) -> RunActors:
+    """Plan placement, create the groups, start every actor and wait until all are ready.
+    ``trainers=False``: pure inference (no trainer ranks); ``engines=False``: training from a dump."""
     cfg = with_resolved_model(cfg)
-    n_critics = cfg.cluster.num_trainers if cfg.uses_critic else 0
-    plan = plan_placement(cfg.cluster, cfg.rollout.num_engines, cfg.reward.num_workers, n_critics)
+    world = cfg.cluster.num_trainers if trainers else 0
+    n_critics = world if cfg.uses_critic else 0
+    http = cfg.rollout.over_http and engines
+    n_engines = cfg.rollout.num_engines if engines else 0
+    cluster = cfg.cluster.model_copy(update={"num_trainers": world})
+    plan = plan_placement(cluster, n_engines, cfg.reward.num_workers, n_critics, router=http)
     init_ray(cfg, plan.total_resources().get("CPU", 1))
     prefix = cfg.run_name
     groups = create_groups(plan, prefix)
@@ -65,7 +73,6 @@ def start_actors(cfg) -> RunActors:
     def opts(a):
         return actor_options(a, groups, f"{prefix}-{a.role}-{a.rank}")
 
-    world = cfg.cluster.num_trainers
     policy = RankGroup([TrainerActor.options(**opts(a)).remote(cfg_dict, a.rank, world)
                         for a in plan.for_role("trainer")])
     critic = None
@@ -79,6 +86,10 @@ def start_actors(cfg) -> RunActors:
     buffer = BufferActor.options(**opts(plan.for_role("buffer")[0])).remote()
     actors = RunActors(policy, engines, rewards, buffer, critic, groups)
     ray.get([a.ready.remote() for a in actors.all()])
+    if http:  # rollout goes through the router to the engine servers
+        urls = ray.get([e.url.remote() for e in engines])
+        actors.router = RouterActor.options(**opts(plan.for_role("router")[0])).remote(urls)
+        actors.router_url = ray.get(actors.router.url.remote())
     policy.setup()
     if critic:
         critic.setup()

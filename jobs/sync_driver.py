@@ -41,8 +41,10 @@ def sft_warmup(cfg, actors: RunActors, sampler: PromptSampler, tokenizer, logger
     bar.close()
 
 
-def rollout(cfg, actors: RunActors, sampler: PromptSampler, step: int, params: SamplingParams) -> list:
+def rollout(cfg, actors: RunActors, sampler: PromptSampler, step: int, params: SamplingParams, tokenizer=None) -> list:
     prompts = sampler.next_batch(cfg.rollout.prompts_per_step)
+    if actors.router_url:
+        return _rollout_http(cfg, actors.router_url, prompts, step, params, tokenizer)
     per_engine = [[] for _ in actors.engines]
     for j, p in enumerate(prompts):
         group_id = step * cfg.rollout.prompts_per_step + j
@@ -51,6 +53,21 @@ def rollout(cfg, actors: RunActors, sampler: PromptSampler, step: int, params: S
     refs = [e.generate.remote(reqs, cfg.rollout.n_samples_per_prompt, params)
             for e, reqs in zip(actors.engines, per_engine) if reqs]
     return [s for chunk in ray.get(refs) for s in chunk]
+
+
+def _rollout_http(cfg, url: str, prompts: list, step: int, params: SamplingParams, tokenizer) -> list:
+    """Engines served over HTTP: one request per prompt group to the router, in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from miles_ray.rollout.client import EngineClient
+
+    client = EngineClient(url)
+    reqs = [{"prompt": p.prompt, "label": p.label, "prompt_index": p.index,
+             "group_id": step * cfg.rollout.prompts_per_step + j} for j, p in enumerate(prompts)]
+    n = cfg.rollout.n_samples_per_prompt
+    with ThreadPoolExecutor(min(16, len(reqs))) as pool:
+        chunks = list(pool.map(lambda r: client.generate_samples([r], n, params, tokenizer), reqs))
+    return [s for chunk in chunks for s in chunk]
 
 
 def score(actors: RunActors, samples: list) -> tuple[list, dict]:
@@ -76,7 +93,7 @@ def prepare_batch(cfg, actors: RunActors, samples: list) -> dict:
 def colocate_phase(cfg, actors: RunActors, phase: str) -> None:
     """Colocated mode time-shares devices: engines free memory while the trainers run, and the
     trainers offload optimizer state while the engines run."""
-    if not cfg.cluster.colocate:
+    if not cfg.cluster.colocate or not actors.engines:
         return
     trainers = actors.policy.actors + (actors.critic.actors if actors.critic else [])
     if phase == "train":
@@ -97,12 +114,16 @@ def rollout_metrics(samples: list) -> dict:
     }
 
 
-def train_step(cfg, actors: RunActors, sampler, params, step: int) -> tuple[list, dict]:
+def train_step(cfg, actors: RunActors, sampler, params, step: int, tokenizer=None, replay=None) -> tuple[list, dict]:
     t0 = time.time()
-    samples = rollout(cfg, actors, sampler, step, params)
-    t1 = time.time()
-    colocate_phase(cfg, actors, "train")
-    samples, reward_stats = score(actors, samples)
+    if replay is not None:  # pure training debug mode: samples (with rewards) come from a dump
+        samples, reward_stats = replay.next_step(), {}
+        t1 = time.time()
+    else:
+        samples = rollout(cfg, actors, sampler, step, params, tokenizer)
+        t1 = time.time()
+        colocate_phase(cfg, actors, "train")
+        samples, reward_stats = score(actors, samples)
     adv_metrics = prepare_batch(cfg, actors, samples)
     t2 = time.time()
     ray.get(actors.buffer.put.remote(samples))
@@ -116,7 +137,10 @@ def train_step(cfg, actors: RunActors, sampler, params, step: int) -> tuple[list
                      "time_rollout_s": t1 - t0, "time_prepare_s": t2 - t1, "time_train_s": t3 - t2}
 
 
-def train_loop(cfg, actors: RunActors, sampler, logger: MetricsLogger, out_dir: Path) -> list[float]:
+def train_loop(cfg, actors: RunActors, sampler, logger: MetricsLogger, out_dir: Path, tokenizer=None) -> list[float]:
+    from miles_ray.rollout.dump import DumpReader
+
+    replay = DumpReader(cfg.rollout.replay_dump) if cfg.rollout.replay_dump else None
     params = SamplingParams.from_config(cfg.rollout)
     weights = WeightSync(actors, cfg.weight_sync.transport)
     colocate_phase(cfg, actors, "rollout")
@@ -126,7 +150,7 @@ def train_loop(cfg, actors: RunActors, sampler, logger: MetricsLogger, out_dir: 
     with (out_dir / "samples.jsonl").open("a") as sample_log:
         for step in range(cfg.total_steps):
             t0 = time.time()
-            samples, metrics = train_step(cfg, actors, sampler, params, step)
+            samples, metrics = train_step(cfg, actors, sampler, params, step, tokenizer, replay)
             version += 1
             metrics.update(weight_version=version, time_sync_s=weights.sync(version), time_step_s=time.time() - t0)
             logger.log(step, metrics)
@@ -149,13 +173,13 @@ def run(cfg) -> dict:
     items, report = load_prompts(cfg.data, tokenizer, seed=cfg.seed)
     sampler = PromptSampler(items, seed=cfg.seed, shuffle=cfg.data.shuffle)
     t0 = time.time()
-    actors = start_actors(cfg)
+    actors = start_actors(cfg, engines=not cfg.rollout.replay_dump)
     log.info("actors ready in %.1fs", time.time() - t0)
     logger = MetricsLogger(out_dir, cfg.logging, cfg.run_name, cfg.model_dump())
     try:
         if cfg.train.sft_warmup_steps:
             sft_warmup(cfg, actors, sampler, tokenizer, logger)
-        rewards = train_loop(cfg, actors, sampler, logger, out_dir)
+        rewards = train_loop(cfg, actors, sampler, logger, out_dir, tokenizer)
     finally:
         logger.close()
         stop_actors(actors)

@@ -24,6 +24,8 @@ class WeightSync:
 
     def sync(self, version: int) -> float:
         t0 = time.time()
+        if not self.actors.engines or not self.actors.policy.actors:
+            return 0.0  # training from a dump, or pure inference: nothing to sync
         served = getattr(self, f"_{self.transport}")(version)
         if any(v != version for v in served):
             raise RuntimeError(f"engines serve weight versions {served} after syncing version {version}")

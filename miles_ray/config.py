@@ -39,7 +39,12 @@ class DataConfig(_Section):
 
 
 class RolloutConfig(_Section):
-    backend: Literal["hf", "native"] = Field("hf", description="hf (transformers.generate) or native")
+    backend: Literal["hf", "native", "sglang"] = Field(
+        "hf", description="hf (transformers.generate), native (our engine), sglang (GPU; always over HTTP)")
+    serve_http: bool = Field(False, description="engines run as HTTP servers behind a router (native, sglang)")
+    sglang_args: list = Field(default_factory=list, description="extra sglang.launch_server arguments")
+    dump_path: Optional[str] = Field(None, description="jobs.rollout_only writes samples here (jsonl)")
+    replay_dump: Optional[str] = Field(None, description="train from this dump instead of generating")
     num_engines: int = Field(1, ge=1)
     prompts_per_step: int = Field(16, ge=1)
     n_samples_per_prompt: int = Field(8, ge=1)
@@ -47,6 +52,12 @@ class RolloutConfig(_Section):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="0 disables top-k")
+    min_p: float = Field(0.0, ge=0, le=1)
+    stop: list = Field(default_factory=list, description="stop strings")
+
+    @property
+    def over_http(self) -> bool:
+        return self.serve_http or self.backend == "sglang"
 
 
 class RewardConfig(_Section):
@@ -142,6 +153,11 @@ class Config(_Section):
         if per_minibatch < self.cluster.num_trainers:
             raise ValueError(f"each mini-batch has {per_minibatch} samples, fewer than cluster.num_trainers="
                              f"{self.cluster.num_trainers}; lower train.num_minibatches or raise rollout.prompts_per_step")
+        if self.rollout.over_http and self.weight_sync.transport != "object_store":
+            raise ValueError("engines served over HTTP take weights through object_store (their update endpoints); "
+                             f"weight_sync.transport={self.weight_sync.transport} is for in-actor engines")
+        if self.rollout.serve_http and self.rollout.backend == "hf":
+            raise ValueError("rollout.serve_http needs rollout.backend=native or sglang")
         if self.weight_sync.transport == "cuda_ipc" and not (self.cluster.colocate and self.cluster.use_gpu):
             raise ValueError("weight_sync.transport=cuda_ipc needs cluster.colocate=true and cluster.use_gpu=true")
         return self

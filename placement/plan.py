@@ -9,7 +9,8 @@ Layouts
   GPUs include bundle i each take half of it (time-shared: the engine releases memory while the
   trainer runs);
 - a ``critic`` PG (PACK) when PPO with GAE needs a value model (colocated: it shares the bundles);
-- both: a ``service`` PG (PACK) holds CPU bundles for the reward workers and the buffer.
+- both: a ``service`` PG (PACK) holds CPU bundles for the reward workers, the buffer and (engines
+  over HTTP) the router.
 With ``use_gpu=False`` bundles ask only for CPUs, so the same plan runs on a CPU-only cluster.
 """
 from __future__ import annotations
@@ -56,7 +57,8 @@ def _bundle(cpus: float, gpus: float) -> dict:
     return {"CPU": cpus, "GPU": gpus} if gpus else {"CPU": cpus}
 
 
-def plan_placement(cluster, num_engines: int, num_reward_workers: int, num_critics: int = 0) -> PlacementPlan:
+def plan_placement(cluster, num_engines: int, num_reward_workers: int, num_critics: int = 0,
+                   router: bool = False) -> PlacementPlan:
     """Plan groups for ``cluster`` (a ClusterConfig) with the given engine, reward and critic counts
     (critic ranks, for PPO with GAE, mirror the trainer ranks)."""
     c, g = cluster.cpus_per_actor, cluster.gpus_per_engine
@@ -74,8 +76,10 @@ def plan_placement(cluster, num_engines: int, num_reward_workers: int, num_criti
             idx = list(range(e * g, (e + 1) * g))
             assign.append(Assignment("rollout", e, "colocated", idx[0], c, gpu / roles, idx))
     else:
-        groups.append(GroupSpec("trainer", [_bundle(c, gpu) for _ in range(cluster.num_trainers)], "PACK"))
-        groups.append(GroupSpec("rollout", [_bundle(c, gpu) for _ in range(num_engines * g)], "SPREAD"))
+        if cluster.num_trainers:
+            groups.append(GroupSpec("trainer", [_bundle(c, gpu) for _ in range(cluster.num_trainers)], "PACK"))
+        if num_engines:
+            groups.append(GroupSpec("rollout", [_bundle(c, gpu) for _ in range(num_engines * g)], "SPREAD"))
         for r in range(cluster.num_trainers):
             assign.append(Assignment("trainer", r, "trainer", r, c, gpu, [r]))
         if num_critics:
@@ -85,11 +89,13 @@ def plan_placement(cluster, num_engines: int, num_reward_workers: int, num_criti
         for e in range(num_engines):
             idx = list(range(e * g, (e + 1) * g))
             assign.append(Assignment("rollout", e, "rollout", idx[0], c, gpu, idx))
-    service = [_bundle(c, 0) for _ in range(num_reward_workers + 1)]
+    service = [_bundle(c, 0) for _ in range(num_reward_workers + 1 + int(router))]
     groups.append(GroupSpec("service", service, "PACK"))
     for w in range(num_reward_workers):
         assign.append(Assignment("reward", w, "service", w, c))
     assign.append(Assignment("buffer", 0, "service", num_reward_workers, c))
+    if router:
+        assign.append(Assignment("router", 0, "service", num_reward_workers + 1, c))
     return PlacementPlan(groups, assign)
 
 

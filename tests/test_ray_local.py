@@ -122,3 +122,33 @@ def test_sync_run_two_ranks_two_engines(local_ray, tmp_path, model_cache, extra)
     if "algorithm.advantage=gae" in extra:
         assert all(r["value_loss"] > 0 and "kl_reward_penalty" in r for r in rows)
     assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "samples.jsonl").is_file()
+
+
+def test_engines_over_http_behind_router(local_ray, tmp_path, model_cache):
+    """Native engine servers launched inside the engine actors, rollout through the router."""
+    from jobs.sync_driver import run
+
+    cfg = _cfg(tmp_path, model_cache, "total_steps=2", "rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=2",
+               "rollout.backend=native", "rollout.serve_http=true", "rollout.num_engines=2", "run_name=http")
+    assert run(cfg)["steps"] == 2
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert all(r["num_samples"] == 8 and r["mismatch_abs"] < 1e-4 for r in rows)
+
+
+def test_rollout_only_then_train_from_dump(local_ray, tmp_path, model_cache):
+    from jobs import rollout_only
+    from jobs.sync_driver import run
+
+    dump = tmp_path / "dump.jsonl"
+    cfg = _cfg(tmp_path, model_cache, "total_steps=2", "rollout.prompts_per_step=3", "rollout.n_samples_per_prompt=2",
+               f"rollout.dump_path={dump}", "rollout.backend=native", "run_name=ro")
+    summary = rollout_only.run(cfg)
+    lines = [json.loads(x) for x in dump.read_text().splitlines()]
+    assert summary["samples"] == 12 and len(lines) == 12 and {x["step"] for x in lines} == {0, 1}
+    assert all(len(x["response_ids"]) == len(x["response_logprobs"]) for x in lines)
+    cfg = _cfg(tmp_path / "t", model_cache, "total_steps=3", f"rollout.replay_dump={dump}", "run_name=replay",
+               "rollout.prompts_per_step=3", "rollout.n_samples_per_prompt=2")
+    assert run(cfg)["steps"] == 3
+    rows = [json.loads(line) for line in open(tmp_path / "t" / "run" / "metrics.jsonl")]
+    assert [r["num_samples"] for r in rows] == [6, 6, 6]
+    assert rows[0]["reward_mean"] == pytest.approx(sum(x["reward"] for x in lines if x["step"] == 0) / 6)

@@ -25,12 +25,25 @@ def server_command(backend: str, model_path: str, port: int, host: str = "127.0.
     return cmd + ["--host", host, "--port", str(port), *(extra or [])]
 
 
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGKILL when the process that launched it dies (an actor killed by
+    Ray must not leave an orphan server holding its GPU)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def launch_server(backend: str, model_path: str, port: int, host: str = "127.0.0.1", extra: list | None = None,
                   wait_s: float = 180.0, log_path: str | None = None, env: dict | None = None):
     """Start the server and block until /health answers 200. Returns (process, client)."""
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
     process = subprocess.Popen(server_command(backend, model_path, port, host, extra), stdout=log,
-                               stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True)
+                               stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True,
+                               preexec_fn=_die_with_parent)
     client = EngineClient(f"http://{host}:{port}")
     try:
         client.wait_healthy(wait_s, process)
