@@ -139,3 +139,13 @@ def test_smollm2_greedy_equals_transformers():
     sampled = eng.generate(reqs, 2, SamplingParams(12, temperature=0.8))
     for s, lp in zip(sampled, trainer.compute_logprobs(sampled)):
         assert lp == pytest.approx(s.response_logprobs, abs=1e-4)
+
+
+def test_sampler_frequencies_match_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = probs.clamp(min=1e-12).log()[None].repeat(20000, 1)
+    one = torch.ones(20000)
+    toks, _ = sample(logits, one, torch.zeros(20000, dtype=torch.long), one, torch.zeros(20000),
+                     torch.Generator().manual_seed(0))
+    freq = torch.bincount(toks, minlength=5).float() / 20000
+    assert (freq - probs).abs().max() < 0.015 and freq[4] == 0

@@ -19,9 +19,19 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         probs = logp.exp()
         if bool((top_k > 0).any() | (top_p < 1).any() | (min_p > 0).any()):
             probs = _truncate(probs, top_k, top_p, min_p)
-        drawn = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        drawn = _inverse_cdf(probs, generator)
         tokens = torch.where(greedy, tokens, drawn)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _inverse_cdf(probs: torch.Tensor, generator) -> torch.Tensor:
+    """One uniform draw per row against the running sum of (unnormalised) probabilities: exact
+    categorical sampling at the cost of a cumsum (``torch.multinomial`` draws one exponential per
+    vocabulary entry, a quarter of a CPU decode step at vocab 49k)."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, u, right=True).squeeze(-1)
+    return idx.clamp(max=probs.shape[-1] - 1)
 
 
 def _truncate(probs, top_k, top_p, min_p):
