@@ -147,3 +147,15 @@ def test_release_resume_memory_and_health(cluster):
     sd = load_model(cluster["tiny_dir"]).state_dict()
     direct.update_weights_from_tensor(to_buckets(sd, 11), 11)
     assert direct.health() == {"status": 200, "state": "ready", "weight_version": 11}
+
+
+def test_stop_string_over_http(cluster):
+    direct = EngineClient(cluster["urls"][0])
+    sp = {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}
+    full = direct.generate(input_ids=[5, 6, 7, 8], sampling_params=sp)
+    stop = full["text"][2:4]
+    assert stop
+    cut = direct.generate(input_ids=[5, 6, 7, 8], sampling_params={**sp, "stop": stop})
+    assert cut["meta_info"]["finish_reason"]["type"] == "stop"
+    assert stop not in cut["text"] and full["text"].startswith(cut["text"])
+    assert len(cut["output_ids"]) < len(full["output_ids"])
