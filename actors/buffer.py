@@ -1,4 +1,4 @@
-"""BufferActor: holds samples between rollout and training."""
+"""BufferActor: holds samples (or prompt groups) between rollout and training."""
 from __future__ import annotations
 
 import ray
@@ -17,6 +17,15 @@ class BufferActor(ActorBase):
 
     def get(self, n: int) -> list:
         return self.buffer.get(n)
+
+    def put_group(self, group: list) -> int:
+        return self.buffer.put_group(group)
+
+    def get_groups(self, n: int, policy: str = "fifo") -> list:
+        return self.buffer.get_groups(n, policy)
+
+    def size(self) -> int:
+        return len(self.buffer)
 
     def stats(self) -> dict:
         return self.buffer.stats()

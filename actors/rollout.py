@@ -7,6 +7,8 @@ bundle's GPUs) and drives it through :class:`EngineClient`: the same calls, over
 from __future__ import annotations
 
 import socket
+import threading
+import uuid
 
 import ray
 
@@ -14,13 +16,17 @@ from actors.common import ActorBase, setup_worker_process
 from miles_ray.config import Config
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"gen": 64})
 class RolloutEngineActor(ActorBase):
+    """``generate`` runs in the "gen" concurrency group (many calls share continuous batching);
+    everything else runs one at a time, in call order (streamed weight loads rely on it)."""
+
     def __init__(self, cfg: dict, rank: int = 0):
         self.cfg = Config.model_validate(cfg)
         setup_worker_process(self.cfg.seed + 1000 + rank)
         self.rank, self.channel, self.process, self.client = rank, None, None, None
         self._parts, self._version = [], 0
+        self.loop, self._lock = None, threading.Lock()
         r = self.cfg.rollout
         if r.over_http:
             self._launch()
@@ -29,6 +35,10 @@ class RolloutEngineActor(ActorBase):
 
             self.engine = make_engine(r.backend, model_spec=self.cfg.model.path, dtype=self.cfg.model.dtype,
                                       tiny_cache_dir=self.cfg.model.tiny_cache_dir, seed=self.cfg.seed + 1000 + rank)
+            if r.backend == "native":
+                from miles_ray.rollout.native.loop import EngineLoop
+
+                self.loop = EngineLoop(self.engine)
 
     def _launch(self) -> None:
         from miles_ray.models import load_tokenizer
@@ -47,10 +57,31 @@ class RolloutEngineActor(ActorBase):
     def url(self) -> str | None:
         return self.client.url if self.client else None
 
+    @ray.method(concurrency_group="gen")
     def generate(self, requests: list, n: int, params) -> list:
         if self.client:
             return self.client.generate_samples(requests, n, params, self.tokenizer)
-        return self.engine.generate(requests, n, params)
+        if self.loop is None:
+            with self._lock:
+                return self.engine.generate(requests, n, params)
+        items = []
+        for req in requests:
+            ids = self.engine.tokenizer(req["prompt"], add_special_tokens=False)["input_ids"]
+            items += [(ids, params, uuid.uuid4().hex, req) for _ in range(n)]
+        return [self.engine.to_sample(f.result()) for f in self.loop.submit_many(items)]
+
+    def _held(self, fn, *args):
+        """Run an engine control call between two decode steps (or under the hf engine's lock)."""
+        if self.loop is not None:
+            return self.loop.call(fn, *args)
+        with self._lock:
+            return fn(*args)
+
+    def pause(self) -> None:
+        self.client.pause() if self.client else self._held(self.engine.pause)
+
+    def resume(self) -> None:
+        self.client.resume() if self.client else self._held(self.engine.resume)
 
     def health(self) -> dict:
         if self.client:
@@ -63,16 +94,16 @@ class RolloutEngineActor(ActorBase):
         return self.health()["weight_version"]
 
     def release_memory(self) -> None:
-        self.client.release_memory() if self.client else self.engine.release_memory()
+        self.client.release_memory() if self.client else self._held(self.engine.release_memory)
 
     def resume_memory(self) -> None:
-        self.client.resume_memory() if self.client else self.engine.resume_memory()
+        self.client.resume_memory() if self.client else self._held(self.engine.resume_memory)
 
     # -- weight loading, one method per transport ------------------------------------------------
     def load_buckets(self, buckets: list, version: int) -> int:
         if self.client:
             return self._post_buckets(buckets, version)
-        return self.engine.load_buckets(buckets, version)
+        return self._held(self.engine.load_buckets, buckets, version)
 
     def _post_buckets(self, buckets: list, version: int) -> int:
         if self.cfg.rollout.backend == "sglang":
@@ -99,13 +130,13 @@ class RolloutEngineActor(ActorBase):
             if not hasattr(self, "_reader"):
                 self._reader = HandleReader()
             item = self._reader.open([item], keep=True)[0]
-        self.engine.load_part(item)
+        self._held(self.engine.load_part, item)
 
     def finish_load(self, version: int) -> int:
         if self.client:
             parts, self._parts = self._parts, []
             return self._post_buckets(parts, version)
-        return self.engine.finish_load(version)
+        return self._held(self.engine.finish_load, version)
 
     def open_broadcast(self, addr: str, port: int, rank: int, world_size: int) -> bool:
         from miles_ray.weights import BroadcastChannel
@@ -115,7 +146,8 @@ class RolloutEngineActor(ActorBase):
         return True
 
     def receive_broadcast(self, metas: list, version: int) -> int:
-        return self.engine.load_buckets(self.channel.receive(metas), version)
+        buckets = self.channel.receive(metas)
+        return self._held(self.engine.load_buckets, buckets, version)
 
     def __del__(self):
         if self.process is not None and self.process.poll() is None:

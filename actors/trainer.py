@@ -52,7 +52,8 @@ class TrainerActor(_RankActor):
 
         c = self.cfg
         return PolicyTrainer(c.model.path, c.train, c.algorithm, dtype=c.model.dtype,
-                             tiny_cache_dir=c.model.tiny_cache_dir, temperature=c.rollout.temperature, seed=c.seed)
+                             tiny_cache_dir=c.model.tiny_cache_dir, temperature=c.rollout.temperature, seed=c.seed,
+                             off_policy=c.async_rl.off_policy)
 
     def prepare(self, samples: list) -> list:
         return self.trainer.prepare(samples)

@@ -48,7 +48,7 @@ def rollout(cfg, actors: RunActors, sampler: PromptSampler, step: int, params: S
     per_engine = [[] for _ in actors.engines]
     for j, p in enumerate(prompts):
         group_id = step * cfg.rollout.prompts_per_step + j
-        per_engine[j % len(actors.engines)].append(
+        per_engine[group_id % len(actors.engines)].append(
             {"prompt": p.prompt, "label": p.label, "prompt_index": p.index, "group_id": group_id})
     refs = [e.generate.remote(reqs, cfg.rollout.n_samples_per_prompt, params)
             for e, reqs in zip(actors.engines, per_engine) if reqs]
@@ -124,17 +124,25 @@ def train_step(cfg, actors: RunActors, sampler, params, step: int, tokenizer=Non
         t1 = time.time()
         colocate_phase(cfg, actors, "train")
         samples, reward_stats = score(actors, samples)
-    adv_metrics = prepare_batch(cfg, actors, samples)
-    t2 = time.time()
     ray.get(actors.buffer.put.remote(samples))
-    batch = ray.get(actors.buffer.get.remote(len(samples)))
-    train = actors.policy.train_step(batch, cfg.train.num_minibatches)
-    if actors.critic is not None:
-        train.update(actors.critic.train_step(batch, cfg.train.num_minibatches))
+    samples = ray.get(actors.buffer.get.remote(len(samples)))
+    t2 = time.time()
+    train = learn(cfg, actors, samples)
     colocate_phase(cfg, actors, "rollout")
     t3 = time.time()
-    return samples, {**rollout_metrics(samples), **reward_stats, **adv_metrics, **train,
-                     "time_rollout_s": t1 - t0, "time_prepare_s": t2 - t1, "time_train_s": t3 - t2}
+    return samples, {**rollout_metrics(samples), **reward_stats, **train,
+                     "time_rollout_s": t1 - t0, "time_reward_s": t2 - t1, "time_train_s": t3 - t2}
+
+
+def learn(cfg, actors: RunActors, samples: list) -> dict:
+    """One training step on a batch (both drivers): order by group, old/ref log-probs, values,
+    advantages, then the policy (and critic) update."""
+    samples.sort(key=lambda s: s.group_id)  # the order does not depend on which engine finished first
+    metrics = prepare_batch(cfg, actors, samples)
+    metrics.update(actors.policy.train_step(samples, cfg.train.num_minibatches))
+    if actors.critic is not None:
+        metrics.update(actors.critic.train_step(samples, cfg.train.num_minibatches))
+    return metrics
 
 
 def train_loop(cfg, actors: RunActors, sampler, logger: MetricsLogger, out_dir: Path, tokenizer=None) -> list[float]:
@@ -165,7 +173,8 @@ def train_loop(cfg, actors: RunActors, sampler, logger: MetricsLogger, out_dir: 
 
 
 def run(cfg) -> dict:
-    """Run a whole synchronous job; returns a summary (also written to ``summary.json``)."""
+    """Run a whole job (synchronous, or async with ``async_rl.enabled``); returns a summary (also
+    written to ``summary.json``)."""
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
@@ -179,13 +188,22 @@ def run(cfg) -> dict:
     try:
         if cfg.train.sft_warmup_steps:
             sft_warmup(cfg, actors, sampler, tokenizer, logger)
-        rewards = train_loop(cfg, actors, sampler, logger, out_dir, tokenizer)
+        extra = {}
+        if cfg.async_rl.enabled:
+            from jobs.async_driver import async_train_loop
+
+            bar = _progress(cfg.total_steps, f"GRPO async S={cfg.async_rl.staleness}", cfg.logging.progress_bar)
+            rewards, extra = async_train_loop(cfg, actors, sampler, logger, tokenizer, on_step=lambda step, m: (
+                bar.update(1), bar.set_postfix(reward=f"{m['reward_mean']:.3f}", stale=f"{m['staleness_mean']:.2f}")))
+            bar.close()
+        else:
+            rewards = train_loop(cfg, actors, sampler, logger, out_dir, tokenizer)
     finally:
         logger.close()
         stop_actors(actors)
     k = min(5, len(rewards))
     summary = {"steps": len(rewards), "reward_first5": sum(rewards[:k]) / k, "reward_last5": sum(rewards[-k:]) / k,
-               "skipped_rows": report.n_skipped, "wall_s": time.time() - t0}
+               "skipped_rows": report.n_skipped, "wall_s": time.time() - t0, **extra}
     summary["reward_gain"] = summary["reward_last5"] - summary["reward_first5"]
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

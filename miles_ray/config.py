@@ -116,6 +116,23 @@ class ClusterConfig(_Section):
     local_num_gpus: int = Field(0, ge=0, description="GPUs declared for a locally started Ray (may be fake)")
 
 
+class OffPolicyConfig(_Section):
+    mode: Literal["none", "tis", "mis"] = Field(
+        "none", description="importance weight pi_prox/pi_behaviour: truncated (tis) or masked (mis)")
+    level: Literal["token", "sequence"] = "token"
+    clip: float = Field(2.0, gt=0, description="tis: weights are truncated at this value")
+    mask_low: float = Field(0.5, ge=0, description="mis: weights below are masked")
+    mask_high: float = Field(2.0, gt=0, description="mis: weights above are masked")
+
+
+class AsyncConfig(_Section):
+    enabled: bool = Field(False, description="overlap rollout and training (jobs.async_driver)")
+    staleness: int = Field(1, ge=0, description="max policy versions a sample may lag (0 = synchronous)")
+    filter: str = Field("none", description="dynamic sampling group filter: none | nonzero_std")
+    watchdog_s: float = Field(300.0, gt=0, description="no progress for this long ends the run with a report")
+    off_policy: OffPolicyConfig = OffPolicyConfig()
+
+
 class LoggingConfig(_Section):
     wandb: bool = True
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
@@ -136,6 +153,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     cluster: ClusterConfig = ClusterConfig()
     weight_sync: WeightSyncConfig = WeightSyncConfig()
+    async_rl: AsyncConfig = AsyncConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")
@@ -153,6 +171,11 @@ class Config(_Section):
         if per_minibatch < self.cluster.num_trainers:
             raise ValueError(f"each mini-batch has {per_minibatch} samples, fewer than cluster.num_trainers="
                              f"{self.cluster.num_trainers}; lower train.num_minibatches or raise rollout.prompts_per_step")
+        from miles_ray.async_rl import GROUP_FILTERS
+
+        if self.async_rl.filter not in GROUP_FILTERS:
+            raise ValueError(f"async_rl.filter={self.async_rl.filter!r} is not registered; choose one of "
+                             f"{sorted(GROUP_FILTERS)}")
         if self.rollout.over_http and self.weight_sync.transport != "object_store":
             raise ValueError("engines served over HTTP take weights through object_store (their update endpoints); "
                              f"weight_sync.transport={self.weight_sync.transport} is for in-actor engines")

@@ -171,3 +171,46 @@ def test_assign_advantages_with_kl_reward():
     # equal KL on both: GRPO of (1, 0) is +-0.5 / std(1, 0) = +-0.5 / sqrt(0.5)
     assert samples[0].advantages == pytest.approx([0.5 / math.sqrt(0.5)] * 2, rel=1e-4)
     assert samples[1].advantages == pytest.approx([-0.5 / math.sqrt(0.5)] * 2, rel=1e-4)
+
+
+def test_importance_weights_tis_mis_token_and_sequence():
+    from miles_ray.algorithms.off_policy import importance_weights
+    from miles_ray.config import OffPolicyConfig
+
+    prox = torch.log(torch.tensor([[0.5, 0.9, 0.2]]))
+    behav = torch.log(torch.tensor([[0.1, 0.9, 0.4]]))  # token ratios 5, 1, 0.5
+    mask = torch.tensor([[1.0, 1.0, 1.0]])
+    w, m = importance_weights(prox, behav, mask, OffPolicyConfig(mode="tis", clip=2.0))
+    assert w[0].tolist() == pytest.approx([2.0, 1.0, 0.5]) and m["is_frac_truncated"] == pytest.approx(1 / 3)
+    w, m = importance_weights(prox, behav, mask, OffPolicyConfig(mode="mis", mask_low=0.6, mask_high=2.0))
+    assert w[0].tolist() == pytest.approx([0.0, 1.0, 0.0]) and m["is_frac_masked"] == pytest.approx(2 / 3)
+    w, _ = importance_weights(prox, behav, mask, OffPolicyConfig(mode="tis", level="sequence", clip=10.0))
+    assert w[0].tolist() == pytest.approx([2.5] * 3)  # 5 * 1 * 0.5
+    assert m["kl_behav_prox"] == pytest.approx(float((behav - prox).mean()))
+
+
+def test_staleness_controller_bound_and_invariant():
+    import random
+
+    from miles_ray.async_rl import StalenessController
+
+    rng = random.Random(0)
+    for S in (0, 1, 2):
+        c, version, batch, consumed = StalenessController(S, 4), 0, 4, 0
+        submit_version = []
+        for _ in range(2000):
+            event = rng.random()
+            if event < 0.4 and c.capacity(version):
+                n = rng.randint(1, c.capacity(version))
+                c.submit(n, version)
+                submit_version += [version] * n
+            elif event < 0.8 and c.running:
+                (c.accept if rng.random() < 0.8 else c.filter)()
+            elif c.accepted - consumed >= batch:  # a train step consumes the oldest batch
+                consumed += batch
+                version += 1
+            assert c.submitted == c.accepted + c.filtered + c.running
+            assert c.accepted + c.running <= (S + version + 1) * batch
+        assert version > 10
+    with pytest.raises(RuntimeError, match="staleness bound"):
+        StalenessController(0, 2).submit(3, 0)

@@ -18,70 +18,14 @@ import argparse
 import asyncio
 import base64
 import pickle
-import threading
 import uuid
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from miles_ray.rollout.health import READY
+from miles_ray.rollout.native.loop import EngineLoop
 from miles_ray.rollout.types import SamplingParams
-
-
-class EngineLoop:
-    def __init__(self, engine):
-        self.engine = engine
-        self.lock = threading.Lock()
-        self.wake = threading.Event()
-        self.waiters: dict[str, tuple] = {}  # rid -> (asyncio loop, future)
-        self.error: Exception | None = None
-        self._stop = False
-        self.thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self._stop:
-            self.wake.wait(0.05)
-            self.wake.clear()
-            while not self._stop:
-                with self.lock:
-                    if self.engine.paused or not self.engine.has_work() or self.engine.state != READY:
-                        break
-                    finished = self.engine.step()
-                for req in finished:
-                    self._resolve(req)
-
-    def _resolve(self, req) -> None:
-        entry = self.waiters.pop(req.rid, None)
-        if entry:
-            loop, fut = entry
-            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(req))
-
-    async def submit(self, prompt_ids: list, params: SamplingParams, rid: str):
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        with self.lock:
-            self.waiters[rid] = (loop, fut)
-            self.engine.add_request(prompt_ids, params, rid=rid)
-        self.wake.set()
-        return await fut
-
-    def call(self, fn, *args):
-        """Run ``fn`` with the engine held (weight updates, memory, abort)."""
-        with self.lock:
-            result = fn(*args)
-        self.wake.set()
-        return result
-
-    def abort(self, rid: str) -> bool:
-        req = self.call(self.engine.abort, rid)
-        if req is not None:
-            self._resolve(req)
-        return req is not None
-
-    def stop(self) -> None:
-        self._stop = True
-        self.wake.set()
 
 
 def response_body(engine, req, return_logprob: bool) -> dict:

@@ -12,18 +12,21 @@ import torch
 
 from miles_ray.algorithms import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 from miles_ray.algorithms.losses import sft_token_loss
+from miles_ray.algorithms.off_policy import importance_weights
 from miles_ray.models import load_model, load_tokenizer
 from miles_ray.training.base import TorchTrainerBase, all_sum, padded_micro_batches
 from miles_ray.training.batching import make_minibatches, pack, token_logprobs, unpack
 
-SUMMED_METRICS = ("loss", "pg_loss", "kl", "entropy", "clipfrac")
+SUMMED_METRICS = ("loss", "pg_loss", "kl", "entropy", "clipfrac", "is_weight_mean", "is_frac_masked",
+                  "is_frac_truncated", "kl_behav_prox")
 
 
 class PolicyTrainer(TorchTrainerBase):
     def __init__(self, model_spec: str, train_cfg, algo_cfg, dtype: str = "float32",
-                 tiny_cache_dir: str = "runs/_models", temperature: float = 1.0, seed: int = 0):
+                 tiny_cache_dir: str = "runs/_models", temperature: float = 1.0, seed: int = 0, off_policy=None):
         torch.manual_seed(seed)
         self.algo, self.temperature = algo_cfg, temperature or 1.0
+        self.off_policy = off_policy if off_policy is not None and off_policy.mode != "none" else None
         self.tokenizer = load_tokenizer(model_spec, tiny_cache_dir)
         self.pad_id = self.tokenizer.pad_token_id or 0
         model = load_model(model_spec, dtype, tiny_cache_dir)
@@ -86,10 +89,15 @@ class PolicyTrainer(TorchTrainerBase):
             logp, entropy = token_logprobs(self.model, batch, self.temperature, with_entropy=True)
             pg, m = policy_loss(logp, batch.old_logprobs, batch.advantages, batch.mask, eps_low=self.algo.eps_low,
                                 eps_high=self.algo.eps_high, dual_clip=self.algo.dual_clip)
+            frac = batch.mask.sum().item() / max(n_tokens, 1.0)
+            is_metrics = {}
+            if self.off_policy is not None:  # decoupled PPO: weight by pi_prox / pi_behaviour
+                w, m_is = importance_weights(batch.old_logprobs, batch.response_logprobs, batch.mask, self.off_policy)
+                pg = pg * w
+                is_metrics = {k: v * frac for k, v in m_is.items() if k in SUMMED_METRICS}
             loss = agg(pg, batch.mask, n_tokens, n_seqs)
             ent = agg(entropy.detach() if not self.algo.entropy_coef else entropy, batch.mask, n_tokens, n_seqs)
-            metrics = {"pg_loss": loss.item(), "entropy": ent.item(),
-                       "clipfrac": m["clipfrac"] * batch.mask.sum().item() / max(n_tokens, 1.0)}
+            metrics = {"pg_loss": loss.item(), "entropy": ent.item(), "clipfrac": m["clipfrac"] * frac, **is_metrics}
             if use_ref:
                 kl = agg(KL_ESTIMATORS.get_fn(self.algo.kl_estimator)(logp, batch.ref_logprobs), batch.mask,
                          n_tokens, n_seqs)
@@ -102,7 +110,7 @@ class PolicyTrainer(TorchTrainerBase):
 
         micro = padded_micro_batches(samples, self.cfg.micro_batch_size, self.cfg.max_tokens_per_micro_batch)
         totals = self.backward_micro_batches(micro, loss_fn)
-        keys = [k for k in SUMMED_METRICS]
+        keys = [k for k in SUMMED_METRICS if self.off_policy is not None or not k.startswith(("is_", "kl_behav"))]
         summed = all_sum([totals.get(k, 0.0) for k in keys])
         out = dict(zip(keys, summed))
         out.update(self.optimizer_step())
