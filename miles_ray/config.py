@@ -54,6 +54,7 @@ class RolloutConfig(_Section):
     top_k: int = Field(0, ge=0, description="0 disables top-k")
     min_p: float = Field(0.0, ge=0, le=1)
     stop: list = Field(default_factory=list, description="stop strings")
+    ignore_eos: bool = Field(False, description="generate max_new_tokens regardless of eos (benchmarks)")
 
     @property
     def over_http(self) -> bool:

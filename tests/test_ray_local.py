@@ -192,3 +192,13 @@ def test_async_staleness_bound_no_loss_no_duplicates(local_ray, tmp_path, model_
     assert all("is_weight_mean" in r and "kl_behav_prox" in r for r in rows)
     for r in rows:
         assert r["groups_submitted"] == r["groups_accepted"] + r["groups_filtered"] + r["groups_running"]
+
+
+def test_async_watchdog_names_the_stuck_actor(local_ray, tmp_path, model_cache):
+    from jobs.sync_driver import run
+
+    cfg = _cfg(tmp_path, model_cache, "total_steps=2", "rollout.prompts_per_step=2", "rollout.n_samples_per_prompt=2",
+               "rollout.backend=native", "rollout.max_new_tokens=400", "rollout.ignore_eos=true", "run_name=stall",
+               "async_rl.enabled=true", "async_rl.watchdog_s=0.3")
+    with pytest.raises(RuntimeError, match=r"stall: no rollout progress .* rollout-0: generate groups 0\.\.1"):
+        run(cfg)

@@ -18,7 +18,7 @@ class SamplingParams:
     @classmethod
     def from_config(cls, cfg) -> "SamplingParams":
         return cls(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, getattr(cfg, "min_p", 0.0),
-                   list(getattr(cfg, "stop", []) or []))
+                   list(getattr(cfg, "stop", []) or []), ignore_eos=getattr(cfg, "ignore_eos", False))
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "SamplingParams":
