@@ -77,6 +77,23 @@ class RolloutEngineActor(ActorBase):
         with self._lock:
             return fn(*args)
 
+    def rng_state(self):
+        """Sampling RNG state (checkpointed so a resumed run samples as an uninterrupted one)."""
+        import torch
+
+        if self.client:
+            return None
+        gen = getattr(self.engine, "generator", None)
+        return self._held(gen.get_state) if gen is not None else torch.get_rng_state()
+
+    def set_rng_state(self, state) -> None:
+        import torch
+
+        if self.client or state is None:
+            return
+        gen = getattr(self.engine, "generator", None)
+        self._held(gen.set_state, state) if gen is not None else torch.set_rng_state(state)
+
     def pause(self) -> None:
         self.client.pause() if self.client else self._held(self.engine.pause)
 

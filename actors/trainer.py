@@ -38,6 +38,19 @@ class _RankActor(ActorBase):
     def train_step(self, minibatches: list) -> dict:
         return self.trainer.train_step(minibatches)
 
+    def save_state(self, folder: str, role: str) -> str:
+        import torch
+
+        path = f"{folder}/{role}_rank{self.rank}.pt"
+        torch.save(self.trainer.state_dict(), path)
+        return path
+
+    def load_state(self, folder: str, role: str) -> int:
+        import torch
+
+        self.trainer.load_state_dict(torch.load(f"{folder}/{role}_rank{self.rank}.pt", weights_only=False))
+        return self.rank
+
     def offload_optimizer(self) -> None:
         self.trainer.offload_optimizer()
 
@@ -63,6 +76,14 @@ class TrainerActor(_RankActor):
 
     def version(self) -> int:
         return self.trainer.version
+
+    def export_hf(self, folder: str) -> bool:
+        """The policy as an HF folder that ``transformers`` loads (rank 0 writes; all ranks gather)."""
+        state = self.trainer.full_state_dict()
+        if state is not None:
+            self.trainer.module.save_pretrained(folder, state_dict=state)
+            self.trainer.tokenizer.save_pretrained(folder)
+        return True
 
     # -- weight export (rank 0 returns data; other ranks take part in FSDP gathers) ------------
     def export_buckets(self, version: int) -> list | None:

@@ -145,18 +145,25 @@ def learn(cfg, actors: RunActors, samples: list) -> dict:
     return metrics
 
 
-def train_loop(cfg, actors: RunActors, sampler, logger: MetricsLogger, out_dir: Path, tokenizer=None) -> list[float]:
+def train_loop(cfg, actors: RunActors, sampler, logger: MetricsLogger, out_dir: Path, tokenizer=None,
+               resume_from=None) -> list[float]:
+    from jobs import checkpointing
     from miles_ray.rollout.dump import DumpReader
 
     replay = DumpReader(cfg.rollout.replay_dump) if cfg.rollout.replay_dump else None
     params = SamplingParams.from_config(cfg.rollout)
     weights = WeightSync(actors, cfg.weight_sync.transport)
     colocate_phase(cfg, actors, "rollout")
-    version = 1
+    start, version = 0, 1
+    if resume_from is not None:
+        meta = checkpointing.restore(cfg, actors, sampler, resume_from)
+        start, version = meta["step"], meta["version"]
     weights.sync(version)
     rewards, bar = [], _progress(cfg.total_steps, "GRPO", cfg.logging.progress_bar)
+    bar.update(start)
+    every, saved = cfg.checkpoint.every, start
     with (out_dir / "samples.jsonl").open("a") as sample_log:
-        for step in range(cfg.total_steps):
+        for step in range(start, cfg.total_steps):
             t0 = time.time()
             samples, metrics = train_step(cfg, actors, sampler, params, step, tokenizer, replay)
             version += 1
@@ -168,6 +175,11 @@ def train_loop(cfg, actors: RunActors, sampler, logger: MetricsLogger, out_dir: 
             rewards.append(metrics["reward_mean"])
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", len=f"{metrics['response_len_mean']:.1f}")
+            if every and (step + 1) % every == 0:
+                checkpointing.save(cfg, actors, sampler, step + 1, version)
+                saved = step + 1
+    if saved != cfg.total_steps and actors.policy.actors:
+        checkpointing.save(cfg, actors, sampler, cfg.total_steps, version)
     bar.close()
     return rewards
 
@@ -181,12 +193,17 @@ def run(cfg) -> dict:
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.tiny_cache_dir)  # also writes tiny models once
     items, report = load_prompts(cfg.data, tokenizer, seed=cfg.seed)
     sampler = PromptSampler(items, seed=cfg.seed, shuffle=cfg.data.shuffle)
+    from jobs import checkpointing
+
+    resume_from = checkpointing.find(cfg)
+    if resume_from is not None:
+        checkpointing.truncate_metrics(out_dir, checkpointing.ckpt.read_meta(resume_from)["step"])
     t0 = time.time()
     actors = start_actors(cfg, engines=not cfg.rollout.replay_dump)
     log.info("actors ready in %.1fs", time.time() - t0)
     logger = MetricsLogger(out_dir, cfg.logging, cfg.run_name, cfg.model_dump())
     try:
-        if cfg.train.sft_warmup_steps:
+        if cfg.train.sft_warmup_steps and resume_from is None:
             sft_warmup(cfg, actors, sampler, tokenizer, logger)
         extra = {}
         if cfg.async_rl.enabled:
@@ -197,11 +214,11 @@ def run(cfg) -> dict:
                 bar.update(1), bar.set_postfix(reward=f"{m['reward_mean']:.3f}", stale=f"{m['staleness_mean']:.2f}")))
             bar.close()
         else:
-            rewards = train_loop(cfg, actors, sampler, logger, out_dir, tokenizer)
+            rewards = train_loop(cfg, actors, sampler, logger, out_dir, tokenizer, resume_from)
     finally:
         logger.close()
         stop_actors(actors)
-    k = min(5, len(rewards))
+    k = max(1, min(5, len(rewards)))
     summary = {"steps": len(rewards), "reward_first5": sum(rewards[:k]) / k, "reward_last5": sum(rewards[-k:]) / k,
                "skipped_rows": report.n_skipped, "wall_s": time.time() - t0, **extra}
     summary["reward_gain"] = summary["reward_last5"] - summary["reward_first5"]

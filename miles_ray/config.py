@@ -134,6 +134,13 @@ class AsyncConfig(_Section):
     off_policy: OffPolicyConfig = OffPolicyConfig()
 
 
+class CheckpointConfig(_Section):
+    dir: Optional[str] = Field(None, description="default: <output_dir>/checkpoints")
+    every: int = Field(0, ge=0, description="save every N steps (0: only at the end)")
+    keep: int = Field(3, ge=1, description="newest checkpoints kept")
+    export_hf: bool = Field(True, description="also write the policy as an HF folder (transformers loads it)")
+
+
 class LoggingConfig(_Section):
     wandb: bool = True
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
@@ -155,6 +162,8 @@ class Config(_Section):
     cluster: ClusterConfig = ClusterConfig()
     weight_sync: WeightSyncConfig = WeightSyncConfig()
     async_rl: AsyncConfig = AsyncConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    resume: str = Field("none", description="none | auto (latest checkpoint, if any) | a checkpoint folder")
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")
@@ -177,6 +186,8 @@ class Config(_Section):
         if self.async_rl.filter not in GROUP_FILTERS:
             raise ValueError(f"async_rl.filter={self.async_rl.filter!r} is not registered; choose one of "
                              f"{sorted(GROUP_FILTERS)}")
+        if self.async_rl.enabled and self.resume != "none":
+            raise ValueError("resume is supported by the synchronous driver only so far (async_rl.enabled=false)")
         if self.rollout.over_http and self.weight_sync.transport != "object_store":
             raise ValueError("engines served over HTTP take weights through object_store (their update endpoints); "
                              f"weight_sync.transport={self.weight_sync.transport} is for in-actor engines")

@@ -2,9 +2,11 @@
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -29,13 +31,33 @@ def ray_head():
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("RAY_ADDRESS", None)
     dash = _free_port()
-    subprocess.run([RAY, "start", "--head", f"--port={_free_port()}", f"--dashboard-port={dash}",
-                    "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=8",
-                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
+    # --block in its own process group: teardown kills exactly this cluster (``ray stop`` would
+    # stop every Ray instance on the machine)
+    head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={_free_port()}", f"--dashboard-port={dash}",
+                             "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=8",
+                             "--disable-usage-stats"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{dash}"
     try:
-        yield env, f"http://127.0.0.1:{dash}"
+        _wait_for_dashboard(url, head)
+        yield env, url
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+
+
+def _wait_for_dashboard(url: str, head, timeout_s: float = 120.0) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        assert head.poll() is None, "ray start --head exited"
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return  # 401: up, and token auth is on
+        except (urllib.error.URLError, ConnectionError, OSError):
+            time.sleep(0.5)
+    raise TimeoutError("Ray dashboard did not come up")
 
 
 def test_ray_job_submit_runs_training(ray_head, tmp_path):
@@ -48,8 +70,12 @@ def test_ray_job_submit_runs_training(ray_head, tmp_path):
            "python", "-m", "jobs.train", "examples/grpo_arith_tiny.yaml", "total_steps=3",
            "train.sft_warmup_steps=2", "rollout.prompts_per_step=4", "logging.progress_bar=false",
            f"output_dir={out}", f"model.tiny_cache_dir={tmp_path / 'models'}", "run_name=jobsubmit"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    log = proc.stdout + proc.stderr
+    for _ in range(10):  # right after start the head's job agent may not be up yet ("No available agent")
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        log = proc.stdout + proc.stderr
+        if "No available agent" not in log:
+            break
+        time.sleep(3)
     assert proc.returncode == 0, log[-3000:]
     assert "succeeded" in log and "done: 3 steps" in log
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -152,6 +152,25 @@ class TorchTrainerBase:
                 if torch.is_tensor(v) and k != "step":
                     state[k] = v.to(device, non_blocking=True)
 
+    # -- checkpoint state -----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """This rank's model and optimizer state and RNG (per rank: restore with the same world size)."""
+        import random
+
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                "version": getattr(self, "version", 0)}
+
+    def load_state_dict(self, state: dict) -> None:
+        import random
+
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        if hasattr(self, "version"):
+            self.version = state["version"]
+
     # -- weights --------------------------------------------------------------------------------
     def full_state_dict(self, to_cpu: bool = True) -> dict | None:
         """Full state dict on rank 0 (None elsewhere). Collective under FSDP2: call on all ranks.
