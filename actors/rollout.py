@@ -39,6 +39,10 @@ class RolloutEngineActor(ActorBase):
                 from miles_ray.rollout.native.loop import EngineLoop
 
                 self.loop = EngineLoop(self.engine)
+            if ray.get_runtime_context().was_current_actor_reconstructed:
+                from miles_ray.rollout.health import STALE
+
+                self.engine.state = STALE  # a restarted engine serves only after a weight refit
 
     def _launch(self) -> None:
         from miles_ray.models import load_tokenizer

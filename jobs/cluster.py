@@ -37,6 +37,7 @@ class RunActors:
     groups: dict = field(default_factory=dict)
     router: object = None
     router_url: Optional[str] = None
+    recovery: object = None  # jobs.faults.Recovery, set by a driver
 
     def all(self) -> list:
         critics = self.critic.actors if self.critic else []
@@ -79,9 +80,13 @@ def start_actors(cfg, trainers: bool = True, engines: bool = True) -> RunActors:
     if n_critics:
         critic = RankGroup([CriticActor.options(**opts(a)).remote(cfg_dict, a.rank, n_critics)
                             for a in plan.for_role("critic")])
-    engines = [RolloutEngineActor.options(**opts(a)).remote(cfg_dict, a.rank) for a in plan.for_role("rollout")]
+    # engines and reward workers restart automatically; calls are not retried by Ray: the driver
+    # re-sends them once the actor is back (and, for an engine, refit with the current weights)
+    restart = {"max_restarts": -1, "max_task_retries": 0}
+    engines = [RolloutEngineActor.options(**opts(a), **restart).remote(cfg_dict, a.rank)
+               for a in plan.for_role("rollout")]
     r = cfg.reward
-    rewards = [RewardWorker.options(**opts(a)).remote(r.fn, r.timeout_s, r.failure_score, r.isolate)
+    rewards = [RewardWorker.options(**opts(a), **restart).remote(r.fn, r.timeout_s, r.failure_score, r.isolate)
                for a in plan.for_role("reward")]
     buffer = BufferActor.options(**opts(plan.for_role("buffer")[0])).remote()
     actors = RunActors(policy, engines, rewards, buffer, critic, groups)

@@ -50,9 +50,15 @@ def rollout(cfg, actors: RunActors, sampler: PromptSampler, step: int, params: S
         group_id = step * cfg.rollout.prompts_per_step + j
         per_engine[group_id % len(actors.engines)].append(
             {"prompt": p.prompt, "label": p.label, "prompt_index": p.index, "group_id": group_id})
-    refs = [e.generate.remote(reqs, cfg.rollout.n_samples_per_prompt, params)
-            for e, reqs in zip(actors.engines, per_engine) if reqs]
-    return [s for chunk in ray.get(refs) for s in chunk]
+    n, out = cfg.rollout.n_samples_per_prompt, []
+    calls = [(i, reqs, actors.engines[i].generate.remote(reqs, n, params)) for i, reqs in enumerate(per_engine) if reqs]
+    for i, reqs, ref in calls:
+        if actors.recovery is None:
+            out.extend(ray.get(ref))
+        else:
+            out.extend(actors.recovery.get(ref, lambda i=i, reqs=reqs: actors.engines[i].generate.remote(reqs, n, params),
+                                           "rollout", i))
+    return out
 
 
 def _rollout_http(cfg, url: str, prompts: list, step: int, params: SamplingParams, tokenizer) -> list:
@@ -73,9 +79,15 @@ def _rollout_http(cfg, url: str, prompts: list, step: int, params: SamplingParam
 def score(actors: RunActors, samples: list) -> tuple[list, dict]:
     n = len(actors.rewards)
     size = -(-len(samples) // n)
-    refs = [w.score.remote(samples[i * size:(i + 1) * size]) for i, w in enumerate(actors.rewards)]
+    chunks = [samples[i * size:(i + 1) * size] for i in range(n)]
+    refs = [w.score.remote(chunk) for w, chunk in zip(actors.rewards, chunks)]
+    if actors.recovery is not None:
+        results = [actors.recovery.get(ref, lambda i=i: actors.rewards[i].score.remote(chunks[i]), "reward", i)
+                   for i, ref in enumerate(refs)]
+    else:
+        results = ray.get(refs)
     out, stats = [], {"reward_errors": 0, "reward_timeouts": 0}
-    for scored, st in ray.get(refs):
+    for scored, st in results:
         out.extend(scored)
         stats["reward_errors"] += st["errors"]
         stats["reward_timeouts"] += st["timeouts"]
@@ -159,15 +171,22 @@ def train_loop(cfg, actors: RunActors, sampler, logger: MetricsLogger, out_dir: 
         meta = checkpointing.restore(cfg, actors, sampler, resume_from)
         start, version = meta["step"], meta["version"]
     weights.sync(version)
+    from jobs.faults import FaultInjector, Recovery, sync_resilient
+
+    actors.recovery, injector = Recovery(actors), FaultInjector(cfg, actors)
     rewards, bar = [], _progress(cfg.total_steps, "GRPO", cfg.logging.progress_bar)
     bar.update(start)
     every, saved = cfg.checkpoint.every, start
     with (out_dir / "samples.jsonl").open("a") as sample_log:
         for step in range(start, cfg.total_steps):
             t0 = time.time()
+            actors.recovery.version = version
+            injector.on_step(step)
             samples, metrics = train_step(cfg, actors, sampler, params, step, tokenizer, replay)
             version += 1
-            metrics.update(weight_version=version, time_sync_s=weights.sync(version), time_step_s=time.time() - t0)
+            metrics.update(weight_version=version, time_sync_s=sync_resilient(weights, version, actors.recovery),
+                           time_step_s=time.time() - t0,
+                           **actors.recovery.metrics())
             logger.log(step, metrics)
             for s in samples[:2]:
                 sample_log.write(json.dumps({"step": step, "prompt": s.prompt, "response": s.response_text,

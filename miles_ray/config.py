@@ -141,6 +141,12 @@ class CheckpointConfig(_Section):
     export_hf: bool = Field(True, description="also write the policy as an HF folder (transformers loads it)")
 
 
+class FaultConfig(_Section):
+    kills: list = Field(default_factory=list, description="[{role: rollout|reward, rank, step, delay_s}]")
+    random_kills: int = Field(0, ge=0, description="extra kills of random engines / reward workers")
+    seed: int = 0
+
+
 class LoggingConfig(_Section):
     wandb: bool = True
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
@@ -163,6 +169,7 @@ class Config(_Section):
     weight_sync: WeightSyncConfig = WeightSyncConfig()
     async_rl: AsyncConfig = AsyncConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    faults: FaultConfig = FaultConfig()
     resume: str = Field("none", description="none | auto (latest checkpoint, if any) | a checkpoint folder")
     logging: LoggingConfig = LoggingConfig()
 

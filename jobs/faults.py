@@ -1,0 +1,119 @@
+"""Built-in fault injection and recovery helpers for the drivers.
+
+Config ``faults.kills``: a list of ``{role, rank, step, delay_s}``; at the start of ``step`` a timer
+kills that actor's process after ``delay_s`` seconds (Ray restarts it). ``faults.random_kills``
+adds that many kills of random engines / reward workers at random steps (``faults.seed``).
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+
+import ray
+
+log = logging.getLogger("miles_ray.faults")
+RESTARTABLE = ("rollout", "reward")
+
+
+class FaultInjector:
+    def __init__(self, cfg, actors):
+        f = cfg.faults
+        self.actors, self.plan = actors, [dict(k) for k in f.kills]
+        rng = random.Random(f.seed)
+        for _ in range(f.random_kills):
+            role = rng.choice(RESTARTABLE)
+            count = len(actors.engines) if role == "rollout" else len(actors.rewards)
+            self.plan.append({"role": role, "rank": rng.randrange(count), "step": rng.randrange(1, max(2, cfg.total_steps)),
+                              "delay_s": rng.uniform(0.0, 0.5)})
+        self.killed: list[dict] = []
+
+    def actor(self, role: str, rank: int):
+        return {"rollout": self.actors.engines, "reward": self.actors.rewards}[role][rank]
+
+    def on_step(self, step: int) -> None:
+        for kill in self.plan:
+            if kill["step"] == step:
+                threading.Timer(kill.get("delay_s", 0.0), self._kill, args=(kill,)).start()
+
+    def _kill(self, kill: dict) -> None:
+        log.warning("fault injection: killing %s-%d at step %d", kill["role"], kill["rank"], kill["step"])
+        ray.kill(self.actor(kill["role"], kill["rank"]), no_restart=False)
+        self.killed.append({**kill, "time": time.time()})
+
+
+def is_actor_failure(err: BaseException) -> bool:
+    """A dead/restarting actor, or a restarted engine that is not refit yet."""
+    if isinstance(err, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
+        return True
+    return isinstance(err, ray.exceptions.RayTaskError) and "EngineNotReady" in str(err)
+
+
+def wait_alive(actor, timeout_s: float = 120.0) -> float:
+    """Block until a restarted actor answers; returns the seconds it took."""
+    t0 = time.time()
+    while True:
+        try:
+            ray.get(actor.ready.remote(), timeout=30)
+            return time.time() - t0
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+            if time.time() - t0 > timeout_s:
+                raise
+            time.sleep(0.2)
+
+
+class Recovery:
+    """Re-sends work of a dead actor once Ray has restarted it; an engine is refit with the
+    current weights first (it is STALE until then). Counts recoveries and their durations."""
+
+    def __init__(self, actors):
+        self.actors, self.version, self.count, self.seconds = actors, 1, 0, []
+
+    def get(self, ref, resubmit, role: str, index: int, attempts: int = 6):
+        for attempt in range(attempts):
+            try:
+                return ray.get(ref)
+            except Exception as err:  # noqa: BLE001 - only actor failures are recovered
+                if not is_actor_failure(err) or attempt == attempts - 1:
+                    raise
+                t0 = time.time()
+                self._recover(role, index)
+                self.count += 1
+                self.seconds.append(time.time() - t0)
+                log.warning("%s-%d recovered in %.1fs; re-sending its work", role, index, self.seconds[-1])
+                ref = resubmit()
+
+    def _recover(self, role: str, index: int) -> None:
+        from jobs.cluster import RunActors
+        from jobs.weight_sync import WeightSync
+
+        actor = (self.actors.engines if role == "rollout" else self.actors.rewards)[index]
+        wait_alive(actor)
+        if role == "rollout":
+            view = RunActors(self.actors.policy, [actor], [], self.actors.buffer)
+            WeightSync(view, "object_store").sync(self.version)
+
+    def metrics(self) -> dict:
+        return {"recoveries": self.count, "recovery_s_max": max(self.seconds, default=0.0)}
+
+
+def sync_resilient(weights, version: int, recovery: "Recovery") -> float:
+    """Weight sync that survives an engine dying during it: wait for the restarted engines, refit
+    every engine over the object store, and re-open transport groups on the next sync."""
+    t0 = time.time()
+    try:
+        return weights.sync(version)
+    except Exception as err:  # noqa: BLE001
+        if not is_actor_failure(err):
+            raise
+        from jobs.weight_sync import WeightSync
+
+        for engine in weights.actors.engines:
+            wait_alive(engine)
+        WeightSync(weights.actors, "object_store").sync(version)
+        weights._opened = False  # a restarted engine lost its broadcast / shm state
+        recovery.count += 1
+        recovery.seconds.append(time.time() - t0)
+        log.warning("weight sync recovered after an engine restart in %.1fs", recovery.seconds[-1])
+        return time.time() - t0
