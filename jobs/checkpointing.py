@@ -21,12 +21,12 @@ def root(cfg) -> Path:
 def save(cfg, actors: RunActors, sampler, step: int, version: int) -> Path:
     """Checkpoint after ``step`` train steps (weights of ``version``)."""
     tmp = ckpt.begin(root(cfg), step)
-    ray.get(actors.policy.call("save_state", str(tmp), "policy"))
+    actors.policy.get(actors.policy.call("save_state", str(tmp), "policy"))
     if actors.critic is not None:
         ray.get(actors.critic.call("save_state", str(tmp), "critic"))
     torch.save(ray.get([e.rng_state.remote() for e in actors.engines]), tmp / "engines_rng.pt")
     if cfg.checkpoint.export_hf:
-        ray.get(actors.policy.call("export_hf", str(tmp / "hf")))
+        actors.policy.get(actors.policy.call("export_hf", str(tmp / "hf")))
     meta = {"step": step, "version": version, "sampler": sampler.state_dict(), "run_name": cfg.run_name}
     final = ckpt.commit(tmp, meta, cfg.checkpoint.keep)
     log.info("checkpoint saved: %s", final)
@@ -47,7 +47,7 @@ def find(cfg) -> Path | None:
 def restore(cfg, actors: RunActors, sampler, path: Path) -> dict:
     """Load a checkpoint into running actors; returns its meta (step, version, sampler)."""
     meta = ckpt.read_meta(path)
-    ray.get(actors.policy.call("load_state", str(path), "policy"))
+    actors.policy.get(actors.policy.call("load_state", str(path), "policy"))
     if actors.critic is not None:
         ray.get(actors.critic.call("load_state", str(path), "critic"))
     states = torch.load(path / "engines_rng.pt", weights_only=False)

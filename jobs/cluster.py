@@ -38,6 +38,7 @@ class RunActors:
     router: object = None
     router_url: Optional[str] = None
     recovery: object = None  # jobs.faults.Recovery, set by a driver
+    spawn_policy: object = None  # () -> new trainer-rank actors on the same bundles
 
     def all(self) -> list:
         critics = self.critic.actors if self.critic else []
@@ -74,8 +75,13 @@ def start_actors(cfg, trainers: bool = True, engines: bool = True) -> RunActors:
     def opts(a):
         return actor_options(a, groups, f"{prefix}-{a.role}-{a.rank}")
 
-    policy = RankGroup([TrainerActor.options(**opts(a)).remote(cfg_dict, a.rank, world)
-                        for a in plan.for_role("trainer")])
+    def spawn_policy(generation: int = 0):
+        """Trainer ranks on their bundles; a rebuilt group gets fresh names (``-g<n>``)."""
+        suffix = f"-g{generation}" if generation else ""
+        return [TrainerActor.options(**{**opts(a), "name": f"{prefix}-trainer-{a.rank}{suffix}"}).remote(
+            cfg_dict, a.rank, world) for a in plan.for_role("trainer")]
+
+    policy = RankGroup(spawn_policy())
     critic = None
     if n_critics:
         critic = RankGroup([CriticActor.options(**opts(a)).remote(cfg_dict, a.rank, n_critics)
@@ -89,7 +95,7 @@ def start_actors(cfg, trainers: bool = True, engines: bool = True) -> RunActors:
     rewards = [RewardWorker.options(**opts(a), **restart).remote(r.fn, r.timeout_s, r.failure_score, r.isolate)
                for a in plan.for_role("reward")]
     buffer = BufferActor.options(**opts(plan.for_role("buffer")[0])).remote()
-    actors = RunActors(policy, engines, rewards, buffer, critic, groups)
+    actors = RunActors(policy, engines, rewards, buffer, critic, groups, spawn_policy=spawn_policy)
     ray.get([a.ready.remote() for a in actors.all()])
     if http:  # rollout goes through the router to the engine servers
         urls = ray.get([e.url.remote() for e in engines])

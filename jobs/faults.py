@@ -30,11 +30,13 @@ class FaultInjector:
         self.killed: list[dict] = []
 
     def actor(self, role: str, rank: int):
-        return {"rollout": self.actors.engines, "reward": self.actors.rewards}[role][rank]
+        return {"rollout": self.actors.engines, "reward": self.actors.rewards,
+                "trainer": self.actors.policy.actors}[role][rank]
 
     def on_step(self, step: int) -> None:
         for kill in self.plan:
-            if kill["step"] == step:
+            if kill["step"] == step and not kill.get("fired"):  # once: a step redone after a restore is not hit again
+                kill["fired"] = True
                 threading.Timer(kill.get("delay_s", 0.0), self._kill, args=(kill,)).start()
 
     def _kill(self, kill: dict) -> None:
@@ -95,7 +97,8 @@ class Recovery:
             WeightSync(view, "object_store").sync(self.version)
 
     def metrics(self) -> dict:
-        return {"recoveries": self.count, "recovery_s_max": max(self.seconds, default=0.0)}
+        return {"recoveries": self.count, "recovery_s_max": max(self.seconds, default=0.0),
+                "recovery_s_each": [round(x, 3) for x in self.seconds]}
 
 
 def sync_resilient(weights, version: int, recovery: "Recovery") -> float:
@@ -117,3 +120,40 @@ def sync_resilient(weights, version: int, recovery: "Recovery") -> float:
         recovery.seconds.append(time.time() - t0)
         log.warning("weight sync recovered after an engine restart in %.1fs", recovery.seconds[-1])
         return time.time() - t0
+
+
+def trainer_failed(actors, err: BaseException) -> bool:
+    """True when ``err`` comes from a dead trainer rank (engines and reward workers recover
+    inside the step; a trainer rank has no restarts: its group is rebuilt)."""
+    if not isinstance(err, (ray.exceptions.RayActorError, ray.exceptions.RayTaskError)):
+        return False
+    for rank in actors.policy.actors:
+        try:
+            ray.get(rank.ready.remote(), timeout=10)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return True
+    return False
+
+
+def rebuild_trainers(cfg, actors, sampler, weights, logger) -> tuple[int, int]:
+    """Replace every trainer rank on the same bundles, restore the latest checkpoint, refit the
+    engines and rewind the metrics. Returns (step, version) to continue from."""
+    from actors import RankGroup
+    from jobs import checkpointing
+
+    path = checkpointing.ckpt.latest(checkpointing.root(cfg))
+    if path is None:
+        raise RuntimeError("a trainer rank died and there is no checkpoint to restore; set checkpoint.every")
+    t0 = time.time()
+    for rank in actors.policy.actors:
+        ray.kill(rank)  # survivors are stuck in a collective with the dead rank
+    actors.policy = RankGroup(actors.spawn_policy(actors.recovery.count + 1))
+    actors.policy.setup()
+    meta = checkpointing.restore(cfg, actors, sampler, path)
+    weights._opened = False  # the broadcast group belonged to the old rank 0
+    weights.sync(meta["version"])
+    logger.rewind(meta["step"])
+    actors.recovery.count += 1
+    actors.recovery.seconds.append(time.time() - t0)
+    log.warning("trainer group rebuilt from %s in %.1fs", path, time.time() - t0)
+    return meta["step"], meta["version"]

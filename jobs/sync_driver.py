@@ -171,21 +171,29 @@ def train_loop(cfg, actors: RunActors, sampler, logger: MetricsLogger, out_dir: 
         meta = checkpointing.restore(cfg, actors, sampler, resume_from)
         start, version = meta["step"], meta["version"]
     weights.sync(version)
-    from jobs.faults import FaultInjector, Recovery, sync_resilient
+    from jobs.faults import FaultInjector, Recovery, rebuild_trainers, sync_resilient, trainer_failed
 
     actors.recovery, injector = Recovery(actors), FaultInjector(cfg, actors)
     rewards, bar = [], _progress(cfg.total_steps, "GRPO", cfg.logging.progress_bar)
     bar.update(start)
-    every, saved = cfg.checkpoint.every, start
+    every, saved, step = cfg.checkpoint.every, start, start
     with (out_dir / "samples.jsonl").open("a") as sample_log:
-        for step in range(start, cfg.total_steps):
+        while step < cfg.total_steps:
             t0 = time.time()
             actors.recovery.version = version
             injector.on_step(step)
-            samples, metrics = train_step(cfg, actors, sampler, params, step, tokenizer, replay)
-            version += 1
-            metrics.update(weight_version=version, time_sync_s=sync_resilient(weights, version, actors.recovery),
-                           time_step_s=time.time() - t0,
+            try:
+                samples, metrics = train_step(cfg, actors, sampler, params, step, tokenizer, replay)
+                version += 1
+                sync_s = sync_resilient(weights, version, actors.recovery)
+            except Exception as err:  # noqa: BLE001 - a dead trainer rank: rebuild, restore, redo
+                if not trainer_failed(actors, err):
+                    raise
+                step, version = rebuild_trainers(cfg, actors, sampler, weights, logger)
+                del rewards[step - start:]
+                bar.n = step
+                continue
+            metrics.update(weight_version=version, time_sync_s=sync_s, time_step_s=time.time() - t0,
                            **actors.recovery.metrics())
             logger.log(step, metrics)
             for s in samples[:2]:
@@ -194,9 +202,10 @@ def train_loop(cfg, actors: RunActors, sampler, logger: MetricsLogger, out_dir: 
             rewards.append(metrics["reward_mean"])
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", len=f"{metrics['response_len_mean']:.1f}")
-            if every and (step + 1) % every == 0:
-                checkpointing.save(cfg, actors, sampler, step + 1, version)
-                saved = step + 1
+            step += 1
+            if every and step % every == 0:
+                checkpointing.save(cfg, actors, sampler, step, version)
+                saved = step
     if saved != cfg.total_steps and actors.policy.actors:
         checkpointing.save(cfg, actors, sampler, cfg.total_steps, version)
     bar.close()

@@ -57,7 +57,7 @@ class WeightSync:
     def _broadcast(self, version: int) -> list:
         if not self._opened:
             self._open_broadcast()
-        metas = ray.get(self.actors.policy.call("prepare_broadcast", version))[0]
+        metas = self.actors.policy.get(self.actors.policy.call("prepare_broadcast", version))[0]
         send = self.actors.policy.actors[0].send_broadcast.remote()
         served = ray.get([e.receive_broadcast.remote(metas, version) for e in self.actors.engines])
         ray.get(send)

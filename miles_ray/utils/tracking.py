@@ -26,6 +26,13 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log(row, step=step)
 
+    def rewind(self, step: int) -> None:
+        """Forget rows of steps >= ``step`` (they are redone after a restore)."""
+        self._file.close()
+        rows = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] < step]
+        self.path.write_text("".join(r + "\n" for r in rows))
+        self._file = self.path.open("a", buffering=1)
+
     def close(self) -> None:
         self._file.close()
         if self._wandb is not None:
