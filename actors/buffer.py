@@ -24,6 +24,9 @@ class BufferActor(ActorBase):
     def get_groups(self, n: int, policy: str = "fifo") -> list:
         return self.buffer.get_groups(n, policy)
 
+    def snapshot(self) -> list:
+        return self.buffer.snapshot()
+
     def size(self) -> int:
         return len(self.buffer)
 

@@ -1,7 +1,9 @@
 """Save and restore a run: trainer (and critic) rank states, engine sampling RNG, the prompt
-cursor, step and weight version; optionally the policy as an HF folder. Used by the drivers."""
+cursor, step and weight version; optionally the policy as an HF folder; for the async driver also
+its buffered groups and in-flight requests (``async_state.pt``). Used by the drivers."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -18,29 +20,57 @@ def root(cfg) -> Path:
     return Path(cfg.checkpoint.dir or Path(cfg.output_dir) / "checkpoints")
 
 
-def save(cfg, actors: RunActors, sampler, step: int, version: int) -> Path:
-    """Checkpoint after ``step`` train steps (weights of ``version``)."""
+def save(cfg, actors: RunActors, sampler, step: int, version: int, async_state: dict | None = None) -> Path:
+    """Checkpoint after ``step`` train steps (weights of ``version``). ``sampler``: the sampler or
+    its state dict; ``async_state``: the async driver's pump state and buffered groups."""
     tmp = ckpt.begin(root(cfg), step)
     actors.policy.get(actors.policy.call("save_state", str(tmp), "policy"))
     if actors.critic is not None:
         ray.get(actors.critic.call("save_state", str(tmp), "critic"))
-    torch.save(ray.get([e.rng_state.remote() for e in actors.engines]), tmp / "engines_rng.pt")
+    torch.save(_engine_rng(actors, version), tmp / "engines_rng.pt")
     if cfg.checkpoint.export_hf:
         actors.policy.get(actors.policy.call("export_hf", str(tmp / "hf")))
-    meta = {"step": step, "version": version, "sampler": sampler.state_dict(), "run_name": cfg.run_name}
+    cursor = sampler if isinstance(sampler, dict) else sampler.state_dict()
+    meta = {"step": step, "version": version, "sampler": cursor, "run_name": cfg.run_name}
+    if async_state is not None:
+        torch.save(async_state, tmp / "async_state.pt")
+        meta["async"] = {"buffered_groups": len(async_state["buffer"]), "inflight_groups": len(async_state["inflight"]),
+                         "next_group": async_state["next_group"]}
     final = ckpt.commit(tmp, meta, cfg.checkpoint.keep)
     log.info("checkpoint saved: %s", final)
     return final
 
 
+def _engine_rng(actors: RunActors, version: int) -> list:
+    """Engines' sampling RNG; an engine that died meanwhile is waited for and refit (``version``)."""
+    refs = [e.rng_state.remote() for e in actors.engines]
+    if actors.recovery is None:
+        return ray.get(refs)
+    actors.recovery.version = version
+    return [actors.recovery.get(ref, lambda e=e: e.rng_state.remote(), "rollout", i)
+            for i, (e, ref) in enumerate(zip(actors.engines, refs))]
+
+
+def load_async_state(path: Path) -> dict | None:
+    """The async driver's buffered groups and in-flight requests, or None (a sync checkpoint)."""
+    file = Path(path) / "async_state.pt"
+    return torch.load(file, weights_only=False) if file.is_file() else None
+
+
 def find(cfg) -> Path | None:
+    """The checkpoint to resume from (``resume``), checked before any actor starts."""
     if cfg.resume == "none":
         return None
-    if cfg.resume == "auto":
-        return ckpt.latest(root(cfg))
-    path = Path(cfg.resume)
+    path = ckpt.latest(root(cfg)) if cfg.resume == "auto" else Path(cfg.resume)
+    if path is None:
+        return None
     if not (path / "meta.json").is_file():
         raise FileNotFoundError(f"resume={cfg.resume!r} is not a checkpoint folder (no meta.json)")
+    pending = ckpt.read_meta(path).get("async", {})
+    if not cfg.async_rl.enabled and pending.get("buffered_groups", 0) + pending.get("inflight_groups", 0):
+        raise RuntimeError(f"checkpoint {path} was written by the async driver and holds {pending['buffered_groups']} "
+                           f"buffered and {pending['inflight_groups']} in-flight groups the synchronous driver would "
+                           "drop; resume it with async_rl.enabled=true")
     return path
 
 
@@ -58,10 +88,18 @@ def restore(cfg, actors: RunActors, sampler, path: Path) -> dict:
 
 
 def truncate_metrics(out_dir: Path, step: int) -> None:
-    """Drop metric rows of steps >= ``step`` (written after the checkpoint by a run that died)."""
-    import json
+    """Drop rows of steps >= ``step`` from ``metrics.jsonl`` and ``samples.jsonl``: a run that died
+    wrote them after its last checkpoint, and the resumed run redoes those steps, so every step
+    appears once. A torn last line (killed mid-write) is dropped too."""
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = Path(out_dir) / name
+        if path.is_file():
+            rows = [line for line in path.read_text().splitlines() if _row_step(line) < step]
+            path.write_text("".join(r + "\n" for r in rows))
 
-    path = out_dir / "metrics.jsonl"
-    if path.is_file():
-        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < step]
-        path.write_text("".join(r + "\n" for r in rows))
+
+def _row_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")

@@ -3,6 +3,11 @@
 Config ``faults.kills``: a list of ``{role, rank, step, delay_s}``; at the start of ``step`` a timer
 kills that actor's process after ``delay_s`` seconds (Ray restarts it). ``faults.random_kills``
 adds that many kills of random engines / reward workers at random steps (``faults.seed``).
+
+Recovery waits for a restarted actor as long as ``WAIT_S``; while its placement group has no node
+(node lost, no spare resources) it logs every ``STATUS_EVERY_S`` which group waits for what.
+The ledger (``ledger_metrics`` in every metrics row, checked by ``ledger_counts``) records which
+groups, prompts and how many samples each step trained on.
 """
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ import ray
 
 log = logging.getLogger("miles_ray.faults")
 RESTARTABLE = ("rollout", "reward")
+WAIT_S = 900.0  # a restarted actor may wait this long for a node with its resources
+STATUS_EVERY_S = 5.0
 
 
 class FaultInjector:
@@ -46,22 +53,45 @@ class FaultInjector:
 
 
 def is_actor_failure(err: BaseException) -> bool:
-    """A dead/restarting actor, or a restarted engine that is not refit yet."""
-    if isinstance(err, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
+    """A dead/restarting actor (or its node), results lost with a node, or a restarted engine
+    that is not refit yet."""
+    if isinstance(err, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                        ray.exceptions.ObjectLostError, ray.exceptions.NodeDiedError)):
         return True
     return isinstance(err, ray.exceptions.RayTaskError) and "EngineNotReady" in str(err)
 
 
-def wait_alive(actor, timeout_s: float = 120.0) -> float:
-    """Block until a restarted actor answers; returns the seconds it took."""
-    t0 = time.time()
+def resource_status(groups: dict | None) -> str:
+    """Which placement groups are not in place (a node was lost) and what they need."""
+    from ray.util import placement_group_table
+
+    waiting = []
+    for role, pg in (groups or {}).items():
+        info = placement_group_table(pg)
+        if info.get("state") != "CREATED":
+            waiting.append(f"placement group '{info.get('name')}' ({role}) is {info.get('state')}, "
+                           f"bundles {info.get('bundles')}")
+    if not waiting:
+        return "its placement group is in place; the actor is restarting"
+    free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+    return f"waiting for resources: {'; '.join(waiting)}; the cluster has {free} free"
+
+
+def wait_alive(actor, timeout_s: float = WAIT_S, name: str = "actor", groups: dict | None = None) -> float:
+    """Block until a restarted actor answers; returns the seconds it took. Logs a status (what
+    the actor's placement group waits for) every ``STATUS_EVERY_S``."""
+    t0, told = time.time(), 0.0
     while True:
         try:
-            ray.get(actor.ready.remote(), timeout=30)
+            ray.get(actor.ready.remote(), timeout=STATUS_EVERY_S)
             return time.time() - t0
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
-            if time.time() - t0 > timeout_s:
+            waited = time.time() - t0
+            if waited > timeout_s:
                 raise
+            if waited - told >= STATUS_EVERY_S:
+                told = waited
+                log.warning("%s is not back after %.0fs: %s", name, waited, resource_status(groups))
             time.sleep(0.2)
 
 
@@ -91,7 +121,7 @@ class Recovery:
         from jobs.weight_sync import WeightSync
 
         actor = (self.actors.engines if role == "rollout" else self.actors.rewards)[index]
-        wait_alive(actor)
+        wait_alive(actor, name=f"{role}-{index}", groups=self.actors.groups)
         if role == "rollout":
             view = RunActors(self.actors.policy, [actor], [], self.actors.buffer)
             WeightSync(view, "object_store").sync(self.version)
@@ -112,8 +142,8 @@ def sync_resilient(weights, version: int, recovery: "Recovery") -> float:
             raise
         from jobs.weight_sync import WeightSync
 
-        for engine in weights.actors.engines:
-            wait_alive(engine)
+        for i, engine in enumerate(weights.actors.engines):
+            wait_alive(engine, name=f"rollout-{i}", groups=weights.actors.groups)
         WeightSync(weights.actors, "object_store").sync(version)
         weights._opened = False  # a restarted engine lost its broadcast / shm state
         recovery.count += 1
@@ -157,3 +187,31 @@ def rebuild_trainers(cfg, actors, sampler, weights, logger) -> tuple[int, int]:
     actors.recovery.seconds.append(time.time() - t0)
     log.warning("trainer group rebuilt from %s in %.1fs", path, time.time() - t0)
     return meta["step"], meta["version"]
+
+
+def ledger_metrics(samples: list) -> dict:
+    """What a step trained on: group ids (sorted), each group's prompt row and its sample count."""
+    groups: dict = {}
+    for s in samples:
+        groups.setdefault(s.group_id, [s.prompt_index, 0])[1] += 1
+    ids = sorted(groups)
+    return {"ledger_groups": ids, "ledger_prompts": [groups[g][0] for g in ids],
+            "ledger_sizes": [groups[g][1] for g in ids]}
+
+
+def ledger_counts(rows: list, n_per_group: int, expected_groups=None) -> dict:
+    """Check metrics rows (one run, resumed or not): ``steps`` distinct steps, ``duplicates`` =
+    rows of a step seen before + samples trained beyond ``n_per_group`` per group (a group in two
+    steps counts), ``lost`` = samples missing from groups trained short, or from ``expected_groups``
+    that were never trained."""
+    import collections
+
+    per_group: collections.Counter = collections.Counter()
+    for r in rows:
+        for gid, size in zip(r["ledger_groups"], r["ledger_sizes"]):
+            per_group[gid] += size
+    steps = collections.Counter(r["step"] for r in rows)
+    expected = set(per_group) if expected_groups is None else set(expected_groups)
+    lost = sum(max(0, n_per_group - per_group[g]) for g in expected | set(per_group))
+    dup = sum(max(0, c - n_per_group) for c in per_group.values()) + sum(c - 1 for c in steps.values())
+    return {"steps": len(steps), "lost": lost, "duplicates": dup, "groups": len(per_group)}

@@ -171,7 +171,7 @@ def train_loop(cfg, actors: RunActors, sampler, logger: MetricsLogger, out_dir: 
         meta = checkpointing.restore(cfg, actors, sampler, resume_from)
         start, version = meta["step"], meta["version"]
     weights.sync(version)
-    from jobs.faults import FaultInjector, Recovery, rebuild_trainers, sync_resilient, trainer_failed
+    from jobs.faults import FaultInjector, Recovery, ledger_metrics, rebuild_trainers, sync_resilient, trainer_failed
 
     actors.recovery, injector = Recovery(actors), FaultInjector(cfg, actors)
     rewards, bar = [], _progress(cfg.total_steps, "GRPO", cfg.logging.progress_bar)
@@ -194,7 +194,7 @@ def train_loop(cfg, actors: RunActors, sampler, logger: MetricsLogger, out_dir: 
                 bar.n = step
                 continue
             metrics.update(weight_version=version, time_sync_s=sync_s, time_step_s=time.time() - t0,
-                           **actors.recovery.metrics())
+                           **actors.recovery.metrics(), **ledger_metrics(samples))
             logger.log(step, metrics)
             for s in samples[:2]:
                 sample_log.write(json.dumps({"step": step, "prompt": s.prompt, "response": s.response_text,

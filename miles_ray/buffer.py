@@ -37,6 +37,10 @@ class SampleBuffer:
         self.taken_total += sum(len(g) for g in out)
         return out
 
+    def snapshot(self) -> list:
+        """The queued items, oldest first, without taking them (for checkpoints)."""
+        return list(self._queue)
+
     def __len__(self) -> int:
         return len(self._queue)
 

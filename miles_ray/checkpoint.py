@@ -24,9 +24,13 @@ def latest(root: str | Path) -> Path | None:
 
 
 def begin(root: str | Path, step: int) -> Path:
-    """A fresh temporary folder for the checkpoint of ``step``."""
-    tmp = Path(root) / f"step_{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    """A fresh temporary folder for the checkpoint of ``step``; half-written ones left by a run
+    that died mid-save are removed (one writer per checkpoint folder)."""
+    root = Path(root)
+    if root.is_dir():
+        for stale in root.glob("step_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f"step_{step}.tmp"
     tmp.mkdir(parents=True)
     return tmp
 

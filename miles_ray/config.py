@@ -142,7 +142,7 @@ class CheckpointConfig(_Section):
 
 
 class FaultConfig(_Section):
-    kills: list = Field(default_factory=list, description="[{role: rollout|reward, rank, step, delay_s}]")
+    kills: list = Field(default_factory=list, description="[{role: rollout|reward|trainer, rank, step, delay_s}]")
     random_kills: int = Field(0, ge=0, description="extra kills of random engines / reward workers")
     seed: int = 0
 
@@ -193,8 +193,6 @@ class Config(_Section):
         if self.async_rl.filter not in GROUP_FILTERS:
             raise ValueError(f"async_rl.filter={self.async_rl.filter!r} is not registered; choose one of "
                              f"{sorted(GROUP_FILTERS)}")
-        if self.async_rl.enabled and self.resume != "none":
-            raise ValueError("resume is supported by the synchronous driver only so far (async_rl.enabled=false)")
         if self.rollout.over_http and self.weight_sync.transport != "object_store":
             raise ValueError("engines served over HTTP take weights through object_store (their update endpoints); "
                              f"weight_sync.transport={self.weight_sync.transport} is for in-actor engines")
