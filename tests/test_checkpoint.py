@@ -73,3 +73,16 @@ def test_resume_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
         find(cfg)
     assert find(load_config(None, [f"output_dir={tmp_path}", "resume=auto"])) is None  # nothing yet: fresh start
+
+
+def test_resume_drops_rows_written_after_the_checkpoint(tmp_path):
+    """A driver killed after checkpoint 2 had logged step 2 and half of step 3: at resume those
+    rows go (the steps are redone), so each step appears once in the end."""
+    from jobs.checkpointing import truncate_metrics
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(3))
+                                            + '{"step": 3, "lo')
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (0, 0, 1, 1, 2, 2)))
+    truncate_metrics(tmp_path, 2)
+    assert [r["step"] for r in _rows(tmp_path)] == [0, 1]
+    assert [json.loads(x)["step"] for x in open(tmp_path / "samples.jsonl")] == [0, 0, 1, 1]
