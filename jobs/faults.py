@@ -72,7 +72,8 @@ def resource_status(groups: dict | None) -> str:
             waiting.append(f"placement group '{info.get('name')}' ({role}) is {info.get('state')}, "
                            f"bundles {info.get('bundles')}")
     if not waiting:
-        return "its placement group is in place; the actor is restarting"
+        return ("its placement group is in place: the actor is restarting (or its node died and Ray has not "
+                "noticed yet: it reschedules the bundles once the node's health checks fail)")
     free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
     return f"waiting for resources: {'; '.join(waiting)}; the cluster has {free} free"
 
@@ -113,18 +114,22 @@ class Recovery:
                 self._recover(role, index)
                 self.count += 1
                 self.seconds.append(time.time() - t0)
-                log.warning("%s-%d recovered in %.1fs; re-sending its work", role, index, self.seconds[-1])
+                log.warning("%s-%d recovered in %.1fs on node %s; re-sending its work", role, index, self.seconds[-1],
+                            _node(self._actor(role, index)))
                 ref = resubmit()
 
     def _recover(self, role: str, index: int) -> None:
         from jobs.cluster import RunActors
         from jobs.weight_sync import WeightSync
 
-        actor = (self.actors.engines if role == "rollout" else self.actors.rewards)[index]
+        actor = self._actor(role, index)
         wait_alive(actor, name=f"{role}-{index}", groups=self.actors.groups)
         if role == "rollout":
             view = RunActors(self.actors.policy, [actor], [], self.actors.buffer)
             WeightSync(view, "object_store").sync(self.version)
+
+    def _actor(self, role: str, index: int):
+        return (self.actors.engines if role == "rollout" else self.actors.rewards)[index]
 
     def metrics(self) -> dict:
         return {"recoveries": self.count, "recovery_s_max": max(self.seconds, default=0.0),
@@ -148,8 +153,17 @@ def sync_resilient(weights, version: int, recovery: "Recovery") -> float:
         weights._opened = False  # a restarted engine lost its broadcast / shm state
         recovery.count += 1
         recovery.seconds.append(time.time() - t0)
-        log.warning("weight sync recovered after an engine restart in %.1fs", recovery.seconds[-1])
+        log.warning("weight sync recovered after an engine restart in %.1fs; engines on nodes %s", recovery.seconds[-1],
+                    [_node(e) for e in weights.actors.engines])
         return time.time() - t0
+
+
+def _node(actor) -> str:
+    """The node an actor runs on (logged after a recovery: a restart may land on another node)."""
+    try:
+        return ray.get(actor.where.remote(), timeout=30)["node_id"]
+    except Exception:  # noqa: BLE001 - only for the log line
+        return "?"
 
 
 def trainer_failed(actors, err: BaseException) -> bool:
