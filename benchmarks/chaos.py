@@ -1,7 +1,7 @@
 """Chaos run: N synchronous steps with K random process kills (rollout engines and reward
 workers, plus one trainer rank with --trainer-kill), on 2 engines, 2 reward workers and 2 trainer
-ranks; checkpoints every step. Prints steps completed, samples lost, duplicated steps and the
-recovery time of each fault.
+ranks; checkpoints every step. Prints steps completed, samples lost and trained twice (from the
+per-step ledger of group ids and sizes in metrics.jsonl) and the recovery time of each fault.
 
     .venv/bin/python benchmarks/chaos.py [--steps 12] [--faults 4] [--trainer-kill]
 
@@ -10,7 +10,6 @@ Last line: RESULT faults=<k> steps=<n> lost=<n> duplicates=<n> max_recovery_s=<s
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import sys
@@ -29,6 +28,7 @@ def main() -> None:
     ap.add_argument("--trainer-kill", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    from jobs.faults import ledger_counts
     from jobs.sync_driver import run
     from miles_ray.config import load_config
 
@@ -43,14 +43,14 @@ def main() -> None:
         f"faults.kills={json.dumps(kills)}", "logging.wandb=false", "logging.progress_bar=false"])
     summary = run(cfg)
     rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
-    per_step = collections.Counter(r["step"] for r in rows)
-    lost = args.steps * prompts * n - sum(r["num_samples"] for r in rows)
-    duplicates = sum(c - 1 for c in per_step.values())
+    # the ledger in every row: which groups (and how many samples each) a step trained on
+    counts = ledger_counts(rows, n, range(args.steps * prompts))
     each = rows[-1]["recovery_s_each"] if rows else []
-    print(f"steps completed {len(per_step)}/{args.steps} (summary: {summary['steps']} run in this job)")
+    print(f"steps completed {counts['steps']}/{args.steps} (summary: {summary['steps']} run in this job)")
     print(f"faults injected {args.faults}, recoveries {rows[-1]['recoveries']}, recovery seconds {each}")
-    print(f"samples lost {lost}, duplicated steps {duplicates}")
-    print(f"RESULT faults={args.faults} steps={len(per_step)} lost={lost} duplicates={duplicates} "
+    print(f"samples lost {counts['lost']}, samples trained twice {counts['duplicates']} "
+          f"({counts['groups']} of {args.steps * prompts} groups trained)")
+    print(f"RESULT faults={args.faults} steps={counts['steps']} lost={counts['lost']} duplicates={counts['duplicates']} "
           f"max_recovery_s={max(each, default=0.0):.2f}")
 
 
