@@ -63,3 +63,29 @@ def test_sync_driver_refuses_an_async_checkpoint_with_pending_groups(tmp_path):
     with pytest.raises(RuntimeError, match="holds 4 buffered and 2 in-flight groups"):
         find(load_config(None, base))
     assert find(load_config(None, base + ["async_rl.enabled=true"])) == tmp_path / "step_3"
+
+
+def test_async_s0_stop_and_resume_equals_uninterrupted(local_ray, tmp_path, model_cache, tokenizer):
+    """S = 0 is deterministic: stopped after 2 steps (a full batch buffered by the drain) and
+    resumed to 4, the run ends with the metrics and weights of an uninterrupted 4-step run."""
+    import torch
+
+    from jobs.sync_driver import run
+
+    full, split = tmp_path / "full", tmp_path / "split"
+    s0 = ("async_rl.staleness=0", "checkpoint.every=0")
+    run(_cfg(full, model_cache, "total_steps=4", *s0))
+    run(_cfg(split, model_cache, "total_steps=2", *s0))
+    assert ckpt.read_meta(ckpt.latest(split / "checkpoints"))["async"]["buffered_groups"] == 4
+    cfg = _cfg(split, model_cache, "total_steps=4", "resume=auto", *s0)
+    assert run(cfg)["resumed_from_step"] == 2
+    a, b = rows(full), rows(split)
+    assert [r["step"] for r in b] == [0, 1, 2, 3]
+    for x, y in zip(a, b):
+        assert x["ledger_groups"] == y["ledger_groups"]
+        for key in ("reward_mean", "loss", "grad_norm", "response_len_mean"):
+            assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-7), (x["step"], key)
+    wa = torch.load(full / "checkpoints" / "step_4" / "policy_rank0.pt", weights_only=False)["model"]
+    wb = torch.load(split / "checkpoints" / "step_4" / "policy_rank0.pt", weights_only=False)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    check_run(split, cfg, tokenizer)
