@@ -33,8 +33,10 @@ class RolloutEngineActor(ActorBase):
         else:
             from miles_ray.rollout import make_engine
 
+            d = self.cfg.draft
             self.engine = make_engine(r.backend, model_spec=self.cfg.model.path, dtype=self.cfg.model.dtype,
-                                      tiny_cache_dir=self.cfg.model.tiny_cache_dir, seed=self.cfg.seed + 1000 + rank)
+                                      tiny_cache_dir=self.cfg.model.tiny_cache_dir, seed=self.cfg.seed + 1000 + rank,
+                                      draft=d.path if d.enabled else None, num_draft_tokens=d.num_tokens)
             if r.backend == "native":
                 from miles_ray.rollout.native.loop import EngineLoop
 
@@ -55,6 +57,10 @@ class RolloutEngineActor(ActorBase):
         c, r = self.cfg, self.cfg.rollout
         extra = (["--seed", str(c.seed + 1000 + self.rank), "--tiny-cache-dir", c.model.tiny_cache_dir]
                  if r.backend == "native" else list(r.sglang_args))
+        if r.backend == "sglang" and c.draft.enabled:
+            from miles_ray.rollout.sglang_backend import speculative_args
+
+            extra += speculative_args(c.draft, c.model.path, c.output_dir, c.model.dtype, c.model.tiny_cache_dir)
         self.process, self.client = launch_server(r.backend, c.model.path, port, host, extra)
         self.tokenizer = load_tokenizer(c.model.path, c.model.tiny_cache_dir)
 
@@ -158,6 +164,20 @@ class RolloutEngineActor(ActorBase):
             parts, self._parts = self._parts, []
             return self._post_buckets(parts, version)
         return self._held(self.engine.finish_load, version)
+
+    def load_draft(self, weights: dict, version: int) -> int:
+        """New draft-model weights (speculative rollout), applied between two decode steps."""
+        if self.client:
+            raise NotImplementedError("online draft updates reach in-actor native engines only; SGLang engines "
+                                      "keep the draft they were launched with (draft.online=false)")
+        self._held(self.engine.load_draft, weights, version)
+        return version
+
+    def spec_stats(self) -> dict:
+        """Speculation counters since the last call (acceptance rate, accepted length, rounds)."""
+        if self.client or not hasattr(self.engine, "spec_stats"):
+            return {}
+        return self._held(self.engine.spec_stats)
 
     def open_broadcast(self, addr: str, port: int, rank: int, world_size: int) -> bool:
         from miles_ray.weights import BroadcastChannel

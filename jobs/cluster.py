@@ -8,7 +8,7 @@ from typing import Optional
 
 import ray
 
-from actors import BufferActor, CriticActor, RankGroup, RewardWorker, RolloutEngineActor, RouterActor, TrainerActor
+from actors import BufferActor, CriticActor, DraftTrainerActor, RankGroup, RewardWorker, RolloutEngineActor, RouterActor, TrainerActor
 from miles_ray.models import resolve_model_path
 from placement.groups import actor_options, create_groups, remove_groups
 from placement.plan import plan_placement
@@ -39,11 +39,13 @@ class RunActors:
     router_url: Optional[str] = None
     recovery: object = None  # jobs.faults.Recovery, set by a driver
     spawn_policy: object = None  # () -> new trainer-rank actors on the same bundles
+    draft: object = None  # DraftTrainerActor (speculative rollout with an online-trained draft)
 
     def all(self) -> list:
         critics = self.critic.actors if self.critic else []
         router = [self.router] if self.router else []
-        return [*self.policy.actors, *critics, *self.engines, *self.rewards, self.buffer, *router]
+        draft = [self.draft] if self.draft else []
+        return [*self.policy.actors, *critics, *self.engines, *self.rewards, self.buffer, *router, *draft]
 
 
 def with_resolved_model(cfg):
@@ -66,7 +68,8 @@ def start_actors(cfg, trainers: bool = True, engines: bool = True) -> RunActors:
     http = cfg.rollout.over_http and engines
     n_engines = cfg.rollout.num_engines if engines else 0
     cluster = cfg.cluster.model_copy(update={"num_trainers": world})
-    plan = plan_placement(cluster, n_engines, cfg.reward.num_workers, n_critics, router=http)
+    online_draft = cfg.draft.enabled and cfg.draft.online and bool(world) and bool(n_engines)
+    plan = plan_placement(cluster, n_engines, cfg.reward.num_workers, n_critics, router=http, draft_trainer=online_draft)
     init_ray(cfg, plan.total_resources().get("CPU", 1))
     prefix = cfg.run_name
     groups = create_groups(plan, prefix)
@@ -95,7 +98,8 @@ def start_actors(cfg, trainers: bool = True, engines: bool = True) -> RunActors:
     rewards = [RewardWorker.options(**opts(a), **restart).remote(r.fn, r.timeout_s, r.failure_score, r.isolate)
                for a in plan.for_role("reward")]
     buffer = BufferActor.options(**opts(plan.for_role("buffer")[0])).remote()
-    actors = RunActors(policy, engines, rewards, buffer, critic, groups, spawn_policy=spawn_policy)
+    draft = DraftTrainerActor.options(**opts(plan.for_role("draft")[0])).remote(cfg_dict) if online_draft else None
+    actors = RunActors(policy, engines, rewards, buffer, critic, groups, spawn_policy=spawn_policy, draft=draft)
     ray.get([a.ready.remote() for a in actors.all()])
     if http:  # rollout goes through the router to the engine servers
         urls = ray.get([e.url.remote() for e in engines])

@@ -35,7 +35,10 @@ def sft_warmup(cfg, actors: RunActors, sampler: PromptSampler, tokenizer, logger
     bar = _progress(cfg.train.sft_warmup_steps, "SFT warm-up", cfg.logging.progress_bar)
     for i in range(cfg.train.sft_warmup_steps):
         batch = sft_samples(sampler.next_batch(cfg.train.sft_batch_size), tokenizer)
+        draft = actors.draft.train.remote(batch) if actors.draft is not None else None  # the draft learns it too
         m = actors.policy.sft_step(batch, cfg.train.sft_lr)
+        if draft is not None:
+            ray.get(draft)
         bar.update(1)
         bar.set_postfix(loss=f"{m['sft_loss']:.3f}")
     bar.close()
@@ -134,16 +137,34 @@ def train_step(cfg, actors: RunActors, sampler, params, step: int, tokenizer=Non
     else:
         samples = rollout(cfg, actors, sampler, step, params, tokenizer)
         t1 = time.time()
+        reward_stats = speculation_metrics(cfg, actors, samples, t1 - t0)
         colocate_phase(cfg, actors, "train")
-        samples, reward_stats = score(actors, samples)
+        samples, more = score(actors, samples)
+        reward_stats.update(more)
     ray.get(actors.buffer.put.remote(samples))
     samples = ray.get(actors.buffer.get.remote(len(samples)))
     t2 = time.time()
-    train = learn(cfg, actors, samples)
+    draft = actors.draft.train.remote(samples) if actors.draft is not None and replay is None else None
+    train = learn(cfg, actors, samples)  # the draft trains on the same rollouts meanwhile, in its own bundle
+    if draft is not None:
+        train.update(ray.get(draft))
     colocate_phase(cfg, actors, "rollout")
     t3 = time.time()
     return samples, {**rollout_metrics(samples), **reward_stats, **train,
                      "time_rollout_s": t1 - t0, "time_reward_s": t2 - t1, "time_train_s": t3 - t2}
+
+
+def speculation_metrics(cfg, actors: RunActors, samples: list, seconds: float) -> dict:
+    """Rollout tokens/s, and with a draft the acceptance rate and accepted length (tokens per
+    target forward per sequence), weighted over engines by their verify rounds."""
+    out = {"rollout_tokens_per_s": sum(s.response_length for s in samples) / max(seconds, 1e-9)}
+    if not cfg.draft.enabled or not actors.engines:
+        return out
+    stats = [st for st in ray.get([e.spec_stats.remote() for e in actors.engines]) if st.get("spec_rounds")]
+    rounds = sum(st["spec_rounds"] for st in stats)
+    for key in ("spec_accept_rate", "spec_accept_len"):
+        out[key] = sum(st[key] * st["spec_rounds"] for st in stats) / max(rounds, 1)
+    return out
 
 
 def learn(cfg, actors: RunActors, samples: list) -> dict:

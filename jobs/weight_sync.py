@@ -29,7 +29,16 @@ class WeightSync:
         served = getattr(self, f"_{self.transport}")(version)
         if any(v != version for v in served):
             raise RuntimeError(f"engines serve weight versions {served} after syncing version {version}")
+        self.push_draft(version)
         return time.time() - t0
+
+    def push_draft(self, version: int) -> None:
+        """The online draft's latest weights to every engine, with the policy weights (the draft is
+        small: one object-store copy, read by every engine)."""
+        if getattr(self.actors, "draft", None) is None:
+            return
+        weights = self.actors.draft.get_weights.remote()
+        ray.get([e.load_draft.remote(weights, version) for e in self.actors.engines])
 
     def _stream(self, version: int, mode: str) -> list:
         """Forward each bucket (or handle) to every engine as soon as trainer rank 0 yields it."""

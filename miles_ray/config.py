@@ -147,6 +147,16 @@ class FaultConfig(_Section):
     seed: int = 0
 
 
+class DraftConfig(_Section):
+    """Speculative rollout with a draft model trained online (actors.DraftTrainerActor)."""
+    enabled: bool = Field(False, description="speculative decoding in the engines (rollout.backend=native or sglang)")
+    path: str = Field("layers:1", description="layers:N (the target's first N layers) or a model sharing its tokenizer")
+    num_tokens: int = Field(4, ge=1, le=16, description="draft tokens proposed per target verify pass (k)")
+    online: bool = Field(True, description="train the draft on every step's rollouts; false = frozen draft")
+    lr: float = Field(1e-3, gt=0)
+    epochs: int = Field(1, ge=1, description="passes over each step's rollouts")
+
+
 class LoggingConfig(_Section):
     wandb: bool = True
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
@@ -170,6 +180,7 @@ class Config(_Section):
     async_rl: AsyncConfig = AsyncConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     faults: FaultConfig = FaultConfig()
+    draft: DraftConfig = DraftConfig()
     resume: str = Field("none", description="none | auto (latest checkpoint, if any) | a checkpoint folder")
     logging: LoggingConfig = LoggingConfig()
 
@@ -196,6 +207,13 @@ class Config(_Section):
         if self.rollout.over_http and self.weight_sync.transport != "object_store":
             raise ValueError("engines served over HTTP take weights through object_store (their update endpoints); "
                              f"weight_sync.transport={self.weight_sync.transport} is for in-actor engines")
+        if self.draft.enabled and self.rollout.backend == "hf":
+            raise ValueError("draft.enabled (speculative rollout) needs rollout.backend=native or sglang")
+        if self.draft.enabled and self.rollout.backend == "native" and self.rollout.serve_http:
+            raise ValueError("draft.enabled with rollout.backend=native runs in-actor engines; set rollout.serve_http=false")
+        if self.draft.enabled and self.draft.online and self.rollout.over_http:
+            raise ValueError("an online-trained draft (draft.online=true) reaches in-actor native engines only; "
+                             "with engines over HTTP (sglang, serve_http) set draft.online=false (frozen draft)")
         if self.rollout.serve_http and self.rollout.backend == "hf":
             raise ValueError("rollout.serve_http needs rollout.backend=native or sglang")
         if self.weight_sync.transport == "cuda_ipc" and not (self.cluster.colocate and self.cluster.use_gpu):

@@ -9,6 +9,7 @@ Layouts
   GPUs include bundle i each take half of it (time-shared: the engine releases memory while the
   trainer runs);
 - a ``critic`` PG (PACK) when PPO with GAE needs a value model (colocated: it shares the bundles);
+- a ``draft`` PG (one bundle) for the online draft trainer when speculative rollout trains it;
 - both: a ``service`` PG (PACK) holds CPU bundles for the reward workers, the buffer and (engines
   over HTTP) the router.
 With ``use_gpu=False`` bundles ask only for CPUs, so the same plan runs on a CPU-only cluster.
@@ -58,9 +59,9 @@ def _bundle(cpus: float, gpus: float) -> dict:
 
 
 def plan_placement(cluster, num_engines: int, num_reward_workers: int, num_critics: int = 0,
-                   router: bool = False) -> PlacementPlan:
+                   router: bool = False, draft_trainer: bool = False) -> PlacementPlan:
     """Plan groups for ``cluster`` (a ClusterConfig) with the given engine, reward and critic counts
-    (critic ranks, for PPO with GAE, mirror the trainer ranks)."""
+    (critic ranks, for PPO with GAE, mirror the trainer ranks) and an optional draft trainer."""
     c, g = cluster.cpus_per_actor, cluster.gpus_per_engine
     gpu = 1.0 if cluster.use_gpu else 0.0
     groups, assign = [], []
@@ -89,6 +90,9 @@ def plan_placement(cluster, num_engines: int, num_reward_workers: int, num_criti
         for e in range(num_engines):
             idx = list(range(e * g, (e + 1) * g))
             assign.append(Assignment("rollout", e, "rollout", idx[0], c, gpu, idx))
+    if draft_trainer:  # its own bundle (one GPU on GPU clusters) in both layouts
+        groups.append(GroupSpec("draft", [_bundle(c, gpu)], "PACK"))
+        assign.append(Assignment("draft", 0, "draft", 0, c, gpu, [0]))
     service = [_bundle(c, 0) for _ in range(num_reward_workers + 1 + int(router))]
     groups.append(GroupSpec("service", service, "PACK"))
     for w in range(num_reward_workers):

@@ -36,18 +36,29 @@ def resolve_model_path(spec: str, tiny_cache_dir: str = "runs/_models") -> dict:
     if spec.startswith("tiny:"):
         from miles_ray.models.tiny import write_tiny_model
 
-        arch = spec.split(":", 1)[1]
-        folder = Path(tiny_cache_dir) / f"tiny-{arch}"
+        arch, size = (spec.split(":", 2)[1:] + [""])[:2]  # tiny:<arch>[:<hidden>x<layers>]
+        hidden, layers = _tiny_size(spec, size)
+        folder = Path(tiny_cache_dir) / (f"tiny-{arch}-{hidden}x{layers}" if size else f"tiny-{arch}")
         if not (folder / "config.json").is_file():
-            write_tiny_model(folder, arch=arch)
+            write_tiny_model(folder, arch=arch, hidden=hidden, layers=layers)
         return {"path": str(folder.resolve()), "gguf_file": None}
     folder = Path(spec)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"model.path='{spec}' is not a model folder (no config.json); use a local HF folder, "
-            "'smollm2', or 'tiny:qwen3|qwen2|llama'"
+            "'smollm2', or 'tiny:qwen3|qwen2|llama[:<hidden>x<layers>]'"
         )
     return {"path": str(folder.resolve()), "gguf_file": None}
+
+
+def _tiny_size(spec: str, size: str) -> tuple[int, int]:
+    if not size:
+        return 128, 2
+    try:
+        hidden, layers = (int(x) for x in size.split("x"))
+    except ValueError:
+        raise ValueError(f"model spec '{spec}': expected tiny:<arch>[:<hidden>x<layers>], e.g. tiny:qwen3:256x8") from None
+    return hidden, layers
 
 
 def load_tokenizer(spec: str, tiny_cache_dir: str = "runs/_models"):

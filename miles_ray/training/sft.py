@@ -1,7 +1,12 @@
-"""Supervised samples from (prompt, target) pairs, for SFT warm-start and the draft trainer."""
+"""Supervised fine-tuning: samples from (prompt, target) pairs (SFT warm-start) and the SFT step
+shared by the policy trainer and the draft trainer (:mod:`miles_ray.training.draft`)."""
 from __future__ import annotations
 
+from miles_ray.algorithms import LOSS_AGGREGATIONS
+from miles_ray.algorithms.losses import sft_token_loss
 from miles_ray.sample import Sample
+from miles_ray.training.base import all_sum, padded_micro_batches
+from miles_ray.training.batching import pack, token_logprobs
 
 
 def sft_samples(items, tokenizer, target_fn=lambda item: item.label) -> list[Sample]:
@@ -13,3 +18,31 @@ def sft_samples(items, tokenizer, target_fn=lambda item: item.label) -> list[Sam
         out.append(Sample(prompt_index=item.index, group_id=item.index, prompt=item.prompt, label=item.label,
                           prompt_ids=prompt_ids, response_ids=target_ids))
     return out
+
+
+class SFTMixin:
+    """``sft_step`` for a :class:`~miles_ray.training.base.TorchTrainerBase` with ``pad_id``."""
+
+    def sft_step(self, samples, lr: float | None = None) -> dict:
+        """One supervised step: token-mean NLL of the response tokens of this rank's ``samples``
+        (normalised by the global token count)."""
+        base_lr = getattr(self, "base_lr", self.cfg.lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr if lr is not None else base_lr
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        n_tokens, n_seqs = all_sum([float(sum(len(s.response_ids) for s in samples)), float(len(samples))])
+
+        def loss_fn(chunk):
+            batch = pack(chunk, self.pad_id, self.device)
+            logp = token_logprobs(self.model, batch, 1.0)
+            loss = LOSS_AGGREGATIONS["token_mean"](sft_token_loss(logp), batch.mask, n_tokens, n_seqs)
+            return loss, {"sft_loss": loss.item()}
+
+        micro = padded_micro_batches(samples, self.cfg.micro_batch_size, self.cfg.max_tokens_per_micro_batch)
+        totals = self.backward_micro_batches(micro, loss_fn)
+        metrics = {"sft_loss": all_sum([totals.get("sft_loss", 0.0)])[0], **self.optimizer_step()}
+        for group in self.optimizer.param_groups:
+            group["lr"] = base_lr
+        self.version += 1
+        return metrics

@@ -11,17 +11,17 @@ import copy
 import torch
 
 from miles_ray.algorithms import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
-from miles_ray.algorithms.losses import sft_token_loss
 from miles_ray.algorithms.off_policy import importance_weights
 from miles_ray.models import load_model, load_tokenizer
 from miles_ray.training.base import TorchTrainerBase, all_sum, padded_micro_batches
 from miles_ray.training.batching import make_minibatches, pack, token_logprobs, unpack
+from miles_ray.training.sft import SFTMixin
 
 SUMMED_METRICS = ("loss", "pg_loss", "kl", "entropy", "clipfrac", "is_weight_mean", "is_frac_masked",
                   "is_frac_truncated", "kl_behav_prox")
 
 
-class PolicyTrainer(TorchTrainerBase):
+class PolicyTrainer(SFTMixin, TorchTrainerBase):
     def __init__(self, model_spec: str, train_cfg, algo_cfg, dtype: str = "float32",
                  tiny_cache_dir: str = "runs/_models", temperature: float = 1.0, seed: int = 0, off_policy=None):
         torch.manual_seed(seed)
@@ -115,32 +115,6 @@ class PolicyTrainer(TorchTrainerBase):
         out = dict(zip(keys, summed))
         out.update(self.optimizer_step())
         return out
-
-    # -- SFT ------------------------------------------------------------------------------------
-    def sft_step(self, samples, lr: float | None = None) -> dict:
-        """One supervised step: token-mean NLL of the response tokens of this rank's ``samples``
-        (normalised by the global token count)."""
-        if lr is not None:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        n_tokens, n_seqs = all_sum([float(sum(len(s.response_ids) for s in samples)), float(len(samples))])
-
-        def loss_fn(chunk):
-            batch = pack(chunk, self.pad_id, self.device)
-            logp = token_logprobs(self.model, batch, 1.0)
-            loss = LOSS_AGGREGATIONS["token_mean"](sft_token_loss(logp), batch.mask, n_tokens, n_seqs)
-            return loss, {"sft_loss": loss.item()}
-
-        micro = padded_micro_batches(samples, self.cfg.micro_batch_size, self.cfg.max_tokens_per_micro_batch)
-        totals = self.backward_micro_batches(micro, loss_fn)
-        metrics = {"sft_loss": all_sum([totals.get("sft_loss", 0.0)])[0], **self.optimizer_step()}
-        if lr is not None:
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.cfg.lr
-        self.version += 1
-        return metrics
 
     # -- weights --------------------------------------------------------------------------------
     def get_weights(self) -> dict | None:

@@ -19,7 +19,8 @@ import torch
 from miles_ray.rollout.hf_engine import HFRolloutEngine
 from miles_ray.rollout.health import READY, EngineNotReady
 from miles_ray.rollout.native.model import NativeForward
-from miles_ray.rollout.native.sampling import sample
+from miles_ray.rollout.native.sampling import distribution, sample
+from miles_ray.rollout.native.speculative import Speculator, verify, verify_logprobs
 from miles_ray.rollout.types import SamplingParams
 from miles_ray.sample import Sample
 
@@ -39,8 +40,15 @@ class Request:
 
 class NativeEngine(HFRolloutEngine):
     def __init__(self, model_spec: str, dtype: str = "float32", tiny_cache_dir: str = "runs/_models",
-                 seed: int = 0, max_running: int = 64, **_):
+                 seed: int = 0, max_running: int = 64, draft: str | None = None, num_draft_tokens: int = 4, **_):
         super().__init__(model_spec, dtype, tiny_cache_dir, seed)
+        self.spec = None  # Speculator when a draft model is configured (speculative decoding)
+        if draft:
+            from miles_ray.models.draft import build_draft
+
+            self.spec = Speculator(build_draft(draft, model_spec, dtype, tiny_cache_dir).to(self.model.device),
+                                   num_draft_tokens)
+        self.speculate = self.spec is not None
         self.forward = NativeForward(self.model)
         self.max_running = max_running
         self.cache = None
@@ -86,11 +94,35 @@ class NativeEngine(HFRolloutEngine):
         if self.has_work():
             return False
         self.cache = None
+        if self.spec:
+            self.spec.cache = None
         return True
 
     def release_memory(self) -> None:
         self.cache = None
+        if self.spec:
+            self.spec.cache = None
         super().release_memory()
+
+    # -- speculative decoding -------------------------------------------------------------------
+    def set_speculation(self, enabled: bool) -> None:
+        """Turn speculative decoding on or off between batches (the draft cache must see every prompt)."""
+        if enabled and self.spec is None:
+            raise ValueError("no draft model: set draft.enabled=true (draft.path) to speculate")
+        if self.has_work():
+            raise RuntimeError("set_speculation only between batches (requests are running)")
+        self.speculate = bool(enabled)
+
+    def load_draft(self, state: dict, version: int | None = None) -> None:
+        self.spec.load_state_dict(state)
+        self.draft_version = version
+
+    def draft_weights(self) -> dict:
+        return {k: v.detach().cpu().clone() for k, v in self.spec.model.state_dict().items()}
+
+    def spec_stats(self) -> dict:
+        """Acceptance counters since the last call (empty without a draft)."""
+        return self.spec.stats.take() if self.spec else {}
 
     # -- stepping -------------------------------------------------------------------------------
     def step(self) -> list[Request]:
@@ -100,17 +132,44 @@ class NativeEngine(HFRolloutEngine):
         if self.state != READY:
             raise EngineNotReady(f"engine is {self.state}; it serves only after a complete weight load")
         finished = self._admit()
-        if self.running:
+        if self.running and self.speculate:
+            finished += self._spec_step()
+        elif self.running:
             tokens = torch.tensor([r.output_ids[-1] for r in self.running], device=self.model.device)
             logits = self.forward.decode(tokens, self.cache)
             finished += self._append(list(range(len(self.running))), logits)
         return finished
+
+    def _spec_step(self) -> list[Request]:
+        """One speculative round for every running request (see :mod:`.speculative`)."""
+        reqs, k, dev = self.running, self.spec.k, self.model.device
+        B, cols = len(reqs), self._param_cols(reqs, dev)
+        seqs = [r.prompt_ids + r.output_ids for r in reqs]
+        drafts, q = self.spec.propose(seqs, cols, self.generator)
+        before = self.cache.lengths[:B].clone()
+        tokens = torch.cat([torch.tensor([s[-1] for s in seqs], device=dev)[:, None], drafts], 1)
+        logits = self.forward.extend(tokens, torch.full((B,), k + 1, device=dev), self.cache)
+        V = logits.shape[-1]
+        p = distribution(logits.reshape(B * (k + 1), V), *(c.repeat_interleave(k + 1) for c in cols)).view(B, k + 1, V)
+        n, nxt = verify(p, q, drafts, self.generator)
+        self.cache.lengths[:B] = before + 1 + n
+        self.spec.commit([len(s) for s in seqs], n)
+        out = torch.cat([drafts, nxt[:, None]], 1)
+        out.scatter_(1, n[:, None], nxt[:, None])  # the token after the accepted drafts
+        lps = verify_logprobs(logits, cols[0], out)
+        counts = (n + 1).tolist()
+        toks = [row[:c] for row, c in zip(out.tolist(), counts)]
+        emitted_lps = [row[:c] for row, c in zip(lps.tolist(), counts)]
+        self.spec.stats.add(k, n, sum(counts))
+        return self._record(list(range(B)), toks, emitted_lps)
 
     def _ensure_cache(self, slots: int, capacity: int) -> None:
         if self.cache is None:
             self.cache = self.forward.new_cache(max(slots, 8), max(capacity, 128))
         elif slots > self.cache.slots or capacity > self.cache.capacity:
             self.cache = self.cache.grown(max(slots, 2 * self.cache.slots), max(capacity, 2 * self.cache.capacity))
+        if self.spec:
+            self.spec.ensure_cache(self.cache.slots, self.cache.capacity)
 
     def _admit(self) -> list[Request]:
         free = self.max_running - len(self.running)
@@ -118,7 +177,7 @@ class NativeEngine(HFRolloutEngine):
         if not new:
             return []
         need = max(len(r.prompt_ids) + r.params.max_new_tokens for r in new + self.running)
-        self._ensure_cache(len(self.running) + len(new), need + 1)
+        self._ensure_cache(len(self.running) + len(new), need + 2 + (self.spec.k if self.spec else 0))
         # one prefill per distinct prompt; samples of the same prompt copy its cache
         unique: dict[tuple, int] = {}
         for r in new:
@@ -134,31 +193,45 @@ class NativeEngine(HFRolloutEngine):
         slots = torch.tensor([first_slot[p] for p in prompts])
         dev = self.model.device
         logits = self.forward.prefill(ids.to(dev), lengths.to(dev), self.cache, slots.to(dev))
+        if self.speculate:
+            self.spec.prefill(ids.to(dev), lengths.to(dev), slots.to(dev))
         rows = []
         for j, r in enumerate(new):
             slot, key = base + j, tuple(r.prompt_ids)
             if slot != first_slot[key]:
                 self.cache.copy_slot(first_slot[key], slot)
+                if self.speculate:
+                    self.spec.copy_slot(first_slot[key], slot)
             rows.append(unique[key])
         self.running.extend(new)
         return self._append(list(range(base, base + len(new))), logits[torch.tensor(rows, device=dev)])
 
+    @staticmethod
+    def _param_cols(reqs: list[Request], dev) -> tuple:
+        """Per-row sampling parameters (temperature, top_k, top_p, min_p) as tensors."""
+        col = lambda f, dt: torch.tensor([f(r.params) for r in reqs], dtype=dt, device=dev)  # noqa: E731
+        return (col(lambda p: p.temperature, torch.float32), col(lambda p: p.top_k, torch.long),
+                col(lambda p: p.top_p, torch.float32), col(lambda p: p.min_p, torch.float32))
+
     def _append(self, indices: list[int], logits: torch.Tensor) -> list[Request]:
         reqs = [self.running[i] for i in indices]
-        dev = logits.device
-        col = lambda f, dt: torch.tensor([f(r.params) for r in reqs], dtype=dt, device=dev)  # noqa: E731
-        tokens, logprobs = sample(logits, col(lambda p: p.temperature, torch.float32), col(lambda p: p.top_k, torch.long),
-                                  col(lambda p: p.top_p, torch.float32), col(lambda p: p.min_p, torch.float32),
-                                  self.generator)
+        tokens, logprobs = sample(logits, *self._param_cols(reqs, logits.device), self.generator)
+        return self._record(indices, [[t] for t in tokens.tolist()], [[lp] for lp in logprobs.tolist()])
+
+    def _record(self, indices: list[int], tokens: list[list[int]], logprobs: list[list[float]]) -> list[Request]:
+        """Append each request's new tokens in order, stopping at the first that finishes it."""
         done = []
-        for i, r, tok, lp in zip(indices, reqs, tokens.tolist(), logprobs.tolist()):
-            r.output_ids.append(tok)
-            r.logprobs.append(lp)
-            r.weight_versions.append(self.weight_version)
-            reason = self._finish_reason(r, tok)
-            if reason:
-                r.finish_reason = reason
-                done.append(i)
+        for i, toks, lps in zip(indices, tokens, logprobs):
+            r = self.running[i]
+            for tok, lp in zip(toks, lps):
+                r.output_ids.append(tok)
+                r.logprobs.append(lp)
+                r.weight_versions.append(self.weight_version)
+                reason = self._finish_reason(r, tok)
+                if reason:
+                    r.finish_reason = reason
+                    done.append(i)
+                    break
         finished = [self.running[i] for i in done]
         self._leave(done)
         return finished
@@ -180,6 +253,8 @@ class NativeEngine(HFRolloutEngine):
             last = len(self.running) - 1
             if i != last:
                 self.cache.copy_slot(last, i)
+                if self.speculate:
+                    self.spec.copy_slot(last, i)
                 self.running[i] = self.running[last]
             self.running.pop()
 

@@ -132,3 +132,29 @@ class NativeForward:
             x = self._block(layer, x, attend)
         cache.lengths[:B] = pos + 1
         return self._logits(x[:, 0])
+
+    @torch.no_grad()
+    def extend(self, tokens: torch.Tensor, n_valid: torch.Tensor, cache: SlotCache) -> torch.Tensor:
+        """``T`` new tokens for each of the ``B`` running sequences (right-padded; ``n_valid [B]`` are
+        real) appended after each slot's cached prefix; returns logits ``[B, T, V]``. Used to verify
+        draft tokens and to catch the draft up. Padded positions are written to the cache too, but
+        lie beyond the new length, so later calls overwrite them before anything attends to them."""
+        B, T = tokens.shape
+        pos = cache.lengths[:B].clone()
+        positions = pos[:, None] + torch.arange(T, device=tokens.device)[None, :]  # [B, T]
+        span = int(pos.max()) + T
+        rows = torch.arange(B, device=tokens.device)[:, None].expand(B, T)
+        keys = torch.arange(span, device=tokens.device)
+        mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, span]
+        x = self.hf.model.embed_tokens(tokens)
+        for li, layer in enumerate(self.layers):
+            def attend(attn, h, li=li):
+                q, k, v = self._qkv(attn, h, positions)
+                cache.k[li, rows, :, positions] = k.transpose(1, 2)
+                cache.v[li, rows, :, positions] = v.transpose(1, 2)
+                K, V = cache.k[li, :B, :, :span], cache.v[li, :B, :, :span]
+                return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, scale=self.scale,
+                                                      enable_gqa=self.n_kv != self.n_heads)
+            x = self._block(layer, x, attend)
+        cache.lengths[:B] = pos + n_valid
+        return self._logits(x)

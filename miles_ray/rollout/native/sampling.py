@@ -24,6 +24,27 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
+def distribution(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                 min_p: torch.Tensor) -> torch.Tensor:
+    """The normalised distribution :func:`sample` draws from, ``[B, V]``: one-hot at the argmax for
+    greedy rows, else softmax(logits / temperature) truncated by top-k / top-p / min-p."""
+    greedy = temperature <= 0
+    temp = torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
+    probs = torch.softmax(logits / temp, dim=-1)
+    if bool((top_k > 0).any() | (top_p < 1).any() | (min_p > 0).any()):
+        probs = _truncate(probs, top_k, top_p, min_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    if bool(greedy.any()):
+        onehot = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        probs = torch.where(greedy[:, None], onehot, probs)
+    return probs
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from (possibly unnormalised) ``probs [B, V]``."""
+    return _inverse_cdf(probs, generator)
+
+
 def _inverse_cdf(probs: torch.Tensor, generator) -> torch.Tensor:
     """One uniform draw per row against the running sum of (unnormalised) probabilities: exact
     categorical sampling at the cost of a cumsum (``torch.multinomial`` draws one exponential per
