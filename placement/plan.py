@@ -9,7 +9,8 @@ Layouts
   GPUs include bundle i each take half of it (time-shared: the engine releases memory while the
   trainer runs);
 - a ``critic`` PG (PACK) when PPO with GAE needs a value model (colocated: it shares the bundles);
-- a ``draft`` PG (one bundle) for the online draft trainer when speculative rollout trains it;
+- the online draft trainer (speculative rollout): a ``draft`` PG of one bundle (disaggregated) or a
+  share of colocated bundle 0;
 - both: a ``service`` PG (PACK) holds CPU bundles for the reward workers, the buffer and (engines
   over HTTP) the router.
 With ``use_gpu=False`` bundles ask only for CPUs, so the same plan runs on a CPU-only cluster.
@@ -67,7 +68,7 @@ def plan_placement(cluster, num_engines: int, num_reward_workers: int, num_criti
     groups, assign = [], []
     if cluster.colocate:
         n = max(cluster.num_trainers, num_engines * g, num_critics)
-        roles = 2 + (1 if num_critics else 0)  # trainer + engine (+ critic) time-share each bundle
+        roles = 2 + (1 if num_critics else 0) + int(draft_trainer)  # trainer + engine (+ critic, draft) share bundles
         groups.append(GroupSpec("colocated", [_bundle(roles * c, gpu) for _ in range(n)], "PACK"))
         for r in range(cluster.num_trainers):
             assign.append(Assignment("trainer", r, "colocated", r, c, gpu / roles, [r]))
@@ -76,6 +77,8 @@ def plan_placement(cluster, num_engines: int, num_reward_workers: int, num_criti
         for e in range(num_engines):
             idx = list(range(e * g, (e + 1) * g))
             assign.append(Assignment("rollout", e, "colocated", idx[0], c, gpu / roles, idx))
+        if draft_trainer:
+            assign.append(Assignment("draft", 0, "colocated", 0, c, gpu / roles, [0]))
     else:
         if cluster.num_trainers:
             groups.append(GroupSpec("trainer", [_bundle(c, gpu) for _ in range(cluster.num_trainers)], "PACK"))
@@ -90,7 +93,7 @@ def plan_placement(cluster, num_engines: int, num_reward_workers: int, num_criti
         for e in range(num_engines):
             idx = list(range(e * g, (e + 1) * g))
             assign.append(Assignment("rollout", e, "rollout", idx[0], c, gpu, idx))
-    if draft_trainer:  # its own bundle (one GPU on GPU clusters) in both layouts
+    if draft_trainer and not cluster.colocate:  # its own bundle (one GPU on GPU clusters)
         groups.append(GroupSpec("draft", [_bundle(c, gpu)], "PACK"))
         assign.append(Assignment("draft", 0, "draft", 0, c, gpu, [0]))
     service = [_bundle(c, 0) for _ in range(num_reward_workers + 1 + int(router))]

@@ -54,3 +54,17 @@ def test_critic_ranks_get_their_own_group_or_share_colocated():
     plan = plan_placement(ClusterConfig(num_trainers=2, use_gpu=True, colocate=True), 2, 1, num_critics=2)
     shares = [a.num_gpus for a in plan.assignments if a.group == "colocated"]
     assert shares == pytest.approx([1 / 3] * 6) and plan.total_resources()["GPU"] == 2
+
+
+def test_draft_trainer_placement():
+    from miles_ray.config import ClusterConfig
+    from placement.plan import plan_placement
+
+    dis = plan_placement(ClusterConfig(num_trainers=2, use_gpu=True), 2, 1, draft_trainer=True)
+    [draft] = dis.for_role("draft")
+    assert draft.group == "draft" and draft.num_gpus == 1.0
+    assert [g.bundles for g in dis.groups if g.name == "draft"] == [[{"CPU": 0.5, "GPU": 1.0}]]
+    col = plan_placement(ClusterConfig(num_trainers=1, use_gpu=True, colocate=True), 1, 1, draft_trainer=True)
+    [draft] = col.for_role("draft")
+    assert draft.group == "colocated" and draft.num_gpus == pytest.approx(1 / 3)
+    assert col.total_resources()["GPU"] == 1.0  # trainer, engine and draft trainer share one GPU

@@ -103,7 +103,8 @@ def _pit_ks(model, samples, seed: int = 1) -> float:
     for prompt, responses in by_prompt.items():
         ids = torch.tensor([list(prompt) + r for r in responses])
         with torch.no_grad():
-            probs = torch.softmax(model(ids).logits[:, len(prompt):-1].float(), -1)  # predicts tokens 1..
+            logits = model(ids.to(model.device)).logits[:, len(prompt):-1].float().cpu()
+        probs = torch.softmax(logits, -1)  # predicts tokens 1..
         tok = ids[:, len(prompt) + 1:, None]
         p_tok = probs.gather(-1, tok).squeeze(-1)
         below = probs.cumsum(-1).gather(-1, tok).squeeze(-1) - p_tok
@@ -124,8 +125,8 @@ def _lr_z(target, draft, samples) -> float:
     for prompt, responses in by_prompt.items():
         ids = torch.tensor([list(prompt) + r for r in responses])
         with torch.no_grad():
-            lp = torch.log_softmax(target(ids).logits[:, len(prompt):-1].float(), -1)
-            lq = torch.log_softmax(draft(ids).logits[:, len(prompt):-1].float(), -1)
+            lp = torch.log_softmax(target(ids.to(target.device)).logits[:, len(prompt):-1].float().cpu(), -1)
+            lq = torch.log_softmax(draft(ids.to(draft.device)).logits[:, len(prompt):-1].float().cpu(), -1)
         r, p = lp - lq, lp.exp()
         mean = (p * r).sum(-1)
         obs = r.gather(-1, ids[:, len(prompt) + 1:, None]).squeeze(-1)
@@ -185,5 +186,11 @@ def test_draft_config_errors(tmp_path, model_cache):
         load_config(None, ["draft.enabled=true", "rollout.backend=hf"])
     with pytest.raises(ValueError, match="the target has 2 layers"):
         build_draft("layers:2", "tiny:qwen3", tiny_cache_dir=model_cache)
+    try:
+        from miles_ray.models.loading import smollm2_gguf_path
+
+        smollm2_gguf_path()
+    except FileNotFoundError:
+        return  # no second tokenizer to compare with
     with pytest.raises(ValueError, match="does not share the tokenizer"):
         build_draft("smollm2", "tiny:qwen3", tiny_cache_dir=model_cache)
