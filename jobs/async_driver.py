@@ -236,10 +236,13 @@ def staleness_metrics(samples: list, trained_version: int, bound: int) -> dict:
             **{f"staleness_frac_{k}": hist[k] / len(lags) for k in range(bound + 1)}}
 
 
-def snapshot(pump: RolloutPump, actors: RunActors) -> dict:
-    """Pump state plus the buffer's groups. Mid-run, the pump first submits what the staleness bound
-    admits (so what a checkpoint records does not depend on thread timing)."""
+def snapshot(pump: RolloutPump, actors: RunActors, version: int | None = None) -> dict:
+    """Pump state plus the buffer's groups, with the pump parked. Mid-run (``version``: the new
+    policy version, raised here) the pump first submits what the raised bound admits: those groups
+    are in flight in every mid-run checkpoint, whatever the thread timing."""
     with pump.held():
+        if version is not None:
+            pump.set_version(version)
         if pump.submitting and pump.is_alive():
             pump._submit()
         return {**pump.state_dict(), "buffer": ray.get(actors.buffer.snapshot.remote())}
@@ -284,15 +287,18 @@ def async_train_loop(cfg, actors: RunActors, sampler, logger, tokenizer, on_step
             metrics.update(learn(cfg, actors, samples))
             t2 = time.time()
             metrics["time_sync_s"] = weights.sync(step + 2)  # engines pause, load, resume in-flight requests
-            pump.set_version(step + 1)
+            save_now = every and (step + 1) % every == 0 and step + 1 < cfg.total_steps
+            if save_now:
+                state = snapshot(pump, actors, version=step + 1)
+            else:
+                pump.set_version(step + 1)
             metrics.update(time_wait_s=t1 - t0, time_train_s=t2 - t1, time_step_s=time.time() - t0,
                            weight_version=step + 2, **{f"groups_{k}": v for k, v in pump.ctrl.state().items()})
             logger.log(step, metrics)
             rewards.append(metrics["reward_mean"])
             if on_step:
                 on_step(step, metrics)
-            if every and (step + 1) % every == 0 and step + 1 < cfg.total_steps:
-                state = snapshot(pump, actors)
+            if save_now:
                 checkpointing.save(cfg, actors, state["sampler"], step + 1, step + 2, async_state=state)
         drain(pump, cfg.async_rl.watchdog_s)
     finally:
