@@ -34,9 +34,10 @@ class RolloutEngineActor(ActorBase):
             from miles_ray.rollout import make_engine
 
             d = self.cfg.draft
+            spec = {"draft": d.path, "num_draft_tokens": d.num_tokens} if d.enabled else {}
             self.engine = make_engine(r.backend, model_spec=self.cfg.model.path, dtype=self.cfg.model.dtype,
                                       tiny_cache_dir=self.cfg.model.tiny_cache_dir, seed=self.cfg.seed + 1000 + rank,
-                                      draft=d.path if d.enabled else None, num_draft_tokens=d.num_tokens)
+                                      **spec)
             if r.backend == "native":
                 from miles_ray.rollout.native.loop import EngineLoop
 
