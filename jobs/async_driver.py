@@ -33,7 +33,7 @@ import ray
 from jobs import checkpointing
 from jobs.cluster import RunActors
 from jobs.faults import ledger_metrics
-from jobs.sync_driver import learn, rollout_metrics, score
+from jobs.sync_driver import learn, rollout_metrics, score, speculation_metrics
 from jobs.weight_sync import WeightSync
 from miles_ray.async_rl import GROUP_FILTERS, StalenessController
 from miles_ray.rollout import SamplingParams
@@ -273,7 +273,7 @@ def async_train_loop(cfg, actors: RunActors, sampler, logger, tokenizer, on_step
     weights.sync(start + 1)
     pump.set_version(start)
     pump.start()
-    rewards, batch, every = [], cfg.rollout.prompts_per_step, cfg.checkpoint.every
+    rewards, batch, every, t_prev = [], cfg.rollout.prompts_per_step, cfg.checkpoint.every, time.time()
     try:
         for step in range(start, cfg.total_steps):
             t0 = time.time()
@@ -283,7 +283,8 @@ def async_train_loop(cfg, actors: RunActors, sampler, logger, tokenizer, on_step
             samples = [s for g in groups for s in g]
             pump.ledger.consumed += [g[0].group_id for g in groups]
             metrics = {**rollout_metrics(samples), **staleness_metrics(samples, step + 1, cfg.async_rl.staleness),
-                       **ledger_metrics(samples)}
+                       **ledger_metrics(samples), **speculation_metrics(cfg, actors, samples, t1 - t_prev)}
+            t_prev = t1  # tokens/s: trained tokens per step interval (generation runs throughout)
             metrics.update(learn(cfg, actors, samples))
             t2 = time.time()
             metrics["time_sync_s"] = weights.sync(step + 2)  # engines pause, load, resume in-flight requests

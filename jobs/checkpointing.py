@@ -27,6 +27,8 @@ def save(cfg, actors: RunActors, sampler, step: int, version: int, async_state: 
     actors.policy.get(actors.policy.call("save_state", str(tmp), "policy"))
     if actors.critic is not None:
         ray.get(actors.critic.call("save_state", str(tmp), "critic"))
+    if getattr(actors, "draft", None) is not None:
+        ray.get(actors.draft.save_state.remote(str(tmp)))
     torch.save(_engine_rng(actors, version), tmp / "engines_rng.pt")
     if cfg.checkpoint.export_hf:
         actors.policy.get(actors.policy.call("export_hf", str(tmp / "hf")))
@@ -80,6 +82,8 @@ def restore(cfg, actors: RunActors, sampler, path: Path) -> dict:
     actors.policy.get(actors.policy.call("load_state", str(path), "policy"))
     if actors.critic is not None:
         ray.get(actors.critic.call("load_state", str(path), "critic"))
+    if getattr(actors, "draft", None) is not None and (Path(path) / "draft.pt").is_file():
+        ray.get(actors.draft.load_state.remote(str(path)))
     states = torch.load(path / "engines_rng.pt", weights_only=False)
     ray.get([e.set_rng_state.remote(s) for e, s in zip(actors.engines, states)])
     sampler.load_state_dict(meta["sampler"])

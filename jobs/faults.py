@@ -125,7 +125,7 @@ class Recovery:
         actor = self._actor(role, index)
         wait_alive(actor, name=f"{role}-{index}", groups=self.actors.groups)
         if role == "rollout":
-            view = RunActors(self.actors.policy, [actor], [], self.actors.buffer)
+            view = RunActors(self.actors.policy, [actor], [], self.actors.buffer, draft=self.actors.draft)
             WeightSync(view, "object_store").sync(self.version)
 
     def _actor(self, role: str, index: int):

@@ -144,10 +144,7 @@ def train_step(cfg, actors: RunActors, sampler, params, step: int, tokenizer=Non
     ray.get(actors.buffer.put.remote(samples))
     samples = ray.get(actors.buffer.get.remote(len(samples)))
     t2 = time.time()
-    draft = actors.draft.train.remote(samples) if actors.draft is not None and replay is None else None
-    train = learn(cfg, actors, samples)  # the draft trains on the same rollouts meanwhile, in its own bundle
-    if draft is not None:
-        train.update(ray.get(draft))
+    train = learn(cfg, actors, samples)
     colocate_phase(cfg, actors, "rollout")
     t3 = time.time()
     return samples, {**rollout_metrics(samples), **reward_stats, **train,
@@ -162,6 +159,8 @@ def speculation_metrics(cfg, actors: RunActors, samples: list, seconds: float) -
         return out
     stats = [st for st in ray.get([e.spec_stats.remote() for e in actors.engines]) if st.get("spec_rounds")]
     rounds = sum(st["spec_rounds"] for st in stats)
+    if not rounds:  # async: this interval's tokens may all have come before the last report
+        return out
     for key in ("spec_accept_rate", "spec_accept_len"):
         out[key] = sum(st[key] * st["spec_rounds"] for st in stats) / max(rounds, 1)
     return out
@@ -169,12 +168,15 @@ def speculation_metrics(cfg, actors: RunActors, samples: list, seconds: float) -
 
 def learn(cfg, actors: RunActors, samples: list) -> dict:
     """One training step on a batch (both drivers): order by group, old/ref log-probs, values,
-    advantages, then the policy (and critic) update."""
+    advantages, then the policy (and critic) update; the online draft trains on the same batch."""
     samples.sort(key=lambda s: s.group_id)  # the order does not depend on which engine finished first
+    draft = actors.draft.train.remote(samples) if actors.draft is not None else None  # meanwhile, own bundle
     metrics = prepare_batch(cfg, actors, samples)
     metrics.update(actors.policy.train_step(samples, cfg.train.num_minibatches))
     if actors.critic is not None:
         metrics.update(actors.critic.train_step(samples, cfg.train.num_minibatches))
+    if draft is not None:
+        metrics.update(ray.get(draft))
     return metrics
 
 
