@@ -32,7 +32,7 @@ import ray
 
 from jobs import checkpointing
 from jobs.cluster import RunActors
-from jobs.faults import ledger_metrics
+from jobs.faults import FaultInjector, Recovery, ledger_metrics, sync_resilient
 from jobs.sync_driver import learn, rollout_metrics, score, speculation_metrics
 from jobs.weight_sync import WeightSync
 from miles_ray.async_rl import GROUP_FILTERS, StalenessController
@@ -153,8 +153,13 @@ class RolloutPump(threading.Thread):
                 self.inflight[ref] = (i, chunk, time.time())
 
     def _collect(self, ref) -> None:
-        self.inflight.pop(ref)
-        samples, _ = score(self.actors, ray.get(ref))
+        i, chunk, _ = self.inflight.pop(ref)
+        n = self.cfg.rollout.n_samples_per_prompt
+        # a dead engine: wait for its restart, refit it, generate the chunk again (score does the
+        # same for reward workers)
+        generated = self.actors.recovery.get(
+            ref, lambda: self.actors.engines[i].generate.remote(chunk, n, self.params), "rollout", i)
+        samples, _ = score(self.actors, generated)
         groups = collections.defaultdict(list)
         for s in samples:
             groups[s.group_id].append(s)
@@ -266,17 +271,28 @@ def resume(cfg, actors: RunActors, sampler, pump: RolloutPump) -> int:
     return meta["step"]
 
 
+def sync(weights: WeightSync, actors: RunActors, version: int) -> float:
+    """Weight sync under the recovery lock (the rollout thread may be refitting a restarted engine),
+    surviving an engine that dies during it; afterwards restarted engines are refit to ``version``."""
+    with actors.recovery.sync_lock:
+        seconds = sync_resilient(weights, version, actors.recovery)
+        actors.recovery.version = version
+    return seconds
+
+
 def async_train_loop(cfg, actors: RunActors, sampler, logger, tokenizer, on_step=None) -> tuple[list, dict]:
     weights = WeightSync(actors, cfg.weight_sync.transport)
     pump = RolloutPump(cfg, actors, sampler, tokenizer)
     start = resume(cfg, actors, sampler, pump)
-    weights.sync(start + 1)
+    actors.recovery, injector = Recovery(actors), FaultInjector(cfg, actors)
+    sync(weights, actors, start + 1)
     pump.set_version(start)
     pump.start()
     rewards, batch, every, t_prev = [], cfg.rollout.prompts_per_step, cfg.checkpoint.every, time.time()
     try:
         for step in range(start, cfg.total_steps):
             t0 = time.time()
+            injector.on_step(step)
             wait_for_batch(pump, actors, batch, cfg.async_rl.watchdog_s)
             t1 = time.time()
             groups = ray.get(actors.buffer.get_groups.remote(batch, "oldest_version"))
@@ -287,14 +303,15 @@ def async_train_loop(cfg, actors: RunActors, sampler, logger, tokenizer, on_step
             t_prev = t1  # tokens/s: trained tokens per step interval (generation runs throughout)
             metrics.update(learn(cfg, actors, samples))
             t2 = time.time()
-            metrics["time_sync_s"] = weights.sync(step + 2)  # engines pause, load, resume in-flight requests
+            metrics["time_sync_s"] = sync(weights, actors, step + 2)  # engines pause, load, resume in-flight requests
             save_now = every and (step + 1) % every == 0 and step + 1 < cfg.total_steps
             if save_now:
                 state = snapshot(pump, actors, version=step + 1)
             else:
                 pump.set_version(step + 1)
             metrics.update(time_wait_s=t1 - t0, time_train_s=t2 - t1, time_step_s=time.time() - t0,
-                           weight_version=step + 2, **{f"groups_{k}": v for k, v in pump.ctrl.state().items()})
+                           weight_version=step + 2, **{f"groups_{k}": v for k, v in pump.ctrl.state().items()},
+                           **actors.recovery.metrics())
             logger.log(step, metrics)
             rewards.append(metrics["reward_mean"])
             if on_step:

@@ -98,10 +98,14 @@ def wait_alive(actor, timeout_s: float = WAIT_S, name: str = "actor", groups: di
 
 class Recovery:
     """Re-sends work of a dead actor once Ray has restarted it; an engine is refit with the
-    current weights first (it is STALE until then). Counts recoveries and their durations."""
+    current weights (``version``, what the engines serve) first: it is STALE until then. Counts
+    recoveries and their durations. Thread-safe for the async driver's rollout thread."""
 
     def __init__(self, actors):
         self.actors, self.version, self.count, self.seconds = actors, 1, 0, []
+        # held around every weight load into engines: the async driver's rollout thread refits a
+        # restarted engine while the main thread may be syncing all of them
+        self.sync_lock = threading.Lock()
 
     def get(self, ref, resubmit, role: str, index: int, attempts: int = 6):
         for attempt in range(attempts):
@@ -126,7 +130,8 @@ class Recovery:
         wait_alive(actor, name=f"{role}-{index}", groups=self.actors.groups)
         if role == "rollout":
             view = RunActors(self.actors.policy, [actor], [], self.actors.buffer, draft=self.actors.draft)
-            WeightSync(view, "object_store").sync(self.version)
+            with self.sync_lock:
+                WeightSync(view, "object_store").sync(self.version)
 
     def _actor(self, role: str, index: int):
         return (self.actors.engines if role == "rollout" else self.actors.rewards)[index]
