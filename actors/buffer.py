@@ -27,6 +27,9 @@ class BufferActor(ActorBase):
     def snapshot(self) -> list:
         return self.buffer.snapshot()
 
+    def clear(self) -> int:
+        return self.buffer.clear()
+
     def size(self) -> int:
         return len(self.buffer)
 

@@ -192,7 +192,7 @@ class RolloutEngineActor(ActorBase):
         return self._held(self.engine.load_buckets, buckets, version)
 
     def __del__(self):
-        if self.process is not None and self.process.poll() is None:
+        if getattr(self, "process", None) is not None and self.process.poll() is None:
             self.process.kill()
 
 

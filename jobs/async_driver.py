@@ -32,7 +32,8 @@ import ray
 
 from jobs import checkpointing
 from jobs.cluster import RunActors
-from jobs.faults import FaultInjector, Recovery, ledger_metrics, sync_resilient
+from jobs.faults import (FaultInjector, Recovery, latest_checkpoint, ledger_metrics, respawn_trainers, sync_resilient,
+                         trainer_failed)
 from jobs.sync_driver import learn, rollout_metrics, score, speculation_metrics
 from jobs.weight_sync import WeightSync
 from miles_ray.async_rl import GROUP_FILTERS, StalenessController
@@ -160,6 +161,8 @@ class RolloutPump(threading.Thread):
         generated = self.actors.recovery.get(
             ref, lambda: self.actors.engines[i].generate.remote(chunk, n, self.params), "rollout", i)
         samples, _ = score(self.actors, generated)
+        if self._halt.is_set():  # stopped meanwhile (a trainer rebuild clears the buffer): keep out
+            return
         groups = collections.defaultdict(list)
         for s in samples:
             groups[s.group_id].append(s)
@@ -253,9 +256,10 @@ def snapshot(pump: RolloutPump, actors: RunActors, version: int | None = None) -
         return {**pump.state_dict(), "buffer": ray.get(actors.buffer.snapshot.remote())}
 
 
-def resume(cfg, actors: RunActors, sampler, pump: RolloutPump) -> int:
-    """Restore the latest checkpoint (``resume``) into the actors and the pump; returns the step."""
-    path = checkpointing.find(cfg)
+def resume(cfg, actors: RunActors, sampler, pump: RolloutPump, path=None) -> int:
+    """Restore a checkpoint (``path``, else the one ``resume`` names) into the actors and the pump;
+    returns the step."""
+    path = path or checkpointing.find(cfg)
     if path is None:
         return 0
     meta = checkpointing.restore(cfg, actors, sampler, path)
@@ -280,44 +284,83 @@ def sync(weights: WeightSync, actors: RunActors, version: int) -> float:
     return seconds
 
 
+def start_pump(cfg, actors: RunActors, sampler, tokenizer, weights, path=None) -> tuple[RolloutPump, int]:
+    """A rollout pump restored from a checkpoint (if any), engines refit, running."""
+    pump = RolloutPump(cfg, actors, sampler, tokenizer)
+    step = resume(cfg, actors, sampler, pump, path)
+    sync(weights, actors, step + 1)
+    pump.set_version(step)
+    pump.start()
+    return pump, step
+
+
+def rebuild(cfg, actors: RunActors, sampler, tokenizer, weights, logger, pump) -> tuple[RolloutPump, int]:
+    """A trainer rank died: stop the pump, start a new trainer group, clear the buffer and restore
+    the latest checkpoint into trainers, sampler, buffer and a new pump (its in-flight groups are
+    generated again); metrics rows after it are rewound."""
+    path, t0 = latest_checkpoint(cfg), time.time()
+    pump.stop()
+    pump.join(timeout=60)
+    respawn_trainers(actors)
+    ray.get(actors.buffer.clear.remote())
+    weights._opened = False  # the broadcast group belonged to the old rank 0
+    pump, step = start_pump(cfg, actors, sampler, tokenizer, weights, path)
+    logger.rewind(step)
+    actors.recovery.count += 1
+    actors.recovery.seconds.append(time.time() - t0)
+    return pump, step
+
+
+def train_one(cfg, actors: RunActors, pump: RolloutPump, weights, step: int, t_prev: float) -> tuple[dict, dict | None]:
+    """One async step: take a batch, train (policy, critic, draft), sync; a mid-run checkpoint's
+    state is returned (saved by the caller after logging)."""
+    t0 = time.time()
+    wait_for_batch(pump, actors, cfg.rollout.prompts_per_step, cfg.async_rl.watchdog_s)
+    t1 = time.time()
+    groups = ray.get(actors.buffer.get_groups.remote(cfg.rollout.prompts_per_step, "oldest_version"))
+    samples = [s for g in groups for s in g]
+    pump.ledger.consumed += [g[0].group_id for g in groups]
+    metrics = {**rollout_metrics(samples), **staleness_metrics(samples, step + 1, cfg.async_rl.staleness),
+               **ledger_metrics(samples), **speculation_metrics(cfg, actors, samples, t1 - t_prev)}
+    metrics.update(learn(cfg, actors, samples))
+    t2 = time.time()
+    metrics["time_sync_s"] = sync(weights, actors, step + 2)  # engines pause, load, resume in-flight requests
+    every = cfg.checkpoint.every
+    state = None
+    if every and (step + 1) % every == 0 and step + 1 < cfg.total_steps:
+        state = snapshot(pump, actors, version=step + 1)
+    else:
+        pump.set_version(step + 1)
+    metrics.update(time_wait_s=t1 - t0, time_train_s=t2 - t1, time_step_s=time.time() - t0, _t1=t1,
+                   weight_version=step + 2, **{f"groups_{k}": v for k, v in pump.ctrl.state().items()},
+                   **actors.recovery.metrics())
+    return metrics, state
+
+
 def async_train_loop(cfg, actors: RunActors, sampler, logger, tokenizer, on_step=None) -> tuple[list, dict]:
     weights = WeightSync(actors, cfg.weight_sync.transport)
-    pump = RolloutPump(cfg, actors, sampler, tokenizer)
-    start = resume(cfg, actors, sampler, pump)
     actors.recovery, injector = Recovery(actors), FaultInjector(cfg, actors)
-    sync(weights, actors, start + 1)
-    pump.set_version(start)
-    pump.start()
-    rewards, batch, every, t_prev = [], cfg.rollout.prompts_per_step, cfg.checkpoint.every, time.time()
+    pump, start = start_pump(cfg, actors, sampler, tokenizer, weights)
+    rewards, step, t_prev = [], start, time.time()
     try:
-        for step in range(start, cfg.total_steps):
-            t0 = time.time()
+        while step < cfg.total_steps:
             injector.on_step(step)
-            wait_for_batch(pump, actors, batch, cfg.async_rl.watchdog_s)
-            t1 = time.time()
-            groups = ray.get(actors.buffer.get_groups.remote(batch, "oldest_version"))
-            samples = [s for g in groups for s in g]
-            pump.ledger.consumed += [g[0].group_id for g in groups]
-            metrics = {**rollout_metrics(samples), **staleness_metrics(samples, step + 1, cfg.async_rl.staleness),
-                       **ledger_metrics(samples), **speculation_metrics(cfg, actors, samples, t1 - t_prev)}
-            t_prev = t1  # tokens/s: trained tokens per step interval (generation runs throughout)
-            metrics.update(learn(cfg, actors, samples))
-            t2 = time.time()
-            metrics["time_sync_s"] = sync(weights, actors, step + 2)  # engines pause, load, resume in-flight requests
-            save_now = every and (step + 1) % every == 0 and step + 1 < cfg.total_steps
-            if save_now:
-                state = snapshot(pump, actors, version=step + 1)
-            else:
-                pump.set_version(step + 1)
-            metrics.update(time_wait_s=t1 - t0, time_train_s=t2 - t1, time_step_s=time.time() - t0,
-                           weight_version=step + 2, **{f"groups_{k}": v for k, v in pump.ctrl.state().items()},
-                           **actors.recovery.metrics())
+            try:
+                metrics, state = train_one(cfg, actors, pump, weights, step, t_prev)
+            except Exception as err:  # noqa: BLE001 - a dead trainer rank: rebuild, restore, redo
+                if not trainer_failed(actors, err):
+                    raise
+                pump, step = rebuild(cfg, actors, sampler, tokenizer, weights, logger, pump)
+                del rewards[step - start:]
+                continue
+            t_prev = metrics.pop("_t1")
             logger.log(step, metrics)
             rewards.append(metrics["reward_mean"])
             if on_step:
                 on_step(step, metrics)
-            if save_now:
+            if state is not None:
                 checkpointing.save(cfg, actors, state["sampler"], step + 1, step + 2, async_state=state)
+            step += 1
         drain(pump, cfg.async_rl.watchdog_s)
     finally:
         pump.stop()

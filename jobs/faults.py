@@ -184,20 +184,34 @@ def trainer_failed(actors, err: BaseException) -> bool:
     return False
 
 
-def rebuild_trainers(cfg, actors, sampler, weights, logger) -> tuple[int, int]:
-    """Replace every trainer rank on the same bundles, restore the latest checkpoint, refit the
-    engines and rewind the metrics. Returns (step, version) to continue from."""
-    from actors import RankGroup
+def latest_checkpoint(cfg):
     from jobs import checkpointing
 
     path = checkpointing.ckpt.latest(checkpointing.root(cfg))
     if path is None:
         raise RuntimeError("a trainer rank died and there is no checkpoint to restore; set checkpoint.every")
-    t0 = time.time()
+    return path
+
+
+def respawn_trainers(actors) -> None:
+    """Kill every trainer rank (survivors are stuck in a collective with the dead one) and start
+    a new group on the same bundles (fresh actor names)."""
+    from actors import RankGroup
+
     for rank in actors.policy.actors:
-        ray.kill(rank)  # survivors are stuck in a collective with the dead rank
+        ray.kill(rank)
     actors.policy = RankGroup(actors.spawn_policy(actors.recovery.count + 1))
     actors.policy.setup()
+
+
+def rebuild_trainers(cfg, actors, sampler, weights, logger) -> tuple[int, int]:
+    """Replace every trainer rank on the same bundles, restore the latest checkpoint, refit the
+    engines and rewind the metrics. Returns (step, version) to continue from."""
+    from jobs import checkpointing
+
+    path = latest_checkpoint(cfg)
+    t0 = time.time()
+    respawn_trainers(actors)
     meta = checkpointing.restore(cfg, actors, sampler, path)
     weights._opened = False  # the broadcast group belonged to the old rank 0
     weights.sync(meta["version"])

@@ -41,6 +41,13 @@ class SampleBuffer:
         """The queued items, oldest first, without taking them (for checkpoints)."""
         return list(self._queue)
 
+    def clear(self) -> int:
+        """Drop everything (a restore refills the buffer from a checkpoint); counted as taken."""
+        dropped = sum(len(x) if isinstance(x, list) else 1 for x in self._queue)
+        self.taken_total += dropped
+        self._queue.clear()
+        return dropped
+
     def __len__(self) -> int:
         return len(self._queue)
 

@@ -92,3 +92,13 @@ def test_async_engine_and_reward_worker_killed_mid_run(local_ray, tmp_path, mode
                             "async_rl.enabled=true", "async_rl.staleness=1")
     assert rows[-1]["recoveries"] >= 3
     check_run(tmp_path, cfg, tokenizer)
+
+
+def test_async_trainer_rank_killed_rebuilt_from_checkpoint(local_ray, tmp_path, model_cache, tokenizer):
+    """Async: rank 1 of 2 dies in step 2; the pump stops, a new trainer group restores the last
+    checkpoint with its buffered and in-flight groups, and the run goes on with nothing lost."""
+    cfg, rows = _faults_run(tmp_path, model_cache, "faults-async-trainer", '[{"role": "trainer", "rank": 1, "step": 2}]',
+                            "rollout.backend=native", "async_rl.enabled=true", "async_rl.staleness=1",
+                            "cluster.num_trainers=2", "checkpoint.every=1")
+    assert rows[-1]["recoveries"] >= 1
+    check_run(tmp_path, cfg, tokenizer)
