@@ -40,6 +40,7 @@ class RunActors:
     recovery: object = None  # jobs.faults.Recovery, set by a driver
     spawn_policy: object = None  # () -> new trainer-rank actors on the same bundles
     draft: object = None  # DraftTrainerActor (speculative rollout with an online-trained draft)
+    spawn_critic: object = None  # () -> new critic-rank actors on the same bundles
 
     def all(self) -> list:
         critics = self.critic.actors if self.critic else []
@@ -84,11 +85,13 @@ def start_actors(cfg, trainers: bool = True, engines: bool = True) -> RunActors:
         return [TrainerActor.options(**{**opts(a), "name": f"{prefix}-trainer-{a.rank}{suffix}"}).remote(
             cfg_dict, a.rank, world) for a in plan.for_role("trainer")]
 
+    def spawn_critic(generation: int = 0):
+        suffix = f"-g{generation}" if generation else ""
+        return [CriticActor.options(**{**opts(a), "name": f"{prefix}-critic-{a.rank}{suffix}"}).remote(
+            cfg_dict, a.rank, n_critics) for a in plan.for_role("critic")]
+
     policy = RankGroup(spawn_policy())
-    critic = None
-    if n_critics:
-        critic = RankGroup([CriticActor.options(**opts(a)).remote(cfg_dict, a.rank, n_critics)
-                            for a in plan.for_role("critic")])
+    critic = RankGroup(spawn_critic()) if n_critics else None
     # engines and reward workers restart automatically; calls are not retried by Ray: the driver
     # re-sends them once the actor is back (and, for an engine, refit with the current weights)
     restart = {"max_restarts": -1, "max_task_retries": 0}
@@ -99,7 +102,8 @@ def start_actors(cfg, trainers: bool = True, engines: bool = True) -> RunActors:
                for a in plan.for_role("reward")]
     buffer = BufferActor.options(**opts(plan.for_role("buffer")[0])).remote()
     draft = DraftTrainerActor.options(**opts(plan.for_role("draft")[0])).remote(cfg_dict) if online_draft else None
-    actors = RunActors(policy, engines, rewards, buffer, critic, groups, spawn_policy=spawn_policy, draft=draft)
+    actors = RunActors(policy, engines, rewards, buffer, critic, groups, spawn_policy=spawn_policy, draft=draft,
+                       spawn_critic=spawn_critic if n_critics else None)
     ray.get([a.ready.remote() for a in actors.all()])
     if http:  # rollout goes through the router to the engine servers
         urls = ray.get([e.url.remote() for e in engines])

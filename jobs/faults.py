@@ -38,7 +38,8 @@ class FaultInjector:
 
     def actor(self, role: str, rank: int):
         return {"rollout": self.actors.engines, "reward": self.actors.rewards,
-                "trainer": self.actors.policy.actors}[role][rank]
+                "trainer": self.actors.policy.actors,
+                "critic": self.actors.critic.actors if self.actors.critic else []}[role][rank]
 
     def on_step(self, step: int) -> None:
         for kill in self.plan:
@@ -172,11 +173,11 @@ def _node(actor) -> str:
 
 
 def trainer_failed(actors, err: BaseException) -> bool:
-    """True when ``err`` comes from a dead trainer rank (engines and reward workers recover
-    inside the step; a trainer rank has no restarts: its group is rebuilt)."""
+    """True when ``err`` comes from a dead trainer or critic rank (engines and reward workers
+    recover inside the step; trainer ranks have no restarts: their groups are rebuilt)."""
     if not isinstance(err, (ray.exceptions.RayActorError, ray.exceptions.RayTaskError)):
         return False
-    for rank in actors.policy.actors:
+    for rank in actors.policy.actors + (actors.critic.actors if actors.critic else []):
         try:
             ray.get(rank.ready.remote(), timeout=10)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
@@ -194,14 +195,18 @@ def latest_checkpoint(cfg):
 
 
 def respawn_trainers(actors) -> None:
-    """Kill every trainer rank (survivors are stuck in a collective with the dead one) and start
-    a new group on the same bundles (fresh actor names)."""
+    """Kill every policy (and critic) rank (survivors are stuck in a collective with the dead one)
+    and start new groups on the same bundles (fresh actor names)."""
     from actors import RankGroup
 
-    for rank in actors.policy.actors:
+    generation = actors.recovery.count + 1
+    for rank in actors.policy.actors + (actors.critic.actors if actors.critic else []):
         ray.kill(rank)
-    actors.policy = RankGroup(actors.spawn_policy(actors.recovery.count + 1))
+    actors.policy = RankGroup(actors.spawn_policy(generation))
     actors.policy.setup()
+    if actors.critic is not None:
+        actors.critic = RankGroup(actors.spawn_critic(generation))
+        actors.critic.setup()
 
 
 def rebuild_trainers(cfg, actors, sampler, weights, logger) -> tuple[int, int]:

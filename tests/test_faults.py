@@ -102,3 +102,12 @@ def test_async_trainer_rank_killed_rebuilt_from_checkpoint(local_ray, tmp_path, 
                             "cluster.num_trainers=2", "checkpoint.every=1")
     assert rows[-1]["recoveries"] >= 1
     check_run(tmp_path, cfg, tokenizer)
+
+
+def test_critic_rank_killed_groups_rebuilt_from_checkpoint(local_ray, tmp_path, model_cache, tokenizer):
+    """PPO with GAE: the critic rank dies in step 2; policy and critic groups are rebuilt and both
+    restored from the last checkpoint."""
+    cfg, rows = _faults_run(tmp_path, model_cache, "faults-critic", '[{"role": "critic", "rank": 0, "step": 2}]',
+                            "rollout.backend=native", "algorithm.advantage=gae", "checkpoint.every=1")
+    assert rows[-1]["recoveries"] >= 1 and all("value_loss" in r for r in rows)
+    check_run(tmp_path, cfg, tokenizer)
