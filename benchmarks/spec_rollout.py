@@ -150,8 +150,10 @@ def main() -> None:
               f"len {sum(s.response_length for s in samples) / len(samples):.1f}", flush=True)
         if step in (1, args.steps - 1):
             tag = "early" if step == 1 else "late"
+            rng_state = engine.generator.get_state()  # measuring must not change the RL trajectory
             report[tag] = compare(engine, frozen, drafter.get_weights(), eval_reqs, params, args.eval_n, args.repeats,
                                   args.concurrency)
+            engine.generator.set_state(rng_state)
             for name, v in report[tag].items():
                 print(f"  {tag:5s} {name:7s} tokens/s {v['tok_s']:8.1f}  accept_len {v['accept_len']:.2f}  "
                       f"accept_rate {v['accept_rate']:.2f}", flush=True)
