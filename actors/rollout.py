@@ -42,7 +42,7 @@ class RolloutEngineActor(ActorBase):
                 from miles_ray.rollout.native.loop import EngineLoop
 
                 self.loop = EngineLoop(self.engine)
-            if ray.get_runtime_context().was_current_actor_reconstructed:
+            if _reconstructed():
                 from miles_ray.rollout.health import STALE
 
                 self.engine.state = STALE  # a restarted engine serves only after a weight refit
@@ -194,6 +194,16 @@ class RolloutEngineActor(ActorBase):
     def __del__(self):
         if getattr(self, "process", None) is not None and self.process.poll() is None:
             self.process.kill()
+
+
+def _reconstructed() -> bool:
+    """Whether Ray restarted this actor (the API warns that it is deprecated; the warning, printed
+    by every engine, would trail a benchmark's RESULT line)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ray.get_runtime_context().was_current_actor_reconstructed
 
 
 def _cuda() -> bool:

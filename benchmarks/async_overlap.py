@@ -53,6 +53,9 @@ def main() -> None:
     skip = 2  # warm-up steps left out of the means
     sync = run(tmp, "sync", model, args)[skip:]
     asyn = run(tmp, "async", model, args, "async_rl.enabled=true", "async_rl.staleness=1")[skip:]
+    import ray
+
+    ray.shutdown()  # its log stream must not trail the RESULT line
     mean = lambda rows, k: statistics.mean(r[k] for r in rows)  # noqa: E731
     rollout_s = mean(sync, "time_rollout_s") + mean(sync, "time_reward_s")
     train_s = mean(sync, "time_train_s") + mean(sync, "time_sync_s")

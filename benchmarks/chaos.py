@@ -42,6 +42,9 @@ def main() -> None:
         "checkpoint.every=1", f"faults.random_kills={args.faults - len(kills)}", f"faults.seed={args.seed}",
         f"faults.kills={json.dumps(kills)}", "logging.wandb=false", "logging.progress_bar=false"])
     summary = run(cfg)
+    import ray
+
+    ray.shutdown()  # its log stream must not trail the RESULT line
     rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
     # the ledger in every row: which groups (and how many samples each) a step trained on
     counts = ledger_counts(rows, n, range(args.steps * prompts))
