@@ -53,6 +53,7 @@ def _worker(rank, world, port, model_cache, strategy, agg, out_path):
     metrics, grads = _run(trainer, shards[rank])
     if rank == 0:
         torch.save({"metrics": metrics, "grads": grads}, out_path)
+    torch.distributed.barrier()  # no rank tears gloo down while the other still talks to it (SIGABRT once)
     torch.distributed.destroy_process_group()
 
 

@@ -70,7 +70,7 @@ def test_ray_job_submit_runs_training(ray_head, tmp_path):
            "python", "-m", "jobs.train", "examples/grpo_arith_tiny.yaml", "total_steps=3",
            "train.sft_warmup_steps=2", "rollout.prompts_per_step=4", "logging.progress_bar=false",
            f"output_dir={out}", f"model.tiny_cache_dir={tmp_path / 'models'}", "run_name=jobsubmit"]
-    for _ in range(10):  # right after start the head's job agent may not be up yet ("No available agent")
+    for _ in range(40):  # right after start the head's job agent may not be up yet ("No available agent"; 30 s+ when loaded)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         log = proc.stdout + proc.stderr
         if "No available agent" not in log:
