@@ -34,7 +34,8 @@ def ray_head():
     # --block in its own process group: teardown kills exactly this cluster (``ray stop`` would
     # stop every Ray instance on the machine)
     head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={_free_port()}", f"--dashboard-port={dash}",
-                             "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=8",
+                             # the agent's default port (52365) may still be held by a Ray of an earlier test
+                             f"--dashboard-agent-listen-port={_free_port()}", "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=8",
                              "--disable-usage-stats"], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{dash}"
