@@ -169,8 +169,8 @@ class RolloutEngineActor(ActorBase):
     def load_draft(self, weights: dict, version: int) -> int:
         """New draft-model weights (speculative rollout), applied between two decode steps."""
         if self.client:
-            raise NotImplementedError("online draft updates reach in-actor native engines only; SGLang engines "
-                                      "keep the draft they were launched with (draft.online=false)")
+            raise RuntimeError("online draft updates reach in-actor native engines only; HTTP engines keep the "
+                               "draft they were launched with (config validation requires draft.online=false)")
         self._held(self.engine.load_draft, weights, version)
         return version
 

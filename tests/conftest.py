@@ -45,3 +45,13 @@ def tokenizer(model_cache):
     from miles_ray.models import load_tokenizer
 
     return load_tokenizer("tiny:qwen3", model_cache)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray instance (8 CPUs) for the tests of one module; shut down after it."""
+    import ray
+
+    ray.init(address="local", num_cpus=8, include_dashboard=False)
+    yield
+    ray.shutdown()

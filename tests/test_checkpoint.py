@@ -3,7 +3,6 @@ weights as an uninterrupted one; checkpoints are atomic and rotated; the HF expo
 import json
 
 import pytest
-import ray
 import torch
 
 from miles_ray import checkpoint as ckpt
@@ -12,13 +11,6 @@ from miles_ray.config import load_config
 pytestmark = pytest.mark.ray
 BASE = ("rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=4", "train.sft_warmup_steps=2",
         "data.num_synthetic=12", "rollout.num_engines=2", "logging.progress_bar=false", "logging.wandb=false")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=8, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def _run(out, model_cache, *extra):

@@ -1,7 +1,6 @@
 """Async driver checkpoint/resume on a real local Ray: the checkpoint holds the buffered groups and
 the in-flight requests; a run stopped and resumed trains every submitted group exactly once."""
 import pytest
-import ray
 
 from jobs.checkpointing import load_async_state
 from miles_ray import checkpoint as ckpt
@@ -14,13 +13,6 @@ BASE = ("rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=2", "rollout
         "train.sft_batch_size=4", "async_rl.enabled=true", "async_rl.staleness=1", "async_rl.off_policy.mode=tis",
         "checkpoint.every=1", "checkpoint.keep=5", "checkpoint.export_hf=false", "logging.progress_bar=false",
         "logging.wandb=false", "run_name=aresume")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=8, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def _cfg(out, model_cache, *extra):

@@ -6,19 +6,11 @@ test_faults_node.py."""
 import json
 
 import pytest
-import ray
 
 from miles_ray.config import load_config
 from tests.helpers.ledger import check_run
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=8, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def _faults_run(tmp_path, model_cache, name: str, kills: str, *extra):
