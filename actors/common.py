@@ -17,6 +17,13 @@ def setup_worker_process(seed: int, torch_threads: int | None = None) -> None:
     torch.manual_seed(seed)
 
 
+def dist_backend(cfg) -> str:
+    """torch.distributed backend for trainer groups and weight broadcasts: NCCL on GPU, else gloo."""
+    import torch
+
+    return "nccl" if cfg.cluster.use_gpu and torch.cuda.is_available() else "gloo"
+
+
 class ActorBase:
     """Methods every actor shares: readiness and where it runs (for tests and the dashboard)."""
 

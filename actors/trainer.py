@@ -6,7 +6,7 @@ import socket
 
 import ray
 
-from actors.common import ActorBase, setup_worker_process
+from actors.common import ActorBase, dist_backend, setup_worker_process
 from miles_ray.config import Config
 
 
@@ -30,8 +30,7 @@ class _RankActor(ActorBase):
         if self.world_size > 1:
             from miles_ray.training.base import init_distributed
 
-            backend = "nccl" if self.cfg.cluster.use_gpu and _cuda() else "gloo"
-            init_distributed(self.rank, self.world_size, master_addr, master_port, backend)
+            init_distributed(self.rank, self.world_size, master_addr, master_port, dist_backend(self.cfg))
         self.trainer = self.build()
         return True
 
@@ -92,7 +91,7 @@ class TrainerActor(_RankActor):
     def open_broadcast(self, addr: str, port: int, world_size: int) -> bool:
         from miles_ray.weights import BroadcastChannel
 
-        self.channel = BroadcastChannel(0, world_size, addr, port, _backend(self.cfg))
+        self.channel = BroadcastChannel(0, world_size, addr, port, dist_backend(self.cfg))
         return True
 
     def prepare_broadcast(self, version: int) -> list | None:
@@ -141,12 +140,3 @@ class CriticActor(_RankActor):
 def _bucket_bytes(cfg) -> int:
     return int(cfg.weight_sync.bucket_mb * (1 << 20))
 
-
-def _backend(cfg) -> str:
-    return "nccl" if cfg.cluster.use_gpu and _cuda() else "gloo"
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

@@ -24,7 +24,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 
 def run(tmp: Path, name: str, model: Path, args, *extra) -> list[dict]:
-    from jobs.sync_driver import run as run_job
+    from jobs.train import run as run_job
     from miles_ray.config import load_config
 
     cfg = load_config(None, [

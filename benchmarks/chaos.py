@@ -28,8 +28,8 @@ def main() -> None:
     ap.add_argument("--trainer-kill", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    from jobs.faults import ledger_counts
-    from jobs.sync_driver import run
+    from miles_ray.ledger import check_rows as ledger_counts
+    from jobs.train import run
     from miles_ray.config import load_config
 
     out = Path(tempfile.mkdtemp(prefix="chaos-"))

@@ -118,7 +118,7 @@ def main() -> None:
                            tiny_cache_dir=args.cache)
     drafter = DraftTrainer(args.draft, args.target, TrainConfig(micro_batch_size=64), lr=3e-3, tiny_cache_dir=args.cache)
     params = SamplingParams(temperature=1.0, max_new_tokens=32)
-    sync = lambda v: engine.update_weights(policy.get_weights(), v)  # noqa: E731
+    sync = lambda v: engine.weights.update(policy.get_weights(), v)  # noqa: E731
 
     t0 = time.time()
     phrase = lambda it: rng.choice(PHRASES).format(a=operands(it.prompt)[0], b=operands(it.prompt)[1], c=it.label)  # noqa: E731

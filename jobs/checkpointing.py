@@ -1,6 +1,9 @@
 """Save and restore a run: trainer (and critic) rank states, engine sampling RNG, the prompt
 cursor, step and weight version; optionally the policy as an HF folder; for the async driver also
-its buffered groups and in-flight requests (``async_state.pt``). Used by the drivers."""
+its buffered groups and in-flight requests (``async_state.pt``). Used by the drivers.
+
+Invariant: a checkpoint after ``step`` train steps holds weight version
+``versioning.after_steps(step)`` (written into its meta, asserted on restore)."""
 from __future__ import annotations
 
 import json
@@ -12,24 +15,30 @@ import torch
 
 from jobs.cluster import RunActors
 from miles_ray import checkpoint as ckpt
+from miles_ray import versioning
+from miles_ray.config import Config
+from miles_ray.errors import UserPathError, UserValueError
 
 log = logging.getLogger("miles_ray.checkpoint")
 
 
-def root(cfg) -> Path:
+def root(cfg: Config) -> Path:
     return Path(cfg.checkpoint.dir or Path(cfg.output_dir) / "checkpoints")
 
 
-def save(cfg, actors: RunActors, sampler, step: int, version: int, async_state: dict | None = None) -> Path:
-    """Checkpoint after ``step`` train steps (weights of ``version``). ``sampler``: the sampler or
-    its state dict; ``async_state``: the async driver's pump state and buffered groups."""
+def save(cfg: Config, actors: RunActors, sampler, step: int, engine_rng: list,
+         async_state: dict | None = None) -> Path:
+    """Checkpoint after ``step`` train steps. ``sampler``: the sampler or its state dict;
+    ``engine_rng``: each engine's sampling RNG state; ``async_state``: the async driver's pump
+    state and buffered groups."""
+    version = versioning.after_steps(step)
     tmp = ckpt.begin(root(cfg), step)
     actors.policy.get(actors.policy.call("save_state", str(tmp), "policy"))
     if actors.critic is not None:
         ray.get(actors.critic.call("save_state", str(tmp), "critic"))
-    if getattr(actors, "draft", None) is not None:
+    if actors.draft is not None:
         ray.get(actors.draft.save_state.remote(str(tmp)))
-    torch.save(_engine_rng(actors, version), tmp / "engines_rng.pt")
+    torch.save(engine_rng, tmp / "engines_rng.pt")
     if cfg.checkpoint.export_hf:
         actors.policy.get(actors.policy.call("export_hf", str(tmp / "hf")))
     cursor = sampler if isinstance(sampler, dict) else sampler.state_dict()
@@ -43,23 +52,13 @@ def save(cfg, actors: RunActors, sampler, step: int, version: int, async_state: 
     return final
 
 
-def _engine_rng(actors: RunActors, version: int) -> list:
-    """Engines' sampling RNG; an engine that died meanwhile is waited for and refit (``version``)."""
-    refs = [e.rng_state.remote() for e in actors.engines]
-    if actors.recovery is None:
-        return ray.get(refs)
-    actors.recovery.version = version
-    return [actors.recovery.get(ref, lambda e=e: e.rng_state.remote(), "rollout", i)
-            for i, (e, ref) in enumerate(zip(actors.engines, refs))]
-
-
 def load_async_state(path: Path) -> dict | None:
     """The async driver's buffered groups and in-flight requests, or None (a sync checkpoint)."""
     file = Path(path) / "async_state.pt"
     return torch.load(file, weights_only=False) if file.is_file() else None
 
 
-def find(cfg) -> Path | None:
+def find(cfg: Config) -> Path | None:
     """The checkpoint to resume from (``resume``), checked before any actor starts."""
     if cfg.resume == "none":
         return None
@@ -67,22 +66,25 @@ def find(cfg) -> Path | None:
     if path is None:
         return None
     if not (path / "meta.json").is_file():
-        raise FileNotFoundError(f"resume={cfg.resume!r} is not a checkpoint folder (no meta.json)")
+        raise UserPathError(f"resume={cfg.resume!r} is not a checkpoint folder (no meta.json)")
     pending = ckpt.read_meta(path).get("async", {})
     if not cfg.async_rl.enabled and pending.get("buffered_groups", 0) + pending.get("inflight_groups", 0):
-        raise RuntimeError(f"checkpoint {path} was written by the async driver and holds {pending['buffered_groups']} "
+        raise UserValueError(f"checkpoint {path} was written by the async driver and holds {pending['buffered_groups']} "
                            f"buffered and {pending['inflight_groups']} in-flight groups the synchronous driver would "
                            "drop; resume it with async_rl.enabled=true")
     return path
 
 
-def restore(cfg, actors: RunActors, sampler, path: Path) -> dict:
+def restore(cfg: Config, actors: RunActors, sampler, path: Path) -> dict:
     """Load a checkpoint into running actors; returns its meta (step, version, sampler)."""
     meta = ckpt.read_meta(path)
+    if meta["version"] != versioning.after_steps(meta["step"]):
+        raise RuntimeError(f"checkpoint {path}: weight version {meta['version']} does not follow step {meta['step']} "
+                           f"(expected {versioning.after_steps(meta['step'])}, see miles_ray.versioning)")
     actors.policy.get(actors.policy.call("load_state", str(path), "policy"))
     if actors.critic is not None:
         ray.get(actors.critic.call("load_state", str(path), "critic"))
-    if getattr(actors, "draft", None) is not None and (Path(path) / "draft.pt").is_file():
+    if actors.draft is not None and (Path(path) / "draft.pt").is_file():
         ray.get(actors.draft.load_state.remote(str(path)))
     states = torch.load(path / "engines_rng.pt", weights_only=False)
     ray.get([e.set_rng_state.remote(s) for e, s in zip(actors.engines, states)])

@@ -1,20 +1,25 @@
 """Join the Ray cluster in RAY_ADDRESS (as under ``ray job submit``) or start a local one, then
-place the actors of a run on their placement-group bundles."""
+place the actors of a run on their placement-group bundles (:func:`start_actors`)."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import ray
+from ray.actor import ActorHandle
+from ray.util.placement_group import PlacementGroup
 
 from actors import BufferActor, CriticActor, DraftTrainerActor, RankGroup, RewardWorker, RolloutEngineActor, RouterActor, TrainerActor
+from miles_ray.config import Config
 from miles_ray.models import resolve_model_path
 from placement.groups import actor_options, create_groups, remove_groups
 from placement.plan import plan_placement
 
+Spawner = Callable[[int], list]  # generation -> new rank actors on the same bundles
 
-def init_ray(cfg, needed_cpus: float) -> None:
+
+def init_ray(cfg: Config, needed_cpus: float) -> None:
     if ray.is_initialized():
         return
     env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
@@ -29,27 +34,43 @@ def init_ray(cfg, needed_cpus: float) -> None:
 
 @dataclass
 class RunActors:
+    """Handles of one run's actors. Only :meth:`respawn_trainers` replaces ``policy`` and
+    ``critic`` (a trainer-rank death); every other field is fixed once :func:`start_actors` returns."""
     policy: RankGroup
-    engines: list
-    rewards: list
-    buffer: object
+    engines: list[ActorHandle]
+    rewards: list[ActorHandle]
+    buffer: ActorHandle
     critic: Optional[RankGroup] = None
-    groups: dict = field(default_factory=dict)
-    router: object = None
+    draft: Optional[ActorHandle] = None  # DraftTrainerActor (speculative rollout, online draft)
+    router: Optional[ActorHandle] = None
     router_url: Optional[str] = None
-    recovery: object = None  # jobs.faults.Recovery, set by a driver
-    spawn_policy: object = None  # () -> new trainer-rank actors on the same bundles
-    draft: object = None  # DraftTrainerActor (speculative rollout with an online-trained draft)
-    spawn_critic: object = None  # () -> new critic-rank actors on the same bundles
+    groups: dict[str, PlacementGroup] = field(default_factory=dict)
+    spawn_policy: Optional[Spawner] = None
+    spawn_critic: Optional[Spawner] = None
+    generation: int = 0  # trainer groups rebuilt so far
 
-    def all(self) -> list:
-        critics = self.critic.actors if self.critic else []
+    def trainer_ranks(self) -> list[ActorHandle]:
+        return self.policy.actors + (self.critic.actors if self.critic else [])
+
+    def all(self) -> list[ActorHandle]:
         router = [self.router] if self.router else []
         draft = [self.draft] if self.draft else []
-        return [*self.policy.actors, *critics, *self.engines, *self.rewards, self.buffer, *router, *draft]
+        return [*self.trainer_ranks(), *self.engines, *self.rewards, self.buffer, *router, *draft]
+
+    def respawn_trainers(self) -> None:
+        """Kill every policy (and critic) rank (survivors are stuck in a collective with the dead
+        one) and start new groups on the same bundles, with fresh names (``-g<generation>``)."""
+        for rank in self.trainer_ranks():
+            ray.kill(rank)
+        self.generation += 1
+        self.policy = RankGroup(self.spawn_policy(self.generation))
+        self.policy.setup()
+        if self.critic is not None:
+            self.critic = RankGroup(self.spawn_critic(self.generation))
+            self.critic.setup()
 
 
-def with_resolved_model(cfg):
+def with_resolved_model(cfg: Config) -> Config:
     """Resolve the model spec once in the driver (writes a tiny model once) and hand actors an
     absolute folder, so their working directory does not matter. GGUF specs stay symbolic."""
     where = resolve_model_path(cfg.model.path, cfg.model.tiny_cache_dir)
@@ -60,7 +81,7 @@ def with_resolved_model(cfg):
     return cfg
 
 
-def start_actors(cfg, trainers: bool = True, engines: bool = True) -> RunActors:
+def start_actors(cfg: Config, trainers: bool = True, engines: bool = True) -> RunActors:
     """Plan placement, create the groups, start every actor and wait until all are ready.
     ``trainers=False``: pure inference (no trainer ranks); ``engines=False``: training from a dump."""
     cfg = with_resolved_model(cfg)
@@ -76,42 +97,39 @@ def start_actors(cfg, trainers: bool = True, engines: bool = True) -> RunActors:
     groups = create_groups(plan, prefix)
     cfg_dict = cfg.model_dump()
 
-    def opts(a):
-        return actor_options(a, groups, f"{prefix}-{a.role}-{a.rank}")
+    def opts(a, suffix: str = ""):
+        return actor_options(a, groups, f"{prefix}-{a.role}-{a.rank}{suffix}")
 
-    def spawn_policy(generation: int = 0):
-        """Trainer ranks on their bundles; a rebuilt group gets fresh names (``-g<n>``)."""
-        suffix = f"-g{generation}" if generation else ""
-        return [TrainerActor.options(**{**opts(a), "name": f"{prefix}-trainer-{a.rank}{suffix}"}).remote(
-            cfg_dict, a.rank, world) for a in plan.for_role("trainer")]
+    def spawner(actor_cls, role: str, size: int) -> Spawner:
+        def spawn(generation: int = 0) -> list:
+            suffix = f"-g{generation}" if generation else ""
+            return [actor_cls.options(**opts(a, suffix)).remote(cfg_dict, a.rank, size) for a in plan.for_role(role)]
+        return spawn
 
-    def spawn_critic(generation: int = 0):
-        suffix = f"-g{generation}" if generation else ""
-        return [CriticActor.options(**{**opts(a), "name": f"{prefix}-critic-{a.rank}{suffix}"}).remote(
-            cfg_dict, a.rank, n_critics) for a in plan.for_role("critic")]
-
-    policy = RankGroup(spawn_policy())
-    critic = RankGroup(spawn_critic()) if n_critics else None
+    spawn_policy = spawner(TrainerActor, "trainer", world)
+    spawn_critic = spawner(CriticActor, "critic", n_critics) if n_critics else None
     # engines and reward workers restart automatically; calls are not retried by Ray: the driver
     # re-sends them once the actor is back (and, for an engine, refit with the current weights)
     restart = {"max_restarts": -1, "max_task_retries": 0}
-    engines = [RolloutEngineActor.options(**opts(a), **restart).remote(cfg_dict, a.rank)
-               for a in plan.for_role("rollout")]
     r = cfg.reward
-    rewards = [RewardWorker.options(**opts(a), **restart).remote(r.fn, r.timeout_s, r.failure_score, r.isolate)
-               for a in plan.for_role("reward")]
-    buffer = BufferActor.options(**opts(plan.for_role("buffer")[0])).remote()
-    draft = DraftTrainerActor.options(**opts(plan.for_role("draft")[0])).remote(cfg_dict) if online_draft else None
-    actors = RunActors(policy, engines, rewards, buffer, critic, groups, spawn_policy=spawn_policy, draft=draft,
-                       spawn_critic=spawn_critic if n_critics else None)
+    actors = RunActors(
+        policy=RankGroup(spawn_policy()),
+        critic=RankGroup(spawn_critic()) if spawn_critic else None,
+        engines=[RolloutEngineActor.options(**opts(a), **restart).remote(cfg_dict, a.rank)
+                 for a in plan.for_role("rollout")],
+        rewards=[RewardWorker.options(**opts(a), **restart).remote(r.fn, r.timeout_s, r.failure_score, r.isolate)
+                 for a in plan.for_role("reward")],
+        buffer=BufferActor.options(**opts(plan.for_role("buffer")[0])).remote(),
+        draft=DraftTrainerActor.options(**opts(plan.for_role("draft")[0])).remote(cfg_dict) if online_draft else None,
+        groups=groups, spawn_policy=spawn_policy, spawn_critic=spawn_critic)
     ray.get([a.ready.remote() for a in actors.all()])
     if http:  # rollout goes through the router to the engine servers
-        urls = ray.get([e.url.remote() for e in engines])
+        urls = ray.get([e.url.remote() for e in actors.engines])
         actors.router = RouterActor.options(**opts(plan.for_role("router")[0])).remote(urls)
         actors.router_url = ray.get(actors.router.url.remote())
-    policy.setup()
-    if critic:
-        critic.setup()
+    actors.policy.setup()
+    if actors.critic:
+        actors.critic.setup()
     return actors
 
 

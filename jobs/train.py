@@ -1,38 +1,99 @@
-"""Entry point: ``python -m jobs.train [CONFIG.yaml] [key.sub=value ...]``.
+"""Training entry point: ``python -m jobs.train [CONFIG.yaml] [key.sub=value ...]`` (the same as
+``miles-ray train``), and :func:`run`, which :func:`miles_ray.run` calls.
 
 Joins the Ray cluster in RAY_ADDRESS when set (``ray job submit --working-dir . -- python -m
-jobs.train ...``), otherwise starts a local one.
+jobs.train ...``), otherwise starts a local one. Dispatches to the synchronous driver or, with
+``async_rl.enabled``, the async one.
 """
 from __future__ import annotations
 
+import json
 import logging
-import os
 import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from jobs import checkpointing, steps
+from jobs.async_driver import async_train_loop
+from jobs.cluster import start_actors, stop_actors
+from jobs.context import Run
+from jobs.sync_driver import train_loop
+from miles_ray.config import Config
+from miles_ray.data import PromptSampler, load_prompts
+from miles_ray.models import load_tokenizer
+from miles_ray.rewards.registry import resolve_reward_fn
+from miles_ray.utils.tracking import MetricsLogger
+
+log = logging.getLogger("miles_ray.driver")
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not os.environ.get("RAY_ADDRESS"):
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray binds to 127.0.0.1
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from miles_ray.config import ConfigError, load_config
-    from miles_ray.data import DataError
+def _train(run: Run, resume_from: Path | None) -> tuple[list, dict]:
+    cfg = run.cfg
+    if cfg.train.sft_warmup_steps and resume_from is None:
+        steps.sft_warmup(run)
+    if not cfg.async_rl.enabled:
+        return train_loop(run, resume_from), {}
+    bar = steps.progress(cfg.total_steps, f"GRPO async S={cfg.async_rl.staleness}", cfg.logging.progress_bar)
 
-    path = argv.pop(0) if argv and "=" not in argv[0] else None
+    def on_step(step: int, m: dict) -> None:
+        bar.update(1)
+        bar.set_postfix(reward=f"{m['reward_mean']:.3f}", stale=f"{m['staleness_mean']:.2f}")
+
     try:
-        cfg = load_config(path, argv)
-        from jobs.sync_driver import run
+        return async_train_loop(run, on_step)
+    finally:
+        bar.close()
 
-        summary = run(cfg)
-    except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+def run(cfg: Config) -> dict:
+    """Run a whole job; returns a summary (also written to ``summary.json``). Problems in the
+    config, data, model path, reward function or resume folder raise a :class:`UserError` before
+    any actor starts."""
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.tiny_cache_dir)  # also writes tiny models once
+    items, report = load_prompts(cfg.data, tokenizer, seed=cfg.seed)
+    sampler = PromptSampler(items, seed=cfg.seed, shuffle=cfg.data.shuffle)
+    resolve_reward_fn(cfg.reward.fn)  # an unimportable reward function fails here, not in a worker
+    resume_from = checkpointing.find(cfg)
+    if resume_from is not None:
+        checkpointing.truncate_metrics(out_dir, checkpointing.ckpt.read_meta(resume_from)["step"])
+    t0 = time.time()
+    actors = start_actors(cfg, engines=not cfg.rollout.replay_dump)
+    log.info("actors ready in %.1fs", time.time() - t0)
+    logger = MetricsLogger(out_dir, cfg.logging, cfg.run_name, cfg.model_dump())
+    try:
+        rewards, extra = _train(Run.create(cfg, actors, sampler, tokenizer, logger), resume_from)
+    finally:
+        logger.close()
+        stop_actors(actors)
+    k = max(1, min(5, len(rewards)))
+    summary = {"steps": len(rewards), "reward_first5": sum(rewards[:k]) / k, "reward_last5": sum(rewards[-k:]) / k,
+               "skipped_rows": report.n_skipped, "wall_s": time.time() - t0, **extra}
+    summary["reward_gain"] = summary["reward_last5"] - summary["reward_first5"]
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def command(args) -> int:
+    """``miles-ray train`` / ``python -m jobs.train``."""
+    from jobs.entry import config_from
+
+    cfg = config_from(args)
+    summary = run(cfg)
     print(f"done: {summary['steps']} steps, reward first 5 = {summary['reward_first5']:.3f}, "
           f"last 5 = {summary['reward_last5']:.3f} (gain {summary['reward_gain']:+.3f}); "
           f"metrics in {cfg.output_dir}/metrics.jsonl")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jobs.entry import standalone
+
+    return standalone("python -m jobs.train", "Train a policy (the same as `miles-ray train`).", command, argv)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,23 @@
 """Trainer -> engines weight sync over the configured transport; every engine ends READY at the
-new version (checked).
+new version (checked). Versions follow :mod:`miles_ray.versioning`.
 
-- object_store: trainer rank 0 returns its buckets once into the object store; every engine
-  loads the same object (zero-copy reads on a node).
+- object_store: trainer rank 0 yields its buckets into the object store; every engine loads the
+  same objects (zero-copy reads on a node).
 - broadcast: a torch.distributed group {trainer rank 0, engines} (gloo on CPU, NCCL on GPU),
   opened on first use; bucket metadata goes through Ray, data through the group.
 - shm / cuda_ipc: same node; engines open handles to the trainer's persistent bucket buffers
   (POSIX shared memory on CPU, CUDA IPC on a GPU) and copy from them.
+
+A restarted engine or a rebuilt trainer group loses the transport's state (group, handles):
+:meth:`WeightSync.reset` makes the next sync open it again; :meth:`WeightSync.refit` loads a
+version into some engines over the object store (works whatever state they are in).
 """
 from __future__ import annotations
 
 import time
 
 import ray
+from ray.actor import ActorHandle
 
 from jobs.cluster import RunActors
 
@@ -22,35 +27,53 @@ class WeightSync:
         self.actors, self.transport = actors, transport
         self._opened = False
 
+    def reset(self) -> None:
+        """Open the transport's group / handles again on the next sync."""
+        self._opened = False
+
     def sync(self, version: int) -> float:
+        """Push ``version`` to every engine (and the online draft's weights); returns seconds."""
         t0 = time.time()
         if not self.actors.engines or not self.actors.policy.actors:
             return 0.0  # training from a dump, or pure inference: nothing to sync
         served = getattr(self, f"_{self.transport}")(version)
-        if any(v != version for v in served):
-            raise RuntimeError(f"engines serve weight versions {served} after syncing version {version}")
-        self.push_draft(version)
+        self._check(served, version)
+        self._push_draft(version, self.actors.engines)
         return time.time() - t0
 
-    def push_draft(self, version: int) -> None:
-        """The online draft's latest weights to every engine, with the policy weights (the draft is
-        small: one object-store copy, read by every engine)."""
-        if getattr(self.actors, "draft", None) is None:
+    def refit(self, engines: list[ActorHandle], version: int) -> None:
+        """Load ``version`` into ``engines`` over the object store (restarted or stale engines).
+        Without trainer ranks (inference only) there is nothing to load."""
+        if not self.actors.policy.actors:
+            return
+        self._check(self._stream(version, "object_store", engines), version)
+        self._push_draft(version, engines)
+
+    @staticmethod
+    def _check(served: list, version: int) -> None:
+        if any(v != version for v in served):
+            raise RuntimeError(f"engines serve weight versions {served} after syncing version {version}")
+
+    def _push_draft(self, version: int, engines: list[ActorHandle]) -> None:
+        """The online draft's latest weights, with the policy weights (the draft is small: one
+        object-store copy, read by every engine)."""
+        if self.actors.draft is None:
             return
         weights = self.actors.draft.get_weights.remote()
-        ray.get([e.load_draft.remote(weights, version) for e in self.actors.engines])
+        ray.get([e.load_draft.remote(weights, version) for e in engines])
 
-    def _stream(self, version: int, mode: str) -> list:
+    def _stream(self, version: int, mode: str, engines: list[ActorHandle] | None = None) -> list:
         """Forward each bucket (or handle) to every engine as soon as trainer rank 0 yields it."""
+        engines = self.actors.engines if engines is None else engines
         ranks = self.actors.policy.actors
         stream = ranks[0].stream_export.options(num_returns="streaming").remote(version, mode)
         others = [r.stream_export.options(num_returns="streaming").remote(version, mode) for r in ranks[1:]]
         for ref in stream:
-            for e in self.actors.engines:
+            for e in engines:
                 e.load_part.remote(ref)
         for gen in others:  # they yield nothing; wait for them to finish the gathers
             list(gen)
-        return ray.get([e.finish_load.remote(version) for e in self.actors.engines])
+        return ray.get([e.finish_load.remote(version) for e in engines])
 
     def _object_store(self, version: int) -> list:
         return self._stream(version, "object_store")

@@ -12,8 +12,10 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from miles_ray.errors import UserValueError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserValueError):
     """A config problem, with a message that names the offending key and a fix."""
 
 

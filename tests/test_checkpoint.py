@@ -14,7 +14,7 @@ BASE = ("rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=4", "train.s
 
 
 def _run(out, model_cache, *extra):
-    from jobs.sync_driver import run
+    from jobs.train import run
 
     cfg = load_config(None, [f"output_dir={out}", f"model.tiny_cache_dir={model_cache}", *BASE, *extra])
     return run(cfg)

@@ -5,6 +5,7 @@ import pytest
 from jobs.checkpointing import load_async_state
 from miles_ray import checkpoint as ckpt
 from miles_ray.config import load_config
+from miles_ray.errors import UserError
 from tests.helpers.ledger import check_run, rows
 
 pytestmark = pytest.mark.ray
@@ -20,7 +21,7 @@ def _cfg(out, model_cache, *extra):
 
 
 def test_async_stop_and_resume_nothing_lost(local_ray, tmp_path, model_cache, tokenizer):
-    from jobs.sync_driver import run
+    from jobs.train import run
 
     out, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
     first = run(_cfg(out, model_cache, "total_steps=3"))
@@ -52,7 +53,7 @@ def test_sync_driver_refuses_an_async_checkpoint_with_pending_groups(tmp_path):
     tmp = ckpt.begin(tmp_path, 3)
     ckpt.commit(tmp, {"step": 3, "async": {"buffered_groups": 4, "inflight_groups": 2, "next_group": 18}}, keep=2)
     base = [f"checkpoint.dir={tmp_path}", "resume=auto"]
-    with pytest.raises(RuntimeError, match="holds 4 buffered and 2 in-flight groups"):
+    with pytest.raises(UserError, match="holds 4 buffered and 2 in-flight groups"):
         find(load_config(None, base))
     assert find(load_config(None, base + ["async_rl.enabled=true"])) == tmp_path / "step_3"
 
@@ -62,7 +63,7 @@ def test_async_s0_stop_and_resume_equals_uninterrupted(local_ray, tmp_path, mode
     resumed to 4, the run ends with the metrics and weights of an uninterrupted 4-step run."""
     import torch
 
-    from jobs.sync_driver import run
+    from jobs.train import run
 
     full, split = tmp_path / "full", tmp_path / "split"
     s0 = ("async_rl.staleness=0", "checkpoint.every=0")

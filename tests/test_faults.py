@@ -14,7 +14,7 @@ pytestmark = pytest.mark.ray
 
 
 def _faults_run(tmp_path, model_cache, name: str, kills: str, *extra):
-    from jobs.sync_driver import run
+    from jobs.train import run
 
     cfg = load_config(None, [f"output_dir={tmp_path}", f"model.tiny_cache_dir={model_cache}", "total_steps=5",
                              "rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=4", "rollout.num_engines=2",
@@ -52,7 +52,7 @@ def test_trainer_rank_killed_group_rebuilt_from_checkpoint(local_ray, tmp_path, 
     (every step) restored, and the run ends exactly as an uninterrupted one."""
     import torch
 
-    from jobs.sync_driver import run
+    from jobs.train import run
     from miles_ray import checkpoint as ckpt
 
     base = [f"model.tiny_cache_dir={model_cache}", "total_steps=4", "rollout.prompts_per_step=4",

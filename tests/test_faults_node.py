@@ -43,9 +43,9 @@ def _wait(what: str, cond, driver: threading.Thread, timeout_s: float = 180):
 
 def test_node_lost_mid_run_engine_rescheduled_on_spare_node(cluster, tmp_path, model_cache, tokenizer, caplog,
                                                              monkeypatch):
-    from jobs.sync_driver import run
+    from jobs.train import run
 
-    monkeypatch.setattr("jobs.faults.STATUS_EVERY_S", 2.0)  # the waiting status sooner
+    monkeypatch.setattr("jobs.recovery.STATUS_EVERY_S", 2.0)  # the waiting status sooner
 
     c, worker = cluster
     out = tmp_path / "run"

@@ -53,7 +53,7 @@ def test_colocated_gpu_run_cuda_ipc_with_online_draft(tmp_path, model_cache):
 
     import ray
 
-    from jobs.sync_driver import run
+    from jobs.train import run
     from miles_ray.config import load_config
 
     cfg = load_config(None, [f"output_dir={tmp_path}", f"model.tiny_cache_dir={model_cache}", "total_steps=4",

@@ -58,7 +58,7 @@ def test_weight_sync_makes_engine_match_trained_policy(model_cache, tokenizer):
     batch = sft_samples(items, tokenizer)
     losses = [trainer.sft_step(batch, lr=3e-3)["sft_loss"] for _ in range(15)]
     assert losses[-1] < 0.8 * losses[0]  # SFT loss falls
-    assert engine.update_weights(trainer.get_weights(), version=7) == 7 and engine.weight_version == 7
+    assert engine.weights.update(trainer.get_weights(), version=7) == 7 and engine.weights.version == 7
     samples = engine.generate(reqs[:4], n=2, params=SamplingParams(max_new_tokens=4, temperature=1.0))
     assert all(s.weight_version == 7 for s in samples)
     for s, lp in zip(samples, trainer.compute_logprobs(samples)):

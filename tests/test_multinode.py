@@ -38,7 +38,7 @@ def test_trainers_packed_engines_spread_and_run(two_nodes, tmp_path, model_cache
     finally:
         stop_actors(actors)
 
-    from jobs.sync_driver import run
+    from jobs.train import run
 
     cfg = load_config(None, overrides + ["total_steps=2", "rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=2",
                                          "weight_sync.transport=broadcast", "run_name=multinode-run"])

@@ -108,7 +108,7 @@ def test_colocated_engine_serves_only_after_refit(local_ray, tmp_path, model_cac
      "algorithm.kl_coef=0.01", "algorithm.kl_mode=reward", "train.strategy=fsdp2"),
 ])
 def test_sync_run_two_ranks_two_engines(local_ray, tmp_path, model_cache, extra):
-    from jobs.sync_driver import run
+    from jobs.train import run
 
     cfg = _cfg(tmp_path, model_cache, "total_steps=3", "rollout.prompts_per_step=4",
                "rollout.n_samples_per_prompt=4", "train.sft_warmup_steps=2", "rollout.num_engines=2",
@@ -126,7 +126,7 @@ def test_sync_run_two_ranks_two_engines(local_ray, tmp_path, model_cache, extra)
 
 def test_engines_over_http_behind_router(local_ray, tmp_path, model_cache):
     """Native engine servers launched inside the engine actors, rollout through the router."""
-    from jobs.sync_driver import run
+    from jobs.train import run
 
     cfg = _cfg(tmp_path, model_cache, "total_steps=2", "rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=2",
                "rollout.backend=native", "rollout.serve_http=true", "rollout.num_engines=2", "run_name=http")
@@ -137,7 +137,7 @@ def test_engines_over_http_behind_router(local_ray, tmp_path, model_cache):
 
 def test_rollout_only_then_train_from_dump(local_ray, tmp_path, model_cache):
     from jobs import rollout_only
-    from jobs.sync_driver import run
+    from jobs.train import run
 
     dump = tmp_path / "dump.jsonl"
     cfg = _cfg(tmp_path, model_cache, "total_steps=2", "rollout.prompts_per_step=3", "rollout.n_samples_per_prompt=2",
@@ -159,7 +159,7 @@ ASYNC_BASE = ("total_steps=4", "rollout.prompts_per_step=4", "rollout.n_samples_
 
 
 def test_async_s0_equals_sync(local_ray, tmp_path, model_cache):
-    from jobs.sync_driver import run
+    from jobs.train import run
 
     run(_cfg(tmp_path / "sync", model_cache, *ASYNC_BASE, "run_name=s0sync"))
     summary = run(_cfg(tmp_path / "async", model_cache, *ASYNC_BASE, "run_name=s0async", "async_rl.enabled=true",
@@ -179,7 +179,7 @@ def test_async_s0_equals_sync(local_ray, tmp_path, model_cache):
          "async_rl.off_policy.mask_high=10")),
 ])
 def test_async_staleness_bound_no_loss_no_duplicates(local_ray, tmp_path, model_cache, staleness, extra):
-    from jobs.sync_driver import run
+    from jobs.train import run
 
     cfg = _cfg(tmp_path, model_cache, *ASYNC_BASE, "total_steps=6", f"run_name=as{staleness}", "async_rl.enabled=true",
                f"async_rl.staleness={staleness}", "rollout.max_new_tokens=12", *extra)
@@ -195,7 +195,7 @@ def test_async_staleness_bound_no_loss_no_duplicates(local_ray, tmp_path, model_
 
 
 def test_async_watchdog_names_the_stuck_actor(local_ray, tmp_path, model_cache):
-    from jobs.sync_driver import run
+    from jobs.train import run
 
     cfg = _cfg(tmp_path, model_cache, "total_steps=2", "rollout.prompts_per_step=2", "rollout.n_samples_per_prompt=2",
                "rollout.backend=native", "rollout.max_new_tokens=400", "rollout.ignore_eos=true", "run_name=stall",

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.ray
 
 
 def _run(tmp_path, model_cache, name: str, online: bool) -> list[dict]:
-    from jobs.sync_driver import run
+    from jobs.train import run
 
     cfg = load_config(None, [f"output_dir={tmp_path / name}", f"model.tiny_cache_dir={model_cache}", "total_steps=3",
                              "rollout.backend=native", "rollout.prompts_per_step=8", "rollout.n_samples_per_prompt=4",
@@ -51,7 +51,7 @@ def test_async_run_with_online_draft(tmp_path, model_cache):
     """The async driver (S=1, partial rollout) trains the draft on every batch and speculates."""
     ray.init(address="local", num_cpus=6, include_dashboard=False)
     try:
-        from jobs.sync_driver import run
+        from jobs.train import run
 
         cfg = load_config(None, [f"output_dir={tmp_path}", f"model.tiny_cache_dir={model_cache}", "total_steps=3",
                                  "rollout.backend=native", "rollout.prompts_per_step=8",

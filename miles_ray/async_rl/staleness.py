@@ -43,6 +43,11 @@ class StalenessController:
         assert self.running >= 0, "more groups finished than were running"
         assert self.submitted == self.accepted + self.filtered + self.running, self.state()
 
+    def load_state(self, state: dict) -> None:
+        self.submitted, self.accepted = state["submitted"], state["accepted"]
+        self.filtered, self.running = state["filtered"], state["running"]
+        self.check()
+
     def state(self) -> dict:
         return {"submitted": self.submitted, "accepted": self.accepted, "filtered": self.filtered,
                 "running": self.running}

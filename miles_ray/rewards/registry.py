@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
+from miles_ray.errors import UserValueError
 from miles_ray.utils.registry import Registry
 
 REWARD_FUNCTIONS = Registry("reward function")
@@ -20,7 +21,7 @@ def resolve_reward_fn(spec: str) -> Callable:
     """A registered name, or ``pkg.module:function``; errors say what to fix."""
     if ":" not in spec:
         if spec not in REWARD_FUNCTIONS:
-            raise ValueError(
+            raise UserValueError(
                 f"reward.fn='{spec}' is not a registered reward ({sorted(REWARD_FUNCTIONS)}) "
                 "and not an import path like 'my_pkg.rewards:score'"
             )
@@ -29,8 +30,8 @@ def resolve_reward_fn(spec: str) -> Callable:
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(f"reward.fn='{spec}': cannot import module '{module_name}': {err}") from None
+        raise UserValueError(f"reward.fn='{spec}': cannot import module '{module_name}': {err}") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ValueError(f"reward.fn='{spec}': module '{module_name}' has no function '{attr}'")
+        raise UserValueError(f"reward.fn='{spec}': module '{module_name}' has no function '{attr}'")
     return fn

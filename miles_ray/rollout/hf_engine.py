@@ -2,90 +2,44 @@
 
 Log-probs are those of the sampled tokens under softmax(logits / temperature), which is what the
 trainer recomputes (top-p/top-k truncation is not part of the log-prob, as in slime and verl).
+Weights and health live in :class:`EngineWeights` (shared with the native engine by composition).
 """
 from __future__ import annotations
 
 import torch
 
-from miles_ray.models import load_model, load_tokenizer
-from miles_ray.rollout.health import READY, RELEASED, STALE, EngineNotReady
+from miles_ray.rollout.engine_weights import EngineWeights, load_for_serving
 from miles_ray.rollout.types import SamplingParams
 from miles_ray.sample import Sample
-from miles_ray.weights import check_complete, load_bucket, to_buckets
 
 
 class HFRolloutEngine:
     def __init__(self, model_spec: str, dtype: str = "float32", tiny_cache_dir: str = "runs/_models",
                  seed: int = 0, max_batch_size: int = 256):
         self.model_spec = model_spec
-        self.tokenizer = load_tokenizer(model_spec, tiny_cache_dir)
-        self.model = load_model(model_spec, dtype, tiny_cache_dir)
-        if torch.cuda.is_available():
-            self.model.cuda()
-        self.weight_version = 0
-        self.state = READY  # serves its initial weights (version 0) until the first sync
-        self._shapes = None
-        self._loading = None
+        self.tokenizer, self.model = load_for_serving(model_spec, dtype, tiny_cache_dir)
+        self.weights = EngineWeights(self.model)
         self.max_batch_size = max_batch_size
-        self.generator_seed = seed
         torch.manual_seed(seed)
 
-    # -- weights and memory ------------------------------------------------------------------
-    def load_buckets(self, buckets: list, version: int) -> int:
-        """Load a complete weight version in place; the engine is READY afterwards."""
-        for b in buckets:
-            self.load_part(b)
-        return self.finish_load(version)
-
-    def load_part(self, bucket) -> None:
-        """Load one bucket (streamed sync). The engine stops serving until :meth:`finish_load`."""
-        if self.state == RELEASED:
-            raise EngineNotReady("engine memory is released; resume_memory() before loading weights")
-        if self._loading is None:
-            self._loading = {"params": dict(self.model.state_dict(keep_vars=True)), "names": set()}
-            self.state = STALE
-        load_bucket(self.model, bucket, self._loading["params"])
-        self._loading["names"].update(e[0] for e in bucket.entries)
-
-    def finish_load(self, version: int) -> int:
-        """Check that every weight arrived, then serve ``version``."""
-        names = self._loading["names"] if self._loading else set()
-        self._loading = None
-        check_complete(self.model, names)
-        self.weight_version, self.state = version, READY
-        return version
-
-    def update_weights(self, state_dict: dict, version: int) -> int:
-        return self.load_buckets(to_buckets(state_dict, version), version)
-
     def release_memory(self) -> None:
-        """Free the weights (colocation: the trainer uses the device meanwhile)."""
-        self._shapes = {id(p): (p.shape, p.dtype) for p in self.model.parameters()}
-        for p in self.model.parameters():
-            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        self.state = RELEASED
+        self.weights.release()
 
     def resume_memory(self) -> None:
-        """Re-allocate the weights; they hold garbage until the next weight load (STALE)."""
-        if self.state != RELEASED:
-            return
-        for p in self.model.parameters():
-            shape, dtype = self._shapes[id(p)]
-            p.data = torch.empty(shape, dtype=dtype, device=p.device)
-        self.state = STALE
+        self.weights.resume()
 
-    def health(self) -> dict:
-        return {"state": self.state, "weight_version": self.weight_version}
+    def get_rng_state(self) -> torch.Tensor:
+        """transformers.generate samples from torch's global RNG."""
+        return torch.get_rng_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        torch.set_rng_state(state)
 
     # -- generation -----------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, requests: list[dict], n: int, params: SamplingParams) -> list[Sample]:
         """``requests``: dicts with prompt, label, prompt_index, group_id. Returns n Samples each."""
-        if self.state != READY:
-            raise EngineNotReady(f"engine is {self.state} (weight version {self.weight_version}); it serves "
-                                 "only after a complete weight load")
+        self.weights.require_ready()
         expanded = [r for r in requests for _ in range(n)]
         out = []
         for start in range(0, len(expanded), self.max_batch_size):
@@ -115,7 +69,7 @@ class HFRolloutEngine:
                 prompt_index=req["prompt_index"], group_id=req["group_id"], prompt=req["prompt"],
                 label=req["label"], prompt_ids=prompt_ids, response_ids=ids, response_logprobs=lps,
                 response_text=tok.decode(ids, skip_special_tokens=True), finish_reason=reason,
-                weight_version=self.weight_version,
+                weight_version=self.weights.version,
             ))
         return samples
 

@@ -31,7 +31,7 @@ from miles_ray.rollout.types import SamplingParams
 def response_body(engine, req, return_logprob: bool) -> dict:
     meta = {"id": req.rid, "finish_reason": {"type": req.finish_reason}, "prompt_tokens": len(req.prompt_ids),
             "completion_tokens": len(req.output_ids),
-            "weight_version": req.weight_versions[0] if req.weight_versions else engine.weight_version,
+            "weight_version": req.weight_versions[0] if req.weight_versions else engine.weights.version,
             "weight_versions": req.weight_versions}
     if return_logprob:
         meta["output_token_logprobs"] = [[lp, tok, None] for lp, tok in zip(req.logprobs, req.output_ids)]
@@ -69,8 +69,8 @@ def create_app(engine):
             params = SamplingParams.from_dict(sp)
         except TypeError as err:
             raise HTTPException(400, f"bad sampling_params: {err}") from None
-        if engine.state != READY:
-            raise HTTPException(503, f"engine is {engine.state}")
+        if engine.weights.state != READY:
+            raise HTTPException(503, f"engine is {engine.weights.state}")
         base = body.get("rid") or uuid.uuid4().hex
         rids = [base if len(prompts) * n == 1 else f"{base}-{i}" for i in range(len(prompts) * n)]
         jobs = [loop.submit(p, params, rids[i * n + k]) for i, p in enumerate(prompts) for k in range(n)]
@@ -80,15 +80,15 @@ def create_app(engine):
 
     @app.get("/health")
     async def health():
-        h = engine.health()
+        h = engine.weights.health()
         return JSONResponse(h, status_code=200 if h["state"] == READY else 503)
 
     @app.get("/health_generate")
     async def health_generate():
-        if engine.state != READY:
-            return JSONResponse(engine.health(), status_code=503)
+        if engine.weights.state != READY:
+            return JSONResponse(engine.weights.health(), status_code=503)
         await loop.submit([engine.tokenizer.eos_token_id], SamplingParams(1, temperature=0), f"health-{uuid.uuid4().hex}")
-        return engine.health()
+        return engine.weights.health()
 
     @app.post("/abort_request")
     async def abort_request(request: Request):
@@ -111,18 +111,18 @@ def create_app(engine):
     @app.post("/release_memory_occupation")
     async def release():
         loop.call(engine.release_memory)
-        return engine.health()
+        return engine.weights.health()
 
     @app.post("/resume_memory_occupation")
     async def resume_memory():
         loop.call(engine.resume_memory)
-        return engine.health()
+        return engine.weights.health()
 
     @app.post("/update_weights_from_tensor")
     async def update_from_tensor(request: Request):
         body = await request.json()
         buckets = pickle.loads(base64.b64decode(body["serialized_buckets"]))
-        version = loop.call(engine.load_buckets, buckets, int(body["weight_version"]))
+        version = loop.call(engine.weights.load_buckets, buckets, int(body["weight_version"]))
         return {"success": True, "weight_version": version}
 
     @app.post("/update_weights_from_disk")
@@ -145,7 +145,7 @@ def create_app(engine):
         b = await request.json()
         metas = pickle.loads(base64.b64decode(b["serialized_metas"]))
         buckets = await asyncio.to_thread(app.state.channel.receive, metas)
-        version = loop.call(engine.load_buckets, buckets, int(b["weight_version"]))
+        version = loop.call(engine.weights.load_buckets, buckets, int(b["weight_version"]))
         return {"success": True, "weight_version": version}
 
     @app.get("/get_model_info")
@@ -154,7 +154,7 @@ def create_app(engine):
 
     @app.get("/get_server_info")
     async def server_info():
-        return {**engine.health(), "running": len(engine.running), "waiting": len(engine.waiting),
+        return {**engine.weights.health(), "running": len(engine.running), "waiting": len(engine.waiting),
                 "paused": engine.paused}
 
     return app
@@ -164,7 +164,7 @@ def _load_from_disk(engine, path: str, version: int) -> int:
     from miles_ray.models import load_model
 
     fresh = load_model(path)
-    return engine.update_weights(fresh.state_dict(), version)
+    return engine.weights.update(fresh.state_dict(), version)
 
 
 def main(argv=None) -> None:

@@ -4,6 +4,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 
+def engine_seed(run_seed: int, rank: int) -> int:
+    """Seed of rollout engine ``rank`` (its sampling RNG and its process)."""
+    return run_seed + 1000 + rank
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 16

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 from jobs.checkpointing import load_async_state
-from jobs.faults import ledger_counts
 from miles_ray import checkpoint as ckpt
 from miles_ray.data import PromptSampler, load_prompts
+from miles_ray.ledger import check_rows
 
 
 def rows(out: Path) -> list:
@@ -42,7 +42,7 @@ def check_run(out: Path, cfg, tokenizer) -> dict:
     else:
         expected = range(steps * b)
         assert sorted(trained) == list(expected)
-    counts = ledger_counts(got, n, expected)
+    counts = check_rows(got, n, expected)
     assert counts == {"steps": steps, "lost": 0, "duplicates": 0, "groups": steps * b}, counts
     order = prompt_order(cfg, tokenizer, max(trained) + 1)
     for r in got:

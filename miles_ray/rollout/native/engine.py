@@ -3,8 +3,8 @@
 Every ``step()`` admits waiting requests into free slots (one batched prefill), then runs one
 batched decode step for all running requests; finished requests leave at once and their slot is
 reused. Supports per-request sampling parameters, stop strings / stop token ids, n samples per
-prompt (prefill once, copy the prompt's cache), abort, pause/resume, in-place weight updates
-(inherited from the HF engine, whose model and weights it shares) and memory release.
+prompt (prefill once, copy the prompt's cache), abort, pause/resume, in-place weight updates and
+memory release (through :class:`EngineWeights`, shared with the HF engine by composition).
 
 Invariant: running requests occupy slots ``0..len(running)-1`` in order.
 """
@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from miles_ray.rollout.hf_engine import HFRolloutEngine
-from miles_ray.rollout.health import READY, EngineNotReady
+from miles_ray.rollout.engine_weights import EngineWeights, load_for_serving
 from miles_ray.rollout.native.model import NativeForward
 from miles_ray.rollout.native.sampling import distribution, sample
 from miles_ray.rollout.native.speculative import Speculator, verify, verify_logprobs
@@ -38,10 +37,13 @@ class Request:
     weight_versions: list = field(default_factory=list)  # version that produced each token
 
 
-class NativeEngine(HFRolloutEngine):
+class NativeEngine:
     def __init__(self, model_spec: str, dtype: str = "float32", tiny_cache_dir: str = "runs/_models",
-                 seed: int = 0, max_running: int = 64, draft: str | None = None, num_draft_tokens: int = 4, **_):
-        super().__init__(model_spec, dtype, tiny_cache_dir, seed)
+                 seed: int = 0, max_running: int = 64, draft: str | None = None, num_draft_tokens: int = 4):
+        self.model_spec = model_spec
+        self.tokenizer, self.model = load_for_serving(model_spec, dtype, tiny_cache_dir)
+        self.weights = EngineWeights(self.model)
+        torch.manual_seed(seed)
         self.spec = None  # Speculator when a draft model is configured (speculative decoding)
         if draft:
             from miles_ray.models.draft import build_draft
@@ -102,7 +104,16 @@ class NativeEngine(HFRolloutEngine):
         self.cache = None
         if self.spec:
             self.spec.cache = None
-        super().release_memory()
+        self.weights.release()
+
+    def resume_memory(self) -> None:
+        self.weights.resume()
+
+    def get_rng_state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
 
     # -- speculative decoding -------------------------------------------------------------------
     def set_speculation(self, enabled: bool) -> None:
@@ -129,8 +140,7 @@ class NativeEngine(HFRolloutEngine):
         """Admit + one decode step. Returns the requests that finished in this step."""
         if self.paused or not self.has_work():
             return []
-        if self.state != READY:
-            raise EngineNotReady(f"engine is {self.state}; it serves only after a complete weight load")
+        self.weights.require_ready()
         finished = self._admit()
         if self.running and self.speculate:
             finished += self._spec_step()
@@ -226,7 +236,7 @@ class NativeEngine(HFRolloutEngine):
             for tok, lp in zip(toks, lps):
                 r.output_ids.append(tok)
                 r.logprobs.append(lp)
-                r.weight_versions.append(self.weight_version)
+                r.weight_versions.append(self.weights.version)
                 reason = self._finish_reason(r, tok)
                 if reason:
                     r.finish_reason = reason
@@ -266,9 +276,7 @@ class NativeEngine(HFRolloutEngine):
         return out
 
     def generate(self, requests: list[dict], n: int, params: SamplingParams) -> list[Sample]:
-        if self.state != READY:
-            raise EngineNotReady(f"engine is {self.state} (weight version {self.weight_version}); it serves "
-                                 "only after a complete weight load")
+        self.weights.require_ready()
         order = []
         for req in requests:
             prompt_ids = self.tokenizer(req["prompt"], add_special_tokens=False)["input_ids"]
@@ -286,4 +294,4 @@ class NativeEngine(HFRolloutEngine):
         return Sample(prompt_index=m.get("prompt_index", 0), group_id=m.get("group_id", 0), prompt=m.get("prompt", ""),
                       label=m.get("label", ""), prompt_ids=r.prompt_ids, response_ids=r.output_ids,
                       response_logprobs=r.logprobs, response_text=text, finish_reason=r.finish_reason,
-                      weight_version=r.weight_versions[0] if r.weight_versions else self.weight_version)
+                      weight_version=r.weight_versions[0] if r.weight_versions else self.weights.version)

@@ -31,7 +31,7 @@ class EngineLoop:
             self.wake.clear()
             while not self._stop:
                 with self.lock:
-                    if self.engine.paused or not self.engine.has_work() or self.engine.state != READY:
+                    if self.engine.paused or not self.engine.has_work() or self.engine.weights.state != READY:
                         break
                     try:
                         finished = self.engine.step()

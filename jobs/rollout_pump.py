@@ -1,0 +1,161 @@
+"""The async driver's rollout pump: a thread that keeps the engines busy within the staleness bound.
+
+While the :class:`StalenessController` has capacity, it takes prompts, sends one chunk per engine,
+scores finished chunks on the reward workers, keeps or filters each group (dynamic sampling; a
+filtered group gives its slot back, so the pump refills) and puts kept groups in the BufferActor.
+A dead engine or reward worker is recovered in place (:meth:`Recovery.get`).
+
+Invariant (checked by :class:`GroupLedger` and the controller):
+``submitted = consumed + filtered + buffered + running``.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import threading
+import time
+
+import ray
+
+from jobs import steps
+from jobs.context import Run
+from miles_ray import versioning
+from miles_ray.async_rl import GROUP_FILTERS, StalenessController
+from miles_ray.ledger import GroupLedger
+
+
+class RolloutPump(threading.Thread):
+    def __init__(self, run: Run):
+        super().__init__(name="rollout-pump", daemon=True)
+        self.ctx = run
+        cfg = run.cfg
+        self.ctrl = StalenessController(cfg.async_rl.staleness, cfg.rollout.prompts_per_step)
+        self.keep = GROUP_FILTERS.get_fn(cfg.async_rl.filter)
+        self.lock = threading.Lock()
+        self.served = versioning.INITIAL  # weight version the engines serve (admission counts its steps)
+        self.next_group = 0
+        self.inflight: dict = {}  # ref -> (engine index, requests, start time)
+        self.resend: list = []  # requests of a checkpoint's in-flight groups: sent before new prompts
+        self.submitting = True  # False: drain (finish in-flight groups, take no new prompts)
+        self.ledger = GroupLedger()
+        self.last_progress = time.time()
+        self.error: BaseException | None = None
+        self._halt = threading.Event()
+        self._work = threading.Lock()  # held for one iteration; held() takes it between two
+        self._want = threading.Event()
+
+    def set_version(self, version: int) -> None:
+        """The engines now serve weight ``version``: admission widens by one batch per version."""
+        with self.lock:
+            self.served = version
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    @contextlib.contextmanager
+    def held(self):
+        """The pump parked between two iterations: its state, the buffer and the sampler agree."""
+        self._want.set()
+        with self._work:
+            self._want.clear()
+            yield
+
+    def run(self) -> None:
+        try:
+            while not self._halt.is_set():
+                if self._want.is_set():
+                    time.sleep(0.002)
+                    continue
+                with self._work:
+                    busy = self._iterate()
+                if not busy:
+                    time.sleep(0.01)
+        except BaseException as err:  # noqa: BLE001 - reported by the train pump
+            self.error = err
+
+    def _iterate(self) -> bool:
+        if self.resend:
+            self._send(self.resend)
+            self.resend = []
+        if self.submitting:
+            self.submit_admitted()
+        refs = list(self.inflight)
+        if not refs:
+            return False
+        ready, _ = ray.wait(refs, num_returns=1, timeout=0.05)
+        for ref in ready:
+            self._collect(ref)
+        return True
+
+    def submit_admitted(self) -> None:
+        """Submit as many new groups as the staleness bound admits (at most one batch). Called by
+        the pump thread, or by the driver with the pump :meth:`held`."""
+        with self.lock:
+            trained = versioning.steps_of(self.served)
+            k = min(self.ctrl.capacity(trained), self.ctx.cfg.rollout.prompts_per_step)
+            if k <= 0:
+                return
+            self.ctrl.submit(k, trained)
+        reqs = steps.requests_for(self.ctx.sampler.next_batch(k), self.next_group)
+        self.next_group += k
+        self.ledger.submitted.update(r["group_id"] for r in reqs)
+        self._send(reqs)
+
+    def _send(self, reqs: list) -> None:
+        engines, run = self.ctx.actors.engines, self.ctx
+        per_engine = [[] for _ in engines]
+        for r in reqs:
+            per_engine[r["group_id"] % len(engines)].append(r)
+        for i, chunk in enumerate(per_engine):
+            if chunk:
+                ref = engines[i].generate.remote(chunk, run.cfg.rollout.n_samples_per_prompt, run.params)
+                self.inflight[ref] = (i, chunk, time.time())
+
+    def _collect(self, ref) -> None:
+        i, chunk, _ = self.inflight.pop(ref)
+        run = self.ctx
+        n, engines = run.cfg.rollout.n_samples_per_prompt, run.actors.engines
+        generated = run.recovery.get(ref, lambda: engines[i].generate.remote(chunk, n, run.params), "rollout", i)
+        samples, _ = steps.score(run, generated)
+        if self._halt.is_set():  # stopped meanwhile (a trainer rebuild clears the buffer): keep out
+            return
+        groups = collections.defaultdict(list)
+        for s in samples:
+            groups[s.group_id].append(s)
+        for gid, group in groups.items():
+            if self.keep(group):
+                ray.get(run.actors.buffer.put_group.remote(group))
+                self.ledger.accepted.add(gid)
+                with self.lock:
+                    self.ctrl.accept()
+            else:
+                self.ledger.filtered.add(gid)
+                with self.lock:
+                    self.ctrl.filter()
+        self.last_progress = time.time()
+
+    def running_groups(self) -> set:
+        return {r["group_id"] for _, reqs, _ in self.inflight.values() for r in reqs} | \
+            {r["group_id"] for r in self.resend}
+
+    def idle(self) -> bool:
+        return not self.inflight and not self.resend
+
+    def state_dict(self) -> dict:
+        """Call inside :meth:`held` (or with the pump stopped)."""
+        inflight = [r for _, reqs, _ in self.inflight.values() for r in reqs] + self.resend
+        return {"next_group": self.next_group, "ctrl": self.ctrl.state(), "sampler": self.ctx.sampler.state_dict(),
+                "inflight": sorted(inflight, key=lambda r: r["group_id"]), "ledger": self.ledger.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Before :meth:`start`: in-flight groups of the checkpoint are re-sent first."""
+        self.next_group, self.resend = state["next_group"], list(state["inflight"])
+        self.ctrl.load_state(state["ctrl"])
+        self.ledger = GroupLedger.from_state(state["ledger"])
+        self.ctx.sampler.load_state_dict(state["sampler"])
+
+    def report(self) -> str:
+        now = time.time()
+        calls = [f"rollout-{i}: generate groups {reqs[0]['group_id']}..{reqs[-1]['group_id']} running for "
+                 f"{now - t0:.0f}s" for i, reqs, t0 in self.inflight.values()]
+        return "; ".join(calls) or "no generation in flight (staleness bound reached, buffer short of a batch)"

@@ -1,0 +1,160 @@
+"""The steps both drivers share: SFT warm-up, rollout, scoring, learning (old/ref log-probs,
+values, advantages, policy/critic/draft updates), colocation phases, metrics and checkpoints.
+
+Each step takes the :class:`jobs.context.Run` and moves data between actors; the maths is in
+``miles_ray`` (advantages here, losses in the trainer ranks).
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import ray
+
+from jobs import checkpointing
+from jobs.context import Run
+from miles_ray.algorithms import assign_advantages
+from miles_ray.data import PromptItem
+from miles_ray.training.sft import sft_samples
+
+
+def progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True)
+
+
+def sft_warmup(run: Run) -> None:
+    """``train.sft_warmup_steps`` SFT steps on (prompt, label) pairs; the online draft learns them too."""
+    cfg, actors = run.cfg, run.actors
+    bar = progress(cfg.train.sft_warmup_steps, "SFT warm-up", cfg.logging.progress_bar)
+    for _ in range(cfg.train.sft_warmup_steps):
+        batch = sft_samples(run.sampler.next_batch(cfg.train.sft_batch_size), run.tokenizer)
+        draft = actors.draft.train.remote(batch) if actors.draft is not None else None
+        m = actors.policy.sft_step(batch, cfg.train.sft_lr)
+        if draft is not None:
+            ray.get(draft)
+        bar.update(1)
+        bar.set_postfix(loss=f"{m['sft_loss']:.3f}")
+    bar.close()
+
+
+def requests_for(prompts: list[PromptItem], first_group: int) -> list[dict]:
+    """Generation requests; group ids are consecutive from ``first_group``."""
+    return [{"prompt": p.prompt, "label": p.label, "prompt_index": p.index, "group_id": first_group + j}
+            for j, p in enumerate(prompts)]
+
+
+def rollout(run: Run, step: int) -> list:
+    """Generate ``n_samples_per_prompt`` samples for the next ``prompts_per_step`` prompts; group
+    ``g`` goes to engine ``g % num_engines`` (or through the router when engines serve HTTP)."""
+    cfg, actors = run.cfg, run.actors
+    reqs = requests_for(run.sampler.next_batch(cfg.rollout.prompts_per_step), step * cfg.rollout.prompts_per_step)
+    if actors.router_url:
+        return _rollout_http(run, reqs)
+    per_engine = [[] for _ in actors.engines]
+    for r in reqs:
+        per_engine[r["group_id"] % len(actors.engines)].append(r)
+    n, out = cfg.rollout.n_samples_per_prompt, []
+    calls = [(i, chunk, actors.engines[i].generate.remote(chunk, n, run.params))
+             for i, chunk in enumerate(per_engine) if chunk]
+    for i, chunk, ref in calls:
+        out.extend(run.recovery.get(ref, lambda i=i, chunk=chunk: actors.engines[i].generate.remote(chunk, n, run.params),
+                                    "rollout", i))
+    return out
+
+
+def _rollout_http(run: Run, reqs: list[dict]) -> list:
+    """Engines served over HTTP: one request per prompt group to the router, in parallel."""
+    from miles_ray.rollout.client import EngineClient
+
+    client, n = EngineClient(run.actors.router_url), run.cfg.rollout.n_samples_per_prompt
+    with ThreadPoolExecutor(min(16, len(reqs))) as pool:
+        chunks = list(pool.map(lambda r: client.generate_samples([r], n, run.params, run.tokenizer), reqs))
+    return [s for chunk in chunks for s in chunk]
+
+
+def score(run: Run, samples: list) -> tuple[list, dict]:
+    """Rewards from the reward workers (an even split); errors and timeouts counted."""
+    rewards = run.actors.rewards
+    size = -(-len(samples) // len(rewards))
+    chunks = [samples[i * size:(i + 1) * size] for i in range(len(rewards))]
+    refs = [w.score.remote(chunk) for w, chunk in zip(rewards, chunks)]
+    results = [run.recovery.get(ref, lambda i=i: rewards[i].score.remote(chunks[i]), "reward", i)
+               for i, ref in enumerate(refs)]
+    out, stats = [], {"reward_errors": 0, "reward_timeouts": 0}
+    for scored, st in results:
+        out.extend(scored)
+        stats["reward_errors"] += st["errors"]
+        stats["reward_timeouts"] += st["timeouts"]
+    return out, stats
+
+
+def colocate_phase(run: Run, phase: str) -> None:
+    """Colocated mode time-shares devices: engines free memory while the trainers run, and the
+    trainers offload optimizer state while the engines run."""
+    actors = run.actors
+    if not run.cfg.cluster.colocate or not actors.engines:
+        return
+    trainers = actors.trainer_ranks()
+    if phase == "train":
+        ray.get([e.release_memory.remote() for e in actors.engines] + [t.reload_optimizer.remote() for t in trainers])
+    else:
+        ray.get([t.offload_optimizer.remote() for t in trainers] + [e.resume_memory.remote() for e in actors.engines])
+
+
+def rollout_metrics(samples: list) -> dict:
+    rewards = [s.reward for s in samples]
+    mean = sum(rewards) / len(rewards)
+    return {
+        "reward_mean": mean,
+        "reward_std": (sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5,
+        "response_len_mean": sum(s.response_length for s in samples) / len(samples),
+        "frac_finished": sum(s.finish_reason == "stop" for s in samples) / len(samples),
+        "num_samples": len(samples),
+    }
+
+
+def speculation_metrics(run: Run, samples: list, seconds: float) -> dict:
+    """Rollout tokens/s, and with a draft the acceptance rate and accepted length (tokens per
+    target forward per sequence), weighted over engines by their verify rounds."""
+    out = {"rollout_tokens_per_s": sum(s.response_length for s in samples) / max(seconds, 1e-9)}
+    engines = run.actors.engines
+    if not run.cfg.draft.enabled or not engines:
+        return out
+    stats = [st for st in ray.get([e.spec_stats.remote() for e in engines]) if st.get("spec_rounds")]
+    rounds = sum(st["spec_rounds"] for st in stats)
+    if not rounds:  # async: this interval's tokens may all have come before the last report
+        return out
+    for key in ("spec_accept_rate", "spec_accept_len"):
+        out[key] = sum(st[key] * st["spec_rounds"] for st in stats) / max(rounds, 1)
+    return out
+
+
+def prepare_batch(run: Run, samples: list) -> dict:
+    """Old/ref log-probs from the policy ranks, values from the critic, then advantages."""
+    actors = run.actors
+    samples[:] = actors.policy.scatter("prepare", samples)
+    if actors.critic is not None:
+        samples[:] = actors.critic.scatter("compute_values", samples)
+    return assign_advantages(samples, run.cfg.algorithm)
+
+
+def learn(run: Run, samples: list) -> dict:
+    """One training step on a batch (both drivers): order by group, old/ref log-probs, values,
+    advantages, then the policy (and critic) update; the online draft trains on the same batch."""
+    actors, cfg = run.actors, run.cfg
+    samples.sort(key=lambda s: s.group_id)  # the order does not depend on which engine finished first
+    draft = actors.draft.train.remote(samples) if actors.draft is not None else None  # meanwhile, own bundle
+    metrics = prepare_batch(run, samples)
+    metrics.update(actors.policy.train_step(samples, cfg.train.num_minibatches))
+    if actors.critic is not None:
+        metrics.update(actors.critic.train_step(samples, cfg.train.num_minibatches))
+    if draft is not None:
+        metrics.update(ray.get(draft))
+    return metrics
+
+
+def save_checkpoint(run: Run, step: int, sampler_state: dict | None = None, async_state: dict | None = None) -> None:
+    """Checkpoint after ``step`` train steps (weights of ``versioning.after_steps(step)``)."""
+    checkpointing.save(run.cfg, run.actors, sampler_state or run.sampler, step, run.recovery.engine_rng(),
+                       async_state=async_state)
