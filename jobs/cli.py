@@ -64,7 +64,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # everything after `serve` (--help included) belongs to the server
+        return cmd_serve(argparse.Namespace(server_args=argv[1:]))
+    args = parser().parse_args(argv)
     return guarded(lambda: args.fn(args), getattr(args, "debug", False))
 
 
