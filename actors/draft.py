@@ -26,14 +26,9 @@ class DraftTrainerActor(ActorBase):
         return self.trainer.get_weights()
 
     def save_state(self, folder: str) -> str:
-        import torch
-
-        path = f"{folder}/draft.pt"
-        torch.save(self.trainer.state_dict(), path)
-        return path
+        self.trainer.save_checkpoint(f"{folder}/draft")
+        return f"{folder}/draft"
 
     def load_state(self, folder: str) -> bool:
-        import torch
-
-        self.trainer.load_state_dict(torch.load(f"{folder}/draft.pt", weights_only=False))
+        self.trainer.load_checkpoint(f"{folder}/draft")
         return True

@@ -1,13 +1,15 @@
 """RankGroup: N trainer-rank actors forming one torch.distributed group, called together.
 
-Thin: sharding is done by library functions (``make_minibatches``, ``shard_minibatches``); the
-group only fans calls out and gathers results (rank 0's metrics are the global ones).
+Thin: splitting is done by library functions (``make_minibatches``; ``rank_parts`` balances token
+counts across ranks, Karmarkar-Karp); the group only fans calls out and gathers results (rank 0's
+metrics are the global ones; per-sample results come back in the callers' order).
 """
 from __future__ import annotations
 
 import ray
 
-from miles_ray.training.batching import make_minibatches, shard_minibatches
+from miles_ray.training.batching import make_minibatches
+from miles_ray.training.packing import rank_parts
 
 
 class RankGroup:
@@ -35,17 +37,26 @@ class RankGroup:
         """The same call on every rank (collectives inside need all ranks); returns object refs."""
         return [getattr(a, method).remote(*args) for a in self.actors]
 
+    def _split(self, samples: list) -> list[list[int]]:
+        return rank_parts(samples, self.world_size)
+
     def scatter(self, method: str, samples: list, *args) -> list:
-        """Each rank gets an even contiguous part of ``samples``; results concatenated in order."""
-        parts = shard_minibatches([samples], self.world_size)
-        refs = [getattr(a, method).remote(part[0], *args) for a, part in zip(self.actors, parts)]
-        return [x for chunk in self.get(refs) for x in chunk]
+        """Each rank gets a token-balanced part of ``samples``; results come back in input order."""
+        parts = self._split(samples)
+        refs = [getattr(a, method).remote([samples[i] for i in part], *args) for a, part in zip(self.actors, parts)]
+        out = [None] * len(samples)
+        for part, result in zip(parts, self.get(refs)):
+            for i, item in zip(part, result):
+                out[i] = item
+        return out
 
     def train_step(self, samples: list, num_minibatches: int) -> dict:
-        shards = shard_minibatches(make_minibatches(samples, num_minibatches), self.world_size)
-        results = self.get([a.train_step.remote(s) for a, s in zip(self.actors, shards)])
-        return results[0]
+        shards = [[] for _ in self.actors]
+        for mb in make_minibatches(samples, num_minibatches):
+            for rank, part in enumerate(self._split(mb)):
+                shards[rank].append([mb[i] for i in part])
+        return self.get([a.train_step.remote(s) for a, s in zip(self.actors, shards)])[0]
 
     def sft_step(self, samples: list, lr: float) -> dict:
-        shards = shard_minibatches([samples], self.world_size)
-        return self.get([a.sft_step.remote(s[0], lr) for a, s in zip(self.actors, shards)])[0]
+        parts = self._split(samples)
+        return self.get([a.sft_step.remote([samples[i] for i in p], lr) for a, p in zip(self.actors, parts)])[0]

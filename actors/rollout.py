@@ -23,7 +23,7 @@ class RolloutEngineActor(ActorBase):
         from miles_ray.rollout.types import engine_seed
 
         self.cfg = Config.model_validate(cfg)
-        setup_worker_process(engine_seed(self.cfg.seed, rank))
+        setup_worker_process(engine_seed(self.cfg.seed, rank), self.cfg, "rollout")
         self.rank, self.channel, self.reader = rank, None, None
         host = ray.util.get_node_ip_address() if self.cfg.cluster.use_gpu else "127.0.0.1"
         self.engine = make_rollout_engine(self.cfg, rank, host, restarted=_reconstructed())

@@ -14,7 +14,7 @@ class _RankActor(ActorBase):
     def __init__(self, cfg: dict, rank: int, world_size: int):
         self.cfg = Config.model_validate(cfg)
         self.rank, self.world_size = rank, world_size
-        setup_worker_process(self.cfg.seed + rank)
+        setup_worker_process(self.cfg.seed + rank, self.cfg, "trainer")
         self.trainer = None
         self._ipc_keep = None
         self._pending = None
@@ -38,16 +38,12 @@ class _RankActor(ActorBase):
         return self.trainer.train_step(minibatches)
 
     def save_state(self, folder: str, role: str) -> str:
-        import torch
-
-        path = f"{folder}/{role}_rank{self.rank}.pt"
-        torch.save(self.trainer.state_dict(), path)
-        return path
+        """Collective: this rank's shards of ``<folder>/<role>`` (sharded, any world size on load)."""
+        self.trainer.save_checkpoint(f"{folder}/{role}")
+        return f"{folder}/{role}"
 
     def load_state(self, folder: str, role: str) -> int:
-        import torch
-
-        self.trainer.load_state_dict(torch.load(f"{folder}/{role}_rank{self.rank}.pt", weights_only=False))
+        self.trainer.load_checkpoint(f"{folder}/{role}")
         return self.rank
 
     def offload_optimizer(self) -> None:
@@ -65,7 +61,7 @@ class TrainerActor(_RankActor):
         c = self.cfg
         return PolicyTrainer(c.model.path, c.train, c.algorithm, dtype=c.model.dtype,
                              tiny_cache_dir=c.model.tiny_cache_dir, temperature=c.rollout.temperature, seed=c.seed,
-                             off_policy=c.async_rl.off_policy)
+                             off_policy=c.async_rl.off_policy, schedule_steps=c.optimizer_steps)
 
     def prepare(self, samples: list) -> list:
         return self.trainer.prepare(samples)
@@ -131,7 +127,8 @@ class CriticActor(_RankActor):
 
         c = self.cfg
         pad = load_tokenizer(c.model.path, c.model.tiny_cache_dir).pad_token_id or 0
-        return CriticTrainer(c.model.path, c.train, c.model.dtype, c.model.tiny_cache_dir, pad_id=pad, seed=c.seed)
+        return CriticTrainer(c.model.path, c.train, c.model.dtype, c.model.tiny_cache_dir, pad_id=pad, seed=c.seed,
+                             schedule_steps=c.optimizer_steps)
 
     def compute_values(self, samples: list) -> list:
         return self.trainer.compute_values(samples)

@@ -1,6 +1,8 @@
-"""Save and restore a run: trainer (and critic) rank states, engine sampling RNG, the prompt
-cursor, step and weight version; optionally the policy as an HF folder; for the async driver also
-its buffered groups and in-flight requests (``async_state.pt``). Used by the drivers.
+"""Save and restore a run: trainer (and critic, draft) states as sharded DCP folders (resumable at
+another number of ranks), engine sampling RNG, the prompt cursor, step and weight version; the
+policy as an HF folder at the end (and every ``checkpoint.export_hf_every`` steps); for the async
+driver also its buffered groups and in-flight requests (``async_state.json``). Nothing here is
+loaded with pickle: JSON, DCP (:mod:`miles_ray.training.checkpoint_io`) and ``weights_only`` tensors.
 
 Invariant: a checkpoint after ``step`` train steps holds weight version
 ``versioning.after_steps(step)`` (written into its meta, asserted on restore)."""
@@ -18,6 +20,7 @@ from miles_ray import checkpoint as ckpt
 from miles_ray import versioning
 from miles_ray.config import Config
 from miles_ray.errors import UserPathError, UserValueError
+from miles_ray.sample import Sample
 
 log = logging.getLogger("miles_ray.checkpoint")
 
@@ -26,11 +29,16 @@ def root(cfg: Config) -> Path:
     return Path(cfg.checkpoint.dir or Path(cfg.output_dir) / "checkpoints")
 
 
+def _export_hf(cfg: Config, step: int) -> bool:
+    c = cfg.checkpoint
+    return c.export_hf and (step >= cfg.total_steps or bool(c.export_hf_every and step % c.export_hf_every == 0))
+
+
 def save(cfg: Config, actors: RunActors, sampler, step: int, engine_rng: list,
          async_state: dict | None = None) -> Path:
     """Checkpoint after ``step`` train steps. ``sampler``: the sampler or its state dict;
     ``engine_rng``: each engine's sampling RNG state; ``async_state``: the async driver's pump
-    state and buffered groups."""
+    state and buffered groups (samples as dicts)."""
     version = versioning.after_steps(step)
     tmp = ckpt.begin(root(cfg), step)
     actors.policy.get(actors.policy.call("save_state", str(tmp), "policy"))
@@ -39,12 +47,12 @@ def save(cfg: Config, actors: RunActors, sampler, step: int, engine_rng: list,
     if actors.draft is not None:
         ray.get(actors.draft.save_state.remote(str(tmp)))
     torch.save(engine_rng, tmp / "engines_rng.pt")
-    if cfg.checkpoint.export_hf:
+    if _export_hf(cfg, step):
         actors.policy.get(actors.policy.call("export_hf", str(tmp / "hf")))
     cursor = sampler if isinstance(sampler, dict) else sampler.state_dict()
     meta = {"step": step, "version": version, "sampler": cursor, "run_name": cfg.run_name}
     if async_state is not None:
-        torch.save(async_state, tmp / "async_state.pt")
+        (tmp / "async_state.json").write_text(json.dumps(_to_json(async_state)))
         meta["async"] = {"buffered_groups": len(async_state["buffer"]), "inflight_groups": len(async_state["inflight"]),
                          "next_group": async_state["next_group"]}
     final = ckpt.commit(tmp, meta, cfg.checkpoint.keep)
@@ -52,10 +60,19 @@ def save(cfg: Config, actors: RunActors, sampler, step: int, engine_rng: list,
     return final
 
 
+def _to_json(state: dict) -> dict:
+    return {**state, "buffer": [[s.to_dict() for s in group] for group in state["buffer"]]}
+
+
 def load_async_state(path: Path) -> dict | None:
-    """The async driver's buffered groups and in-flight requests, or None (a sync checkpoint)."""
-    file = Path(path) / "async_state.pt"
-    return torch.load(file, weights_only=False) if file.is_file() else None
+    """The async driver's buffered groups (as Samples) and in-flight requests, or None (a sync
+    checkpoint)."""
+    file = Path(path) / "async_state.json"
+    if not file.is_file():
+        return None
+    state = json.loads(file.read_text())
+    state["buffer"] = [[Sample(**s) for s in group] for group in state["buffer"]]
+    return state
 
 
 def find(cfg: Config) -> Path | None:
@@ -67,6 +84,9 @@ def find(cfg: Config) -> Path | None:
         return None
     if not (path / "meta.json").is_file():
         raise UserPathError(f"resume={cfg.resume!r} is not a checkpoint folder (no meta.json)")
+    if not (path / "policy").is_dir():
+        raise UserPathError(f"checkpoint {path} predates sharded checkpoints (per-rank pickles, which are not loaded "
+                            "for safety); start a new run or point resume= at a newer checkpoint")
     pending = ckpt.read_meta(path).get("async", {})
     if not cfg.async_rl.enabled and pending.get("buffered_groups", 0) + pending.get("inflight_groups", 0):
         raise UserValueError(f"checkpoint {path} was written by the async driver and holds {pending['buffered_groups']} "
@@ -84,9 +104,9 @@ def restore(cfg: Config, actors: RunActors, sampler, path: Path) -> dict:
     actors.policy.get(actors.policy.call("load_state", str(path), "policy"))
     if actors.critic is not None:
         ray.get(actors.critic.call("load_state", str(path), "critic"))
-    if actors.draft is not None and (Path(path) / "draft.pt").is_file():
+    if actors.draft is not None and (Path(path) / "draft").is_dir():
         ray.get(actors.draft.load_state.remote(str(path)))
-    states = torch.load(path / "engines_rng.pt", weights_only=False)
+    states = torch.load(path / "engines_rng.pt", weights_only=True)
     ray.get([e.set_rng_state.remote(s) for e, s in zip(actors.engines, states)])
     sampler.load_state_dict(meta["sampler"])
     log.info("resumed from %s (step %d, weight version %d)", path, meta["step"], meta["version"])

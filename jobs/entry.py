@@ -45,7 +45,7 @@ def guarded(fn: Callable[[], int], debug: bool) -> int:
     except UserError as err:
         if debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {getattr(err, 'cause', None) or err}", file=sys.stderr)  # a remote error: its cause only
         return 2
 
 

@@ -92,14 +92,34 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     micro_batch_size: int = Field(16, ge=1)
-    max_tokens_per_micro_batch: int = Field(0, ge=0, description="dynamic batching by tokens (0: by count)")
+    max_tokens_per_micro_batch: int = Field(
+        0, ge=0, description="token budget of a micro-batch (packed row, or padded batch); 0: by count, or 4096 "
+        "when packing")
     strategy: Literal["ddp", "fsdp2"] = Field("ddp", description="data-parallel wrapper when num_trainers > 1")
+    precision: Literal["auto", "fp32", "bf16_mixed", "bf16"] = Field(
+        "auto", description="fp32 | bf16_mixed (bf16 compute, fp32 master weights, gradient reduction and optimizer "
+        "state) | bf16 (everything bf16: small updates are lost) | auto (fp32 if model.dtype=float32, else bf16_mixed)")
+    gradient_checkpointing: bool = Field(False, description="recompute layer activations in backward (less memory)")
+    packing: bool = Field(True, description="concatenate samples into rows of up to max_tokens_per_micro_batch "
+                          "tokens, attention confined to each sample (false: right-padded batches)")
+    logprob_chunk_tokens: int = Field(512, ge=1, description="tokens per chunk through the LM head (log-probs and "
+                                      "entropy never materialise a whole [tokens, vocab] tensor)")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="RL learning-rate decay")
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear learning-rate warm-up")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="linear/cosine decay ends at lr * min_lr_ratio")
+    ppo_epochs: int = Field(1, ge=1, description="passes over each rollout batch (each pass: num_minibatches steps)")
     critic_lr: float = Field(1e-4, gt=0)
     value_clip: Optional[float] = Field(0.2, gt=0)
     num_minibatches: int = Field(1, ge=1, description="optimizer steps per rollout batch")
     sft_warmup_steps: int = Field(0, ge=0, description="SFT steps on (prompt, label) pairs before RL")
     sft_batch_size: int = Field(32, ge=1)
     sft_lr: float = Field(3e-3, gt=0)
+
+
+    @property
+    def token_budget(self) -> int:
+        """Tokens per micro-batch (0: micro-batches by count)."""
+        return self.max_tokens_per_micro_batch or (4096 if self.packing else 0)
 
 
 class WeightSyncConfig(_Section):
@@ -117,6 +137,8 @@ class ClusterConfig(_Section):
     cpus_per_actor: float = Field(0.5, gt=0)
     local_num_cpus: Optional[int] = Field(None, description="logical CPUs for a locally started Ray")
     local_num_gpus: int = Field(0, ge=0, description="GPUs declared for a locally started Ray (may be fake)")
+    torch_threads: int = Field(0, ge=0, description="CPU threads per trainer rank / engine (0: auto: the node's "
+                               "cores shared by the actors that run at the same time; Ray's default is 1)")
 
 
 class OffPolicyConfig(_Section):
@@ -140,7 +162,9 @@ class CheckpointConfig(_Section):
     dir: Optional[str] = Field(None, description="default: <output_dir>/checkpoints")
     every: int = Field(0, ge=0, description="save every N steps (0: only at the end)")
     keep: int = Field(3, ge=1, description="newest checkpoints kept")
-    export_hf: bool = Field(True, description="also write the policy as an HF folder (transformers loads it)")
+    export_hf: bool = Field(True, description="write the policy as an HF folder (transformers loads it) in the "
+                            "final checkpoint")
+    export_hf_every: int = Field(0, ge=0, description="also in every N-th step's checkpoint (0: only the final one)")
 
 
 class FaultConfig(_Section):
@@ -221,6 +245,11 @@ class Config(_Section):
         if self.weight_sync.transport == "cuda_ipc" and not (self.cluster.colocate and self.cluster.use_gpu):
             raise ValueError("weight_sync.transport=cuda_ipc needs cluster.colocate=true and cluster.use_gpu=true")
         return self
+
+    @property
+    def optimizer_steps(self) -> int:
+        """RL optimizer steps in the run (the learning-rate schedule's length)."""
+        return self.total_steps * self.train.num_minibatches * self.train.ppo_epochs
 
     @property
     def uses_critic(self) -> bool:

@@ -36,15 +36,36 @@ def test_stop_and_resume_equals_uninterrupted(local_ray, tmp_path, model_cache, 
     for x, y in zip(a, b):
         for key in ("reward_mean", "loss", "grad_norm", "response_len_mean"):
             assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-7), (x["step"], key)
-    wa = torch.load(ckpt.latest(full / "checkpoints") / "policy_rank0.pt", weights_only=False)["model"]
-    wb = torch.load(ckpt.latest(split / "checkpoints") / "policy_rank0.pt", weights_only=False)["model"]
+    wa, wb = _final_weights(full), _final_weights(split)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    # second save after resume happened, and the HF export loads with transformers
+    # second save after resume happened; the HF export is only in the final one, and loads
     assert [p.name for p in ckpt.checkpoints(split / "checkpoints")] == ["step_3", "step_6"]
+    assert not (split / "checkpoints" / "step_3" / "hf").exists() and (split / "checkpoints" / "step_3" / "policy").is_dir()
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(ckpt.latest(split / "checkpoints") / "hf")
     assert torch.equal(hf.state_dict()["model.norm.weight"], wb["model.norm.weight"])
+
+
+def _final_weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(ckpt.latest(out / "checkpoints") / "hf" / "model.safetensors")
+
+
+def test_resume_at_another_number_of_trainer_ranks(local_ray, tmp_path, model_cache):
+    """A checkpoint of 2 trainer ranks (FSDP2) resumes on 1 rank and trains on as the 2 ranks would
+    have (DP=1 and DP=2 give the same gradients)."""
+    full, split, two = tmp_path / "full", tmp_path / "split", ("cluster.num_trainers=2", "train.strategy=fsdp2")
+    _run(full, model_cache, "total_steps=3", *two, "run_name=ws2full")
+    _run(split, model_cache, "total_steps=2", *two, "run_name=ws2")
+    _run(split, model_cache, "total_steps=3", "cluster.num_trainers=1", "run_name=ws1", "resume=auto")
+    a, b = _rows(full), _rows(split)
+    assert [r["step"] for r in b] == [0, 1, 2]
+    for key in ("loss", "grad_norm", "reward_mean"):
+        assert a[2][key] == pytest.approx(b[2][key], rel=1e-4, abs=1e-6), key
+    wa, wb = _final_weights(full), _final_weights(split)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
 def test_checkpoints_atomic_and_rotated(tmp_path):

@@ -6,7 +6,7 @@ from jobs.checkpointing import load_async_state
 from miles_ray import checkpoint as ckpt
 from miles_ray.config import load_config
 from miles_ray.errors import UserError
-from tests.helpers.ledger import check_run, rows
+from tests.helpers.ledger import check_run, final_weights, rows
 
 pytestmark = pytest.mark.ray
 BASE = ("rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=2", "rollout.backend=native",
@@ -78,7 +78,6 @@ def test_async_s0_stop_and_resume_equals_uninterrupted(local_ray, tmp_path, mode
         assert x["ledger_groups"] == y["ledger_groups"]
         for key in ("reward_mean", "loss", "grad_norm", "response_len_mean"):
             assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-7), (x["step"], key)
-    wa = torch.load(full / "checkpoints" / "step_4" / "policy_rank0.pt", weights_only=False)["model"]
-    wb = torch.load(split / "checkpoints" / "step_4" / "policy_rank0.pt", weights_only=False)["model"]
+    wa, wb = final_weights(full, "4"), final_weights(split, "4")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     check_run(split, cfg, tokenizer)

@@ -84,3 +84,44 @@ def test_shard_minibatches_keeps_every_sample_once():
     for k in range(3):
         assert shards[0][k] + shards[1][k] == mbs[k]
     assert shard_minibatches([samples[:1]], 2) == [[samples[:1]], [[]]]
+
+
+def _ckpt_worker(rank, world, port, model_cache, strategy, folder, mode, out_path):
+    """mode save: train one SFT step and write a sharded checkpoint (+ rank 0's full weights);
+    mode load: load it (any world size) and write rank 0's full weights and optimizer moments."""
+    if world > 1:
+        init_distributed(rank, world, "127.0.0.1", port)
+    trainer = PolicyTrainer("tiny:qwen3", TrainConfig(strategy=strategy, micro_batch_size=4), AlgorithmConfig(),
+                            tiny_cache_dir=model_cache, seed=11 if mode == "load" else 0)
+    if mode == "save":
+        trainer.sft_step(_samples()[rank::world], 1e-2)
+        trainer.save_checkpoint(folder)
+    else:
+        trainer.load_checkpoint(folder)
+    state = trainer.full_state_dict()
+    moments = {}
+    for name, value in trainer.optimizer.state_dict()["state"].items():
+        v = value["exp_avg"]
+        moments[name] = (v.full_tensor() if hasattr(v, "full_tensor") else v).clone()
+    if rank == 0:
+        torch.save({"weights": state, "version": trainer.version, "moments": moments}, out_path)
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_checkpoint_of_two_ranks_resumes_on_one_and_two(model_cache, tiny_dir, tmp_path, strategy):
+    folder = str(tmp_path / "ck")
+    mp.spawn(_ckpt_worker, args=(2, _free_port(), model_cache, strategy, folder, "save", str(tmp_path / "saved.pt")),
+             nprocs=2, join=True)
+    saved = torch.load(tmp_path / "saved.pt")
+    _ckpt_worker(0, 1, 0, model_cache, strategy, folder, "load", str(tmp_path / "one.pt"))
+    mp.spawn(_ckpt_worker, args=(2, _free_port(), model_cache, strategy, folder, "load", str(tmp_path / "two.pt")),
+             nprocs=2, join=True)
+    for name in ("one.pt", "two.pt"):
+        got = torch.load(tmp_path / name)
+        assert got["version"] == saved["version"] == 1
+        assert all(torch.equal(saved["weights"][k], got["weights"][k]) for k in saved["weights"]), name
+        assert sorted(got["moments"]) == sorted(saved["moments"])
+        assert all(torch.equal(saved["moments"][k], got["moments"][k]) for k in saved["moments"]), name

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from miles_ray.config import load_config
-from tests.helpers.ledger import check_run
+from tests.helpers.ledger import check_run, final_weights
 
 pytestmark = pytest.mark.ray
 
@@ -53,7 +53,6 @@ def test_trainer_rank_killed_group_rebuilt_from_checkpoint(local_ray, tmp_path, 
     import torch
 
     from jobs.train import run
-    from miles_ray import checkpoint as ckpt
 
     base = [f"model.tiny_cache_dir={model_cache}", "total_steps=4", "rollout.prompts_per_step=4",
             "rollout.n_samples_per_prompt=4", "cluster.num_trainers=2", "checkpoint.every=1",
@@ -67,8 +66,7 @@ def test_trainer_rank_killed_group_rebuilt_from_checkpoint(local_ray, tmp_path, 
     assert [r["step"] for r in got] == [0, 1, 2, 3] and got[-1]["recoveries"] >= 1
     for a, b in zip(ref, got):
         assert a["reward_mean"] == pytest.approx(b["reward_mean"]) and a["loss"] == pytest.approx(b["loss"], abs=1e-7)
-    wa = torch.load(ckpt.latest(tmp_path / "ref" / "checkpoints") / "policy_rank0.pt", weights_only=False)["model"]
-    wb = torch.load(ckpt.latest(tmp_path / "kill" / "checkpoints") / "policy_rank0.pt", weights_only=False)["model"]
+    wa, wb = final_weights(tmp_path / "ref"), final_weights(tmp_path / "kill")
     assert all(torch.equal(wa[k], wb[k]) for k in wa) and summary["steps"] == 4
     check_run(tmp_path / "kill", cfg, tokenizer)  # the redone steps replaced the lost ones: none twice
 

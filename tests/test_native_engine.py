@@ -42,7 +42,7 @@ def test_greedy_equals_transformers_token_for_token(engine):
 
 def test_logprobs_match_trainer_recomputation(engine, model_cache):
     trainer = PolicyTrainer("tiny:qwen3", TrainConfig(), AlgorithmConfig(), tiny_cache_dir=model_cache, temperature=0.7)
-    trainer.model.load_state_dict(engine.model.state_dict())
+    trainer.module.load_state_dict(engine.model.state_dict())
     reqs = [{"prompt": p, "label": "", "prompt_index": i, "group_id": i} for i, p in enumerate(PROMPTS)]
     samples = engine.generate(reqs, 3, SamplingParams(10, temperature=0.7, top_p=0.9))
     assert len(samples) == 12 and [s.group_id for s in samples[:3]] == [0, 0, 0]

@@ -41,7 +41,7 @@ def test_sync_run_with_online_draft(tmp_path, model_cache):
     assert "draft_loss" not in frozen[0]  # draft.online=false: no draft trainer
     from miles_ray import checkpoint as ckpt
 
-    assert (ckpt.latest(tmp_path / "spec-online" / "checkpoints") / "draft.pt").is_file()  # resumable draft
+    assert (ckpt.latest(tmp_path / "spec-online" / "checkpoints") / "draft" / ".metadata").is_file()  # resumable
     # the trained draft reached the engines: it accepts far more than the untrained one
     rate = lambda rows: sum(r["spec_accept_rate"] for r in rows) / len(rows)  # noqa: E731
     assert rate(online) > rate(frozen) + 0.2, (rate(online), rate(frozen))

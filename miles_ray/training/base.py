@@ -1,6 +1,7 @@
-"""What every torch trainer rank shares: the torch.distributed group, DDP / FSDP2 wrapping, AdamW,
-micro-batch planning (by count or by tokens), gradient sync, clipping, optimizer offload and
-weight export.
+"""What every torch trainer rank shares: the torch.distributed group, DDP / FSDP2 wrapping with the
+training precision, gradient checkpointing, varlen attention for packed rows, AdamW with a
+learning-rate schedule, micro-batch planning, gradient sync, clipping, optimizer offload, sharded
+checkpoints and weight export.
 
 Data parallelism and loss normalisation
 - A global mini-batch is split across ranks; each rank reports its token and sequence counts and
@@ -13,13 +14,18 @@ Data parallelism and loss normalisation
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 
 import torch
 import torch.distributed as dist
 
-from miles_ray.training.batching import split
+from miles_ray.errors import UserError
+from miles_ray.training import precision as prec
+from miles_ray.training.packing import plan_micro_batches
+from miles_ray.training.schedule import lr_factor
+from miles_ray.training.varlen import use_varlen_attention
 
 
 def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, backend: str = "gloo") -> None:
@@ -51,58 +57,80 @@ def all_max(value: int) -> int:
     return int(t.item())
 
 
-def plan_micro_batches(samples: list, micro_batch_size: int, max_tokens: int = 0) -> list[list]:
-    """Split in order: by count, or (``max_tokens`` > 0) so that each padded micro-batch holds at
-    most ``max_tokens`` tokens (a longer single sample still gets its own micro-batch)."""
-    if max_tokens <= 0:
-        return split(samples, micro_batch_size)
-    out, cur, longest = [], [], 0
-    for s in samples:
-        n = len(s.prompt_ids) + len(s.response_ids)
-        if cur and max(longest, n) * (len(cur) + 1) > max_tokens:
-            out.append(cur)
-            cur, longest = [], 0
-        cur.append(s)
-        longest = max(longest, n)
-    return out + ([cur] if cur else [])
+class TrainerOutOfMemory(UserError, MemoryError):
+    """A trainer rank ran out of memory: the run stops (a rebuild would fail the same way)."""
 
 
-def padded_micro_batches(samples: list, micro_batch_size: int, max_tokens: int = 0) -> list[tuple[list, float]]:
-    """Micro-batches with a weight (1 real, 0 padding) so every rank runs the same number."""
-    chunks = plan_micro_batches(samples, micro_batch_size, max_tokens)
+def _is_oom(err: BaseException) -> bool:
+    text = str(err).lower()
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
+
+
+def padded_micro_batches(samples: list, train_cfg) -> list[tuple[list, float]]:
+    """This rank's micro-batches (see :func:`plan_micro_batches`), each with a weight (1 real,
+    0 padding) so that every rank runs the same number."""
+    chunks = plan_micro_batches(samples, train_cfg.micro_batch_size, train_cfg.token_budget, train_cfg.packing)
     n = all_max(len(chunks))
     filler = chunks[0][:1] if chunks else []
     return [(c, 1.0) for c in chunks] + [(filler, 0.0)] * (n - len(chunks))
 
 
-class TorchTrainerBase:
-    """A trainer rank: ``self.model`` (wrapped for DP), ``self.optimizer``; subclasses add losses."""
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer in backward (non-reentrant); the API was renamed in transformers 5.2x."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    def __init__(self, model: torch.nn.Module, train_cfg, lr: float, strategy: str = "ddp"):
-        self.cfg = train_cfg
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def shard_fsdp2(core: torch.nn.Module, model: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """FSDP2: every decoder layer of ``model`` its own unit, the rest with ``core`` (the root)."""
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs = {"mp_policy": prec.fsdp_policy(precision)} if prec.fsdp_policy(precision) else {}
+    body = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    for layer in getattr(body, "layers", None) or []:
+        fully_shard(layer, **kwargs)
+    return fully_shard(core, **kwargs)
+
+
+class TorchTrainerBase:
+    """A trainer rank: ``self.module`` (the transformers model: parameter names, export),
+    ``self.model`` (``core``, the forward module, wrapped for DP), ``self.optimizer``."""
+
+    def __init__(self, model: torch.nn.Module, train_cfg, lr: float, strategy: str = "ddp", precision: str = "fp32",
+                 core: torch.nn.Module | None = None, schedule_steps: int = 0):
+        self.cfg, self.precision = train_cfg, precision
         self.rank, self.world_size = world()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        model.to(self.device)
+        self.device = device()
+        use_varlen_attention(model)
+        if train_cfg.gradient_checkpointing:
+            enable_activation_checkpointing(model)
+        core = core if core is not None else model
+        core.to(self.device)
         self.module = model  # unwrapped, for state_dict names
-        self.model = self._wrap(model, strategy) if self.world_size > 1 else model
         self.strategy = strategy if self.world_size > 1 else "none"
+        self.model = self._wrap(core, model, strategy) if self.world_size > 1 else core
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=train_cfg.weight_decay)
+        self.base_lr, self.schedule_steps, self.opt_steps = lr, schedule_steps, 0
         self.offloaded = False
 
-    @staticmethod
-    def _wrap(model, strategy: str):
+    def _wrap(self, core, model, strategy: str):
         if strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
-            return DistributedDataParallel(model)
+            return DistributedDataParallel(core)
         if strategy == "fsdp2":
-            from torch.distributed.fsdp import fully_shard
-
-            layers = getattr(getattr(model, "model", None), "layers", None) or []
-            for layer in layers:
-                fully_shard(layer)
-            return fully_shard(model)
+            return shard_fsdp2(core, model, self.precision)
         raise ValueError(f"train.strategy='{strategy}' is unknown; choose ddp or fsdp2")
+
+    def autocast(self):
+        return prec.autocast(self.precision, self.device, fsdp=self.strategy == "fsdp2")
 
     def _sync_context(self, last: bool):
         """Skip the gradient sync on all but the last micro-batch of a mini-batch."""
@@ -110,32 +138,58 @@ class TorchTrainerBase:
             return self.model.no_sync()
         if self.strategy == "fsdp2":
             self.model.set_requires_gradient_sync(last)
-        import contextlib
-
         return contextlib.nullcontext()
 
     def backward_micro_batches(self, micro, loss_fn) -> dict:
-        """Run ``loss_fn(chunk) -> (loss, metrics)`` for each (chunk, weight) and backprop the
-        loss times weight times world size. Returns the summed metrics of real micro-batches."""
+        """Run ``loss_fn(chunk) -> (loss, metrics)`` for each (chunk, weight) under the precision's
+        autocast and backprop the loss times weight times world size. Returns the summed metrics
+        of real micro-batches."""
         totals: dict = {}
         for i, (chunk, weight) in enumerate(micro):
-            with self._sync_context(last=i == len(micro) - 1):
-                loss, metrics = loss_fn(chunk)
-                (loss * weight * self.world_size).backward()
+            try:
+                with self._sync_context(last=i == len(micro) - 1):
+                    with self.autocast():
+                        loss, metrics = loss_fn(chunk)
+                    (loss * weight * self.world_size).backward()
+            except Exception as err:  # noqa: BLE001 - only out-of-memory is translated
+                if not _is_oom(err):
+                    raise
+                raise self.out_of_memory(chunk, err) from None
             if weight:
                 for k, v in metrics.items():
                     totals[k] = totals.get(k, 0.0) + v
         return totals
 
-    def optimizer_step(self) -> dict:
+    def out_of_memory(self, chunk: list, err: BaseException) -> TrainerOutOfMemory:
+        tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in chunk)
+        return TrainerOutOfMemory(
+            f"trainer rank {self.rank} ran out of memory on a micro-batch of {len(chunk)} samples, {tokens} tokens "
+            f"({type(err).__name__}: {str(err)[:200]}); lower train.max_tokens_per_micro_batch (budget now "
+            f"{self.cfg.token_budget} tokens) or train.micro_batch_size, or set train.gradient_checkpointing=true / "
+            "train.precision=bf16_mixed / a smaller train.logprob_chunk_tokens")
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def optimizer_step(self, scheduled: bool = True) -> dict:
+        """Clip, then step at the scheduled learning rate (``scheduled=False``: the current one)."""
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)  # never let NaN/inf reach the weights
             return {"grad_norm": float("nan"), "skipped_step": 1.0}
+        out = {"grad_norm": grad_norm.item(), "skipped_step": 0.0}
+        if scheduled:
+            c = self.cfg
+            lr = self.base_lr * lr_factor(c.lr_schedule, self.opt_steps, self.schedule_steps, c.warmup_steps,
+                                          c.min_lr_ratio)
+            self.set_lr(lr)
+            self.opt_steps += 1
+            out["lr"] = lr
         self.optimizer.step()
-        return {"grad_norm": grad_norm.item(), "skipped_step": 0.0}
+        return out
 
     # -- colocation: free accelerator memory while the engines run -----------------------------
     def offload_optimizer(self) -> None:
@@ -152,24 +206,24 @@ class TorchTrainerBase:
                 if torch.is_tensor(v) and k != "step":
                     state[k] = v.to(device, non_blocking=True)
 
-    # -- checkpoint state -----------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """This rank's model and optimizer state and RNG (per rank: restore with the same world size)."""
-        import random
+    # -- checkpoint state: sharded, safe to load, any world size ---------------------------------
+    def counters(self) -> dict:
+        return {"version": getattr(self, "version", 0), "opt_steps": self.opt_steps}
 
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                "version": getattr(self, "version", 0)}
+    def save_checkpoint(self, folder: str) -> None:
+        """Collective: every rank writes its shards (:mod:`miles_ray.training.checkpoint_io`)."""
+        from miles_ray.training.checkpoint_io import save_sharded
 
-    def load_state_dict(self, state: dict) -> None:
-        import random
+        save_sharded(folder, self.model, self.optimizer, self.counters(), self.rank)
 
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
+    def load_checkpoint(self, folder: str) -> None:
+        """Collective; the checkpoint may come from a different number of ranks."""
+        from miles_ray.training.checkpoint_io import load_sharded
+
+        counters = load_sharded(folder, self.model, self.optimizer, self.rank)
         if hasattr(self, "version"):
-            self.version = state["version"]
+            self.version = counters["version"]
+        self.opt_steps = counters["opt_steps"]
 
     # -- weights --------------------------------------------------------------------------------
     def full_state_dict(self, to_cpu: bool = True) -> dict | None:

@@ -1,27 +1,41 @@
-"""Pack samples (prompt_ids + response_ids) into padded tensors aligned with next-token logits.
+"""Lay samples (prompt_ids + response_ids) out as token tensors for one forward pass.
 
-For a sequence of length L, position t of the ``[B, L-1]`` per-token tensors scores token t+1.
-``mask`` is 1 where that token is a response token. Per-token sample fields (old/ref log-probs,
-advantages, values, returns) are scattered onto the response positions, 0 elsewhere.
+Two layouts, one convention (:class:`TokenBatch`):
+
+- padded: one row per sample, right-padded to the longest; positions 0..len-1.
+- packed (``train.packing``): samples concatenated into one row, positions restarting at 0 for
+  each sample; attention is confined to each sample by the varlen attention of
+  :mod:`miles_ray.training.varlen` (``seqlens``), so no token sees another sample.
+
+In both, every per-token tensor has the shape of ``input_ids`` and position t holds what scores
+the *next* token of the same sample (``targets[t]``). ``mask`` is 1 where that next token is a
+response token. Per-token sample fields (behaviour/old/ref log-probs, advantages, values, returns)
+are scattered onto those positions, 0 elsewhere.
+
+Losses work per sample (sequence-level ratios and aggregations need sequences as rows):
+:meth:`TokenBatch.by_sample` gathers a per-token tensor into ``[samples, longest response]``
+(``sample_mask`` marks the real entries), the same for both layouts.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-
-from miles_ray.algorithms.losses import entropy_from_logits
 
 TOKEN_FIELDS = ("response_logprobs", "old_logprobs", "ref_logprobs", "advantages", "values", "returns")
 
 
 @dataclass
-class PackedBatch:
-    input_ids: torch.Tensor  # [B, L] right-padded
-    attention_mask: torch.Tensor  # [B, L]
-    targets: torch.Tensor  # [B, L-1] next tokens
-    mask: torch.Tensor  # [B, L-1] float, 1 on response tokens
-    fields: dict  # name -> [B, L-1] for each of TOKEN_FIELDS present on every sample
+class TokenBatch:
+    input_ids: torch.Tensor  # [R, L]
+    position_ids: torch.Tensor  # [R, L]
+    targets: torch.Tensor  # [R, L] next token of the same sample (0 where there is none)
+    mask: torch.Tensor  # [R, L] float, 1 where the next token is a response token
+    fields: dict = field(default_factory=dict)  # name -> [R, L] for each of TOKEN_FIELDS present
+    spans: list = field(default_factory=list)  # per sample: (row, first response-scoring position, count)
+    seqlens: list | None = None  # packed: lengths of the samples in the (single) row; None: padded rows
+    resp_index: torch.Tensor | None = None  # [S, Rmax] flat positions of each sample's response tokens
+    sample_mask: torch.Tensor | None = None  # [S, Rmax] 1 on real entries
 
     def __getattr__(self, name):
         fields = self.__dict__.get("fields", {})
@@ -29,48 +43,84 @@ class PackedBatch:
             return fields[name]
         raise AttributeError(name)
 
+    def to(self, device) -> "TokenBatch":
+        return TokenBatch(self.input_ids.to(device), self.position_ids.to(device), self.targets.to(device),
+                          self.mask.to(device), {k: v.to(device) for k, v in self.fields.items()}, self.spans,
+                          self.seqlens, self.resp_index.to(device), self.sample_mask.to(device))
 
-def pack(samples, pad_id: int = 0, device=None) -> PackedBatch:
+    def by_sample(self, x: torch.Tensor) -> torch.Tensor:
+        """A per-token tensor (``[R, L]``) as ``[samples, longest response]``, 0 off ``sample_mask``."""
+        return x.reshape(-1)[self.resp_index] * self.sample_mask
+
+    def sample_field(self, name: str) -> torch.Tensor:
+        return self.by_sample(self.fields[name])
+
+    @property
+    def packed(self) -> bool:
+        return self.seqlens is not None
+
+    def model_inputs(self) -> dict:
+        """Keyword arguments for a transformers model: right padding needs no mask under causal
+        attention (real tokens never look right); packed rows carry the sample lengths."""
+        out = {"input_ids": self.input_ids, "position_ids": self.position_ids}
+        if self.packed:
+            out["cu_seq_lens_q"] = torch.tensor([0, *torch.tensor(self.seqlens).cumsum(0).tolist()],
+                                                dtype=torch.int32, device=self.input_ids.device)
+        return out
+
+
+def _layout(samples, packed: bool) -> list[tuple[int, int]]:
+    """(row, offset) of each sample."""
+    if not packed:
+        return [(i, 0) for i in range(len(samples))]
+    out, offset = [], 0
+    for s in samples:
+        out.append((0, offset))
+        offset += len(s.prompt_ids) + len(s.response_ids)
+    return out
+
+
+def pack(samples, pad_id: int = 0, device=None, packed: bool = False) -> TokenBatch:
+    """A :class:`TokenBatch` of ``samples`` (packed into one row when ``packed``)."""
     seqs = [list(s.prompt_ids) + list(s.response_ids) for s in samples]
-    length = max(2, max(len(x) for x in seqs))
-    B = len(samples)
-    input_ids = torch.full((B, length), pad_id, dtype=torch.long)
-    attention = torch.zeros((B, length), dtype=torch.long)
-    mask = torch.zeros((B, length - 1))
+    where = _layout(samples, packed)
+    rows = 1 if packed else len(samples)
+    length = max(2, sum(map(len, seqs)) if packed else max(len(x) for x in seqs))
+    input_ids = torch.full((rows, length), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((rows, length), dtype=torch.long)
+    targets = torch.zeros((rows, length), dtype=torch.long)
+    mask = torch.zeros((rows, length))
     names = [f for f in TOKEN_FIELDS if all(getattr(s, f) for s in samples if s.response_ids)]
-    fields = {f: torch.zeros((B, length - 1)) for f in names}
-    for i, (s, seq) in enumerate(zip(samples, seqs)):
-        input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        attention[i, : len(seq)] = 1
-        p, r = len(s.prompt_ids), len(s.response_ids)
+    fields = {f: torch.zeros((rows, length)) for f in names}
+    spans = []
+    for s, seq, (row, off) in zip(samples, seqs, where):
+        n, p, r = len(seq), len(s.prompt_ids), len(s.response_ids)
+        input_ids[row, off:off + n] = torch.tensor(seq, dtype=torch.long)
+        position_ids[row, off:off + n] = torch.arange(n)
+        targets[row, off:off + n - 1] = input_ids[row, off + 1:off + n]
+        start = off + p - 1  # this position scores the first response token
+        spans.append((row, start, r))
         if r:
-            mask[i, p - 1 : p - 1 + r] = 1.0
+            mask[row, start:start + r] = 1.0
             for f in names:
-                fields[f][i, p - 1 : p - 1 + r] = torch.tensor(getattr(s, f), dtype=torch.float32)
-    if device is not None and str(device) != "cpu":
-        input_ids, attention, mask = input_ids.to(device), attention.to(device), mask.to(device)
-        fields = {k: v.to(device) for k, v in fields.items()}
-    return PackedBatch(input_ids, attention, input_ids[:, 1:], mask, fields)
+                fields[f][row, start:start + r] = torch.tensor(getattr(s, f), dtype=torch.float32)
+    if not packed:  # padding positions keep counting (harmless: they are never attended to)
+        position_ids = torch.arange(length).expand(rows, length).clone()
+    longest = max([r for _, _, r in spans] + [1])
+    resp_index = torch.zeros((len(samples), longest), dtype=torch.long)
+    sample_mask = torch.zeros((len(samples), longest))
+    for i, (row, start, r) in enumerate(spans):
+        resp_index[i, :r] = row * length + start + torch.arange(r)
+        sample_mask[i, :r] = 1.0
+    batch = TokenBatch(input_ids, position_ids, targets, mask, fields, spans, [len(x) for x in seqs] if packed else None,
+                       resp_index, sample_mask)
+    return batch.to(device) if device is not None and str(device) != "cpu" else batch
 
 
-def forward_logits(model, batch: PackedBatch) -> torch.Tensor:
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    return out.logits[:, :-1].float()
-
-
-def token_logprobs(model, batch: PackedBatch, temperature: float = 1.0, with_entropy: bool = False):
-    """Log-probs ``[B, L-1]`` of each next token under softmax(logits / temperature)
-    (and the per-token entropy when ``with_entropy``)."""
-    logits = forward_logits(model, batch) / temperature
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
-    if with_entropy:
-        return logp, entropy_from_logits(logits)
-    return logp
-
-
-def unpack(values: torch.Tensor, batch: PackedBatch) -> list[list[float]]:
-    """Per-sample lists of the response-token entries of a ``[B, L-1]`` tensor."""
-    return [values[i][batch.mask[i].bool()].tolist() for i in range(values.shape[0])]
+def unpack(values: torch.Tensor, batch: TokenBatch) -> list[list[float]]:
+    """Per-sample lists of the response-token entries of a per-token tensor."""
+    host = values.detach().float().cpu()
+    return [host[row, start:start + r].tolist() for row, start, r in batch.spans]
 
 
 def split(items: list, size: int) -> list[list]:

@@ -9,8 +9,10 @@ import torch
 
 from miles_ray.algorithms.losses import value_loss
 from miles_ray.models.loading import _DTYPES, resolve_model_path
+from miles_ray.training import precision as prec
 from miles_ray.training.base import TorchTrainerBase, all_sum, padded_micro_batches
 from miles_ray.training.batching import pack, unpack
+from miles_ray.training.logprobs import ValueModelForTraining
 
 
 def load_value_model(spec: str, dtype: str = "float32", tiny_cache_dir: str = "runs/_models"):
@@ -25,44 +27,49 @@ def load_value_model(spec: str, dtype: str = "float32", tiny_cache_dir: str = "r
 
 class CriticTrainer(TorchTrainerBase):
     def __init__(self, model_spec: str, train_cfg, dtype: str = "float32", tiny_cache_dir: str = "runs/_models",
-                 pad_id: int = 0, seed: int = 0):
+                 pad_id: int = 0, seed: int = 0, schedule_steps: int = 0):
         torch.manual_seed(seed)
         self.pad_id = pad_id
-        super().__init__(load_value_model(model_spec, dtype, tiny_cache_dir), train_cfg, train_cfg.critic_lr,
-                         train_cfg.strategy)
+        precision = prec.resolve(train_cfg.precision, dtype)
+        model = load_value_model(model_spec, prec.load_dtype(precision), tiny_cache_dir)
+        super().__init__(model, train_cfg, train_cfg.critic_lr, train_cfg.strategy, precision,
+                         ValueModelForTraining(model), schedule_steps)
 
-    def _values(self, batch) -> torch.Tensor:
-        out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        return out.logits[:, :-1, 0].float()
+    def _pack(self, chunk):
+        return pack(chunk, self.pad_id, self.device, packed=self.cfg.packing)
 
     @torch.no_grad()
     def compute_values(self, samples) -> list:
         """Fill ``values`` on each sample (per response token) and return the samples."""
         self.model.eval()
-        values = []
-        for chunk, weight in padded_micro_batches(samples, self.cfg.micro_batch_size, self.cfg.max_tokens_per_micro_batch):
-            batch = pack(chunk, self.pad_id, self.device)
-            v = unpack(self._values(batch), batch)
-            values.extend(v if weight else [])
-        for s, v in zip(samples, values):
-            s.values = v
+        found = {}
+        for chunk, weight in padded_micro_batches(samples, self.cfg):
+            batch = self._pack(chunk)
+            with self.autocast():
+                values = self.model(batch)
+            if weight:
+                found.update({id(s): v for s, v in zip(chunk, unpack(values, batch))})
+        for s in samples:
+            s.values = found[id(s)]
         return samples
 
     def train_step(self, minibatches: list[list]) -> dict:
         """Clipped value loss (token mean) against ``returns``; one optimizer step per mini-batch."""
         steps = []
-        for mb in minibatches:
+        for mb in [mb for _ in range(self.cfg.ppo_epochs) for mb in minibatches]:
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
             (n_tokens,) = all_sum([float(sum(len(s.response_ids) for s in mb))])
 
             def loss_fn(chunk):
-                batch = pack(chunk, self.pad_id, self.device)
-                per_tok = value_loss(self._values(batch), batch.values, batch.returns, batch.mask, self.cfg.value_clip)
-                loss = (per_tok * batch.mask).sum() / max(n_tokens, 1.0)
+                batch = self._pack(chunk)
+                mask = batch.sample_mask
+                per_tok = value_loss(batch.by_sample(self.model(batch)), batch.sample_field("values"),
+                                     batch.sample_field("returns"), mask, self.cfg.value_clip)
+                loss = (per_tok * mask).sum() / max(n_tokens, 1.0)
                 return loss, {"value_loss": loss.item()}
 
-            micro = padded_micro_batches(mb, self.cfg.micro_batch_size, self.cfg.max_tokens_per_micro_batch)
+            micro = padded_micro_batches(mb, self.cfg)
             totals = self.backward_micro_batches(micro, loss_fn)
             step = {"value_loss": all_sum([totals.get("value_loss", 0.0)])[0]}
             step.update({f"critic_{k}": v for k, v in self.optimizer_step().items()})

@@ -14,6 +14,7 @@ import torch
 from miles_ray.models import load_tokenizer
 from miles_ray.models.draft import build_draft
 from miles_ray.training.base import TorchTrainerBase
+from miles_ray.training.logprobs import CausalLMForTraining
 from miles_ray.training.sft import SFTMixin
 
 
@@ -23,7 +24,8 @@ class DraftTrainer(SFTMixin, TorchTrainerBase):
         torch.manual_seed(seed)
         self.pad_id = load_tokenizer(target_spec, tiny_cache_dir).pad_token_id or 0
         self.base_lr = lr
-        super().__init__(build_draft(draft_spec, target_spec, dtype, tiny_cache_dir), train_cfg, lr, "ddp")
+        model = build_draft(draft_spec, target_spec, dtype, tiny_cache_dir)
+        super().__init__(model, train_cfg, lr, "ddp", "fp32", CausalLMForTraining(model, train_cfg.logprob_chunk_tokens))
         self.version = 0  # draft optimizer steps taken
 
     def train_on(self, samples: list, epochs: int = 1) -> dict:

@@ -6,7 +6,7 @@ from miles_ray.algorithms import LOSS_AGGREGATIONS
 from miles_ray.algorithms.losses import sft_token_loss
 from miles_ray.sample import Sample
 from miles_ray.training.base import all_sum, padded_micro_batches
-from miles_ray.training.batching import pack, token_logprobs
+from miles_ray.training.batching import pack
 
 
 def sft_samples(items, tokenizer, target_fn=lambda item: item.label) -> list[Sample]:
@@ -21,28 +21,27 @@ def sft_samples(items, tokenizer, target_fn=lambda item: item.label) -> list[Sam
 
 
 class SFTMixin:
-    """``sft_step`` for a :class:`~miles_ray.training.base.TorchTrainerBase` with ``pad_id``."""
+    """``sft_step`` for a :class:`~miles_ray.training.base.TorchTrainerBase` whose ``model`` is a
+    :class:`~miles_ray.training.logprobs.CausalLMForTraining` and that has ``pad_id``."""
 
     def sft_step(self, samples, lr: float | None = None) -> dict:
         """One supervised step: token-mean NLL of the response tokens of this rank's ``samples``
-        (normalised by the global token count)."""
-        base_lr = getattr(self, "base_lr", self.cfg.lr)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr if lr is not None else base_lr
+        (normalised by the global token count), at ``lr`` (default: the base learning rate; the
+        RL schedule does not advance)."""
+        self.set_lr(lr if lr is not None else self.base_lr)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         n_tokens, n_seqs = all_sum([float(sum(len(s.response_ids) for s in samples)), float(len(samples))])
 
         def loss_fn(chunk):
-            batch = pack(chunk, self.pad_id, self.device)
-            logp = token_logprobs(self.model, batch, 1.0)
-            loss = LOSS_AGGREGATIONS["token_mean"](sft_token_loss(logp), batch.mask, n_tokens, n_seqs)
+            batch = pack(chunk, self.pad_id, self.device, packed=self.cfg.packing)
+            logp, _ = self.model(batch, 1.0, "none")
+            nll = sft_token_loss(batch.by_sample(logp))
+            loss = LOSS_AGGREGATIONS["token_mean"](nll, batch.sample_mask, n_tokens, n_seqs)
             return loss, {"sft_loss": loss.item()}
 
-        micro = padded_micro_batches(samples, self.cfg.micro_batch_size, self.cfg.max_tokens_per_micro_batch)
-        totals = self.backward_micro_batches(micro, loss_fn)
-        metrics = {"sft_loss": all_sum([totals.get("sft_loss", 0.0)])[0], **self.optimizer_step()}
-        for group in self.optimizer.param_groups:
-            group["lr"] = base_lr
+        totals = self.backward_micro_batches(padded_micro_batches(samples, self.cfg), loss_fn)
+        metrics = {"sft_loss": all_sum([totals.get("sft_loss", 0.0)])[0], **self.optimizer_step(scheduled=False)}
+        self.set_lr(self.base_lr)
         self.version += 1
         return metrics

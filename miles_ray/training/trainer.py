@@ -2,7 +2,9 @@
 optional KL-as-loss and entropy bonus, AdamW over micro-batches, an SFT loss, weight export.
 
 Loss normalisation uses the token/sequence counts of the whole global mini-batch (summed over
-ranks), so gradients depend neither on the micro-batch size nor on the number of ranks.
+ranks), so gradients depend neither on the micro-batch size nor on the number of ranks. Log-probs
+come from :class:`CausalLMForTraining` (chunked LM head); losses see ``[samples, response]``
+tensors (:meth:`TokenBatch.by_sample`), whichever layout (packed or padded) the forward used.
 """
 from __future__ import annotations
 
@@ -13,9 +15,12 @@ import torch
 from miles_ray.algorithms import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 from miles_ray.algorithms.off_policy import importance_weights
 from miles_ray.models import load_model, load_tokenizer
-from miles_ray.training.base import TorchTrainerBase, all_sum, padded_micro_batches
-from miles_ray.training.batching import make_minibatches, pack, token_logprobs, unpack
+from miles_ray.training import precision as prec
+from miles_ray.training.base import TorchTrainerBase, all_sum, padded_micro_batches, shard_fsdp2, world
+from miles_ray.training.batching import make_minibatches, pack, unpack
+from miles_ray.training.logprobs import CausalLMForTraining
 from miles_ray.training.sft import SFTMixin
+from miles_ray.training.varlen import use_varlen_attention
 
 SUMMED_METRICS = ("loss", "pg_loss", "kl", "entropy", "clipfrac", "is_weight_mean", "is_frac_masked",
                   "is_frac_truncated", "kl_behav_prox")
@@ -23,96 +28,105 @@ SUMMED_METRICS = ("loss", "pg_loss", "kl", "entropy", "clipfrac", "is_weight_mea
 
 class PolicyTrainer(SFTMixin, TorchTrainerBase):
     def __init__(self, model_spec: str, train_cfg, algo_cfg, dtype: str = "float32",
-                 tiny_cache_dir: str = "runs/_models", temperature: float = 1.0, seed: int = 0, off_policy=None):
+                 tiny_cache_dir: str = "runs/_models", temperature: float = 1.0, seed: int = 0, off_policy=None,
+                 schedule_steps: int = 0):
         torch.manual_seed(seed)
         self.algo, self.temperature = algo_cfg, temperature or 1.0
         self.off_policy = off_policy if off_policy is not None and off_policy.mode != "none" else None
         self.tokenizer = load_tokenizer(model_spec, tiny_cache_dir)
         self.pad_id = self.tokenizer.pad_token_id or 0
-        model = load_model(model_spec, dtype, tiny_cache_dir)
-        self.ref_model = None
-        if algo_cfg.kl_coef > 0:
-            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-            if torch.cuda.is_available():
-                self.ref_model.cuda()
-        super().__init__(model, train_cfg, train_cfg.lr, getattr(train_cfg, "strategy", "ddp"))
+        precision = prec.resolve(getattr(train_cfg, "precision", "fp32"), dtype)
+        model = load_model(model_spec, prec.load_dtype(precision), tiny_cache_dir)
+        ref = copy.deepcopy(model).eval().requires_grad_(False) if algo_cfg.kl_coef > 0 else None
+        super().__init__(model, train_cfg, train_cfg.lr, getattr(train_cfg, "strategy", "ddp"), precision,
+                         CausalLMForTraining(model, train_cfg.logprob_chunk_tokens), schedule_steps)
+        self.ref = self._reference(ref) if ref is not None else None
         self.version = 0  # optimizer-step rounds done (train_step / sft_step)
+
+    def _reference(self, ref: torch.nn.Module) -> torch.nn.Module:
+        """The frozen KL reference, laid out like the policy: sharded under FSDP2 (never a full
+        copy per rank there), a replica under DDP (as the policy is)."""
+        use_varlen_attention(ref)
+        core = CausalLMForTraining(ref, self.cfg.logprob_chunk_tokens).to(self.device)
+        if self.strategy == "fsdp2" and world()[1] > 1:
+            core = shard_fsdp2(core, ref, self.precision)
+        return core
 
     # -- log-probs ------------------------------------------------------------------------------
     @torch.no_grad()
-    def compute_logprobs(self, samples, model=None) -> list[list[float]]:
-        """Per-sample response-token log-probs under ``model`` (the policy by default)."""
-        model = model or self.model
-        model.eval()
-        out = []
-        for chunk, weight in padded_micro_batches(samples, self.cfg.micro_batch_size, self.cfg.max_tokens_per_micro_batch):
-            if not chunk:
-                continue
-            batch = pack(chunk, self.pad_id, self.device)
-            lps = unpack(token_logprobs(model, batch, self.temperature), batch)
-            out.extend(lps if weight else [])
-        return out
+    def compute_logprobs(self, samples, core=None) -> list[list[float]]:
+        """Per-sample response-token log-probs under ``core`` (the policy by default)."""
+        core = core or self.model
+        core.eval()
+        found = {}
+        for chunk, weight in padded_micro_batches(samples, self.cfg):
+            batch = pack(chunk, self.pad_id, self.device, packed=self.cfg.packing)
+            with self.autocast():
+                logp, _ = core(batch, self.temperature, "none")
+            if weight:
+                found.update({id(s): lp for s, lp in zip(chunk, unpack(logp, batch))})
+        return [found[id(s)] for s in samples]
 
     def prepare(self, samples) -> list:
         """Fill ``old_logprobs`` (and ``ref_logprobs`` when a reference model is used)."""
         for s, lp in zip(samples, self.compute_logprobs(samples)):
             s.old_logprobs = lp
-        if self.ref_model is not None:
-            for s, lp in zip(samples, self.compute_logprobs(samples, self.ref_model)):
+        if self.ref is not None:
+            for s, lp in zip(samples, self.compute_logprobs(samples, self.ref)):
                 s.ref_logprobs = lp
         return samples
 
     # -- RL step --------------------------------------------------------------------------------
     def train_step(self, minibatches: list[list]) -> dict:
-        """One optimizer step per mini-batch (this rank's part of each global mini-batch).
-        Samples must be prepared (old log-probs) and carry per-token ``advantages``."""
+        """``train.ppo_epochs`` passes, one optimizer step per mini-batch (this rank's part of each
+        global mini-batch). Samples carry old log-probs (else computed) and per-token advantages."""
         for mb in minibatches:
-            for s in mb:
-                if s.old_logprobs is None:
-                    s.old_logprobs = self.compute_logprobs([s])[0]
-        steps = [self._minibatch_step(mb) for mb in minibatches]
+            missing = [s for s in mb if s.old_logprobs is None]
+            for s, lp in zip(missing, self.compute_logprobs(missing) if missing else []):
+                s.old_logprobs = lp
+        steps = [self._minibatch_step(mb) for _ in range(self.cfg.ppo_epochs) for mb in minibatches]
         metrics = {k: sum(m[k] for m in steps) / len(steps) for k in steps[0]}
         metrics["mismatch_abs"] = _mismatch([s for mb in minibatches for s in mb])
         self.version += 1
         return metrics
 
+    def _loss(self, batch, n_tokens: float, n_seqs: float):
+        a = self.algo
+        agg = LOSS_AGGREGATIONS.get_fn(a.loss_agg)
+        logp_tok, ent_tok = self.model(batch, self.temperature, "loss" if a.entropy_coef else "log")
+        logp, mask = batch.by_sample(logp_tok), batch.sample_mask
+        old = batch.sample_field("old_logprobs")
+        pg, m = POLICY_LOSSES.get_fn(a.policy_loss)(logp, old, batch.sample_field("advantages"), mask,
+                                                    eps_low=a.eps_low, eps_high=a.eps_high, dual_clip=a.dual_clip)
+        frac = mask.sum().item() / max(n_tokens, 1.0)
+        metrics = {"clipfrac": m["clipfrac"] * frac}
+        if self.off_policy is not None:  # decoupled PPO: weight by pi_prox / pi_behaviour
+            w, m_is = importance_weights(old, batch.sample_field("response_logprobs"), mask, self.off_policy)
+            pg = pg * w
+            metrics.update({k: v * frac for k, v in m_is.items() if k in SUMMED_METRICS})
+        loss = agg(pg, mask, n_tokens, n_seqs)
+        ent = agg(batch.by_sample(ent_tok), mask, n_tokens, n_seqs)
+        metrics.update(pg_loss=loss.item(), entropy=ent.item())
+        if self.ref is not None and a.kl_mode == "loss":
+            kl = agg(KL_ESTIMATORS.get_fn(a.kl_estimator)(logp, batch.sample_field("ref_logprobs")), mask,
+                     n_tokens, n_seqs)
+            loss = loss + a.kl_coef * kl
+            metrics["kl"] = kl.item()
+        if a.entropy_coef:
+            loss = loss - a.entropy_coef * ent
+        metrics["loss"] = loss.item()
+        return loss, metrics
+
     def _minibatch_step(self, samples) -> dict:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         n_tokens, n_seqs = all_sum([float(sum(len(s.response_ids) for s in samples)), float(len(samples))])
-        agg = LOSS_AGGREGATIONS.get_fn(self.algo.loss_agg)
-        policy_loss = POLICY_LOSSES.get_fn(self.algo.policy_loss)
-        use_ref = self.ref_model is not None and self.algo.kl_mode == "loss"
-
-        def loss_fn(chunk):
-            batch = pack(chunk, self.pad_id, self.device)
-            logp, entropy = token_logprobs(self.model, batch, self.temperature, with_entropy=True)
-            pg, m = policy_loss(logp, batch.old_logprobs, batch.advantages, batch.mask, eps_low=self.algo.eps_low,
-                                eps_high=self.algo.eps_high, dual_clip=self.algo.dual_clip)
-            frac = batch.mask.sum().item() / max(n_tokens, 1.0)
-            is_metrics = {}
-            if self.off_policy is not None:  # decoupled PPO: weight by pi_prox / pi_behaviour
-                w, m_is = importance_weights(batch.old_logprobs, batch.response_logprobs, batch.mask, self.off_policy)
-                pg = pg * w
-                is_metrics = {k: v * frac for k, v in m_is.items() if k in SUMMED_METRICS}
-            loss = agg(pg, batch.mask, n_tokens, n_seqs)
-            ent = agg(entropy.detach() if not self.algo.entropy_coef else entropy, batch.mask, n_tokens, n_seqs)
-            metrics = {"pg_loss": loss.item(), "entropy": ent.item(), "clipfrac": m["clipfrac"] * frac, **is_metrics}
-            if use_ref:
-                kl = agg(KL_ESTIMATORS.get_fn(self.algo.kl_estimator)(logp, batch.ref_logprobs), batch.mask,
-                         n_tokens, n_seqs)
-                loss = loss + self.algo.kl_coef * kl
-                metrics["kl"] = kl.item()
-            if self.algo.entropy_coef:
-                loss = loss - self.algo.entropy_coef * ent
-            metrics["loss"] = loss.item()
-            return loss, metrics
-
-        micro = padded_micro_batches(samples, self.cfg.micro_batch_size, self.cfg.max_tokens_per_micro_batch)
-        totals = self.backward_micro_batches(micro, loss_fn)
+        micro = padded_micro_batches(samples, self.cfg)
+        totals = self.backward_micro_batches(
+            micro, lambda chunk: self._loss(pack(chunk, self.pad_id, self.device, packed=self.cfg.packing),
+                                            n_tokens, n_seqs))
         keys = [k for k in SUMMED_METRICS if self.off_policy is not None or not k.startswith(("is_", "kl_behav"))]
-        summed = all_sum([totals.get(k, 0.0) for k in keys])
-        out = dict(zip(keys, summed))
+        out = dict(zip(keys, all_sum([totals.get(k, 0.0) for k in keys])))
         out.update(self.optimizer_step())
         return out
 

@@ -48,3 +48,11 @@ def check_run(out: Path, cfg, tokenizer) -> dict:
     for r in got:
         assert r["ledger_prompts"] == [order[g] for g in r["ledger_groups"]], f"step {r['step']}: wrong prompts"
     return counts
+
+
+def final_weights(out: Path, step: str | None = None) -> dict:
+    """The policy of a run's final checkpoint (or of ``step_<step>``), from its HF export."""
+    from safetensors.torch import load_file
+
+    folder = Path(out) / "checkpoints" / f"step_{step}" if step else ckpt.latest(Path(out) / "checkpoints")
+    return load_file(folder / "hf" / "model.safetensors")
