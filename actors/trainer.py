@@ -63,8 +63,8 @@ class TrainerActor(_RankActor):
                              tiny_cache_dir=c.model.tiny_cache_dir, temperature=c.rollout.temperature, seed=c.seed,
                              off_policy=c.async_rl.off_policy, schedule_steps=c.optimizer_steps)
 
-    def prepare(self, samples: list) -> list:
-        return self.trainer.prepare(samples)
+    def prepare(self, samples: list, old: bool = True) -> list:
+        return self.trainer.prepare(samples, old)
 
     def sft_step(self, samples: list, lr=None) -> dict:
         return self.trainer.sft_step(samples, lr=lr)

@@ -66,7 +66,7 @@ def flops(batch: list, n_params_decoder: int) -> float:
     return 6 * n_params_decoder * tokens + 6 * d * V * scored + attn
 
 
-def measure(folder: Path, name: str, steps: int, total: int, **train) -> dict:
+def measure(folder: Path, name: str, steps: int, total: int, profile: bool = False, **train) -> dict:
     import torch
 
     from miles_ray.config import AlgorithmConfig, TrainConfig
@@ -96,6 +96,13 @@ def measure(folder: Path, name: str, steps: int, total: int, **train) -> dict:
         if step:  # step 0 warms up
             prep_s.append(t1 - t0)
             train_s.append(t2 - t1)
+    if profile and cuda:  # where one more step's GPU time goes
+        from torch.profiler import ProfilerActivity, profile as prof
+
+        with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            trainer.train_step([[type(s)(**s.to_dict()) for s in data]])
+            sync()
+        print(p.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
     gpu = torch.cuda.get_device_name() if cuda else "cpu-smoke"
     peak = next((v for k, v in PEAK_BF16.items() if k in gpu), 989e12)
     best = min(train_s)
@@ -115,13 +122,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--cpu-smoke", action="store_true", help="a tiny shape on CPU: checks the code path only")
+    ap.add_argument("--profile", action="store_true", help="print the top GPU ops of one more step")
     args = ap.parse_args()
     if args.cpu_smoke:
         SHAPE.update(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2)
         args.steps, args.tokens = 1, 3000
     folder = write_model(Path(tempfile.mkdtemp(prefix="qwen05-")) / "model")
-    main_cfg = measure(folder, "bf16_mixed+packing+checkpointing", args.steps, args.tokens, gradient_checkpointing=True)
+    main_cfg = measure(folder, "bf16_mixed+packing+checkpointing", args.steps, args.tokens, profile=args.profile,
+                       gradient_checkpointing=True)
     measure(folder, "bf16_mixed+packing", args.steps, args.tokens, gradient_checkpointing=False)
     measure(folder, "bf16_mixed+padded(8/micro)+checkpointing", 1, args.tokens // 2, gradient_checkpointing=True,
             packing=False, micro_batch_size=8, max_tokens_per_micro_batch=0)

@@ -30,19 +30,28 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PROMPTS, COMPLETIONS, NEW_TOKENS, LR = 8, 4, 48, 1e-6
 
 
-def trl_child(steps: int, out: Path) -> None:
+def write_model(folder: Path) -> Path:
+    """SmolLM2-135M-Instruct dequantised from the package's GGUF into a plain HF folder (both sides
+    load the same fp32 weights the same way)."""
+    from miles_ray.models import load_model, load_tokenizer
+
+    load_model("smollm2", "float32").save_pretrained(folder)
+    load_tokenizer("smollm2").save_pretrained(folder)
+    return folder
+
+
+def trl_child(steps: int, out: Path, model_dir: Path) -> None:
     import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from miles_ray.data import synthetic_rows
-    from miles_ray.models import load_model, load_tokenizer
     from miles_ray.rewards.math import math_reward
 
     torch.set_num_threads(os.cpu_count() or 1)
-    tokenizer = load_tokenizer("smollm2")
-    model = load_model("smollm2", "float32")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     rows = synthetic_rows("arithmetic", PROMPTS * steps * 2, 9, 0)
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "label": r["label"]} for r in rows])
 
@@ -67,12 +76,12 @@ def trl_child(steps: int, out: Path) -> None:
     out.write_text(json.dumps({"step_s": times}))
 
 
-def miles_steps(tmp: Path, name: str, steps: int, *extra) -> list[float]:
+def miles_steps(tmp: Path, name: str, steps: int, model_dir: Path, *extra) -> list[float]:
     from jobs.train import run
     from miles_ray.config import load_config
 
     cfg = load_config(None, [
-        f"output_dir={tmp / name}", f"run_name={name}", "model.path=smollm2", f"total_steps={steps}",
+        f"output_dir={tmp / name}", f"run_name={name}", f"model.path={model_dir}", f"total_steps={steps}",
         "rollout.backend=native", f"rollout.prompts_per_step={PROMPTS}", f"rollout.n_samples_per_prompt={COMPLETIONS}",
         f"rollout.max_new_tokens={NEW_TOKENS}", "rollout.temperature=1.0", f"train.lr={LR}", "train.num_minibatches=1",
         "algorithm.kl_coef=0", "reward.fn=math", "checkpoint.export_hf=false", "logging.wandb=false",
@@ -91,18 +100,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--trl-child")
+    ap.add_argument("--model-dir")
     args = ap.parse_args()
     if args.trl_child:
-        trl_child(args.steps, Path(args.trl_child))
+        trl_child(args.steps, Path(args.trl_child), Path(args.model_dir))
         return
     tmp = Path(tempfile.mkdtemp(prefix="vs-trl-"))
-    subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--trl-child", str(tmp / "trl.json")],
-                   check=True, cwd=ROOT)
+    model_dir = write_model(tmp / "smollm2")
+    subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--trl-child", str(tmp / "trl.json"),
+                    "--model-dir", str(model_dir)], check=True, cwd=ROOT)
     trl = _mean_after_first(json.loads((tmp / "trl.json").read_text())["step_s"])
     print(f"TRL GRPOTrainer: {trl:.1f} s per step", flush=True)
-    sync = _mean_after_first(miles_steps(tmp, "sync", args.steps))
+    sync = _mean_after_first(miles_steps(tmp, "sync", args.steps, model_dir))
     print(f"miles-ray sync: {sync:.1f} s per step", flush=True)
-    asyn = _mean_after_first(miles_steps(tmp, "async", args.steps, "async_rl.enabled=true", "async_rl.staleness=1"))
+    asyn = _mean_after_first(miles_steps(tmp, "async", args.steps, model_dir, "async_rl.enabled=true",
+                                         "async_rl.staleness=1"))
     print(f"miles-ray async S=1: {asyn:.1f} s per step", flush=True)
     import ray
 

@@ -133,7 +133,7 @@ def speculation_metrics(run: Run, samples: list, seconds: float) -> dict:
 def prepare_batch(run: Run, samples: list) -> dict:
     """Old/ref log-probs from the policy ranks, values from the critic, then advantages."""
     actors = run.actors
-    samples[:] = actors.policy.scatter("prepare", samples)
+    samples[:] = actors.policy.scatter("prepare", samples, run.cfg.old_logprob_pass)
     if actors.critic is not None:
         samples[:] = actors.critic.scatter("compute_values", samples)
     return assign_advantages(samples, run.cfg.algorithm)

@@ -247,6 +247,14 @@ class Config(_Section):
         return self
 
     @property
+    def old_logprob_pass(self) -> bool:
+        """False when the old log-probs equal the training forward's own: the sync driver with one
+        optimizer step per batch and no KL-in-reward (which needs them before advantages)."""
+        a, t = self.algorithm, self.train
+        one_step = t.num_minibatches == 1 and t.ppo_epochs == 1
+        return self.async_rl.enabled or not one_step or (a.kl_coef > 0 and a.kl_mode == "reward")
+
+    @property
     def optimizer_steps(self) -> int:
         """RL optimizer steps in the run (the learning-rate schedule's length)."""
         return self.total_steps * self.train.num_minibatches * self.train.ppo_epochs

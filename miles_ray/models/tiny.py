@@ -16,7 +16,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
-ARCHS = ("qwen3", "qwen2", "llama")
+ARCHS = ("qwen3", "qwen2", "llama", "qwen3_moe", "mixtral")
 
 
 def _corpus(seed: int) -> list[str]:
@@ -51,21 +51,50 @@ def train_tokenizer(seed: int = 0, vocab_size: int = 512):
     )
 
 
-def tiny_model_config(arch: str, vocab_size: int, eos_id: int, pad_id: int, hidden: int = 128, layers: int = 2):
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+def _qwen3(common: dict, hidden: int):
+    from transformers import Qwen3Config
 
+    return Qwen3Config(head_dim=hidden // 4, **common)
+
+
+def _qwen2(common: dict, hidden: int):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(**common)
+
+
+def _llama(common: dict, hidden: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**common)
+
+
+def _qwen3_moe(common: dict, hidden: int):
+    """8 experts, top-2, every layer sparse (HF Qwen3-MoE config)."""
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(head_dim=hidden // 4, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=hidden,
+                          decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, **common)
+
+
+def _mixtral(common: dict, hidden: int):
+    from transformers import MixtralConfig
+
+    return MixtralConfig(num_local_experts=8, num_experts_per_tok=2, **common)
+
+
+TINY_CONFIGS = {"qwen3": _qwen3, "qwen2": _qwen2, "llama": _llama, "qwen3_moe": _qwen3_moe, "mixtral": _mixtral}
+
+
+def tiny_model_config(arch: str, vocab_size: int, eos_id: int, pad_id: int, hidden: int = 128, layers: int = 2):
     common = dict(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
         eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None,
     )
-    if arch == "qwen3":
-        return Qwen3Config(head_dim=hidden // 4, **common)
-    if arch == "qwen2":
-        return Qwen2Config(**common)
-    if arch == "llama":
-        return LlamaConfig(**common)
-    raise ValueError(f"unknown tiny arch '{arch}'; choose one of {ARCHS}")
+    if arch not in TINY_CONFIGS:
+        raise ValueError(f"unknown tiny arch '{arch}'; choose one of {ARCHS}")
+    return TINY_CONFIGS[arch](common, hidden)
 
 
 def write_tiny_model(out_dir: str | Path, arch: str = "qwen3", seed: int = 0, hidden: int = 128, layers: int = 2) -> Path:

@@ -23,7 +23,7 @@ from miles_ray.training.sft import SFTMixin
 from miles_ray.training.varlen import use_varlen_attention
 
 SUMMED_METRICS = ("loss", "pg_loss", "kl", "entropy", "clipfrac", "is_weight_mean", "is_frac_masked",
-                  "is_frac_truncated", "kl_behav_prox")
+                  "is_frac_truncated", "kl_behav_prox", "mismatch_abs", "mismatch_k3")
 
 
 class PolicyTrainer(SFTMixin, TorchTrainerBase):
@@ -67,10 +67,12 @@ class PolicyTrainer(SFTMixin, TorchTrainerBase):
                 found.update({id(s): lp for s, lp in zip(chunk, unpack(logp, batch))})
         return [found[id(s)] for s in samples]
 
-    def prepare(self, samples) -> list:
-        """Fill ``old_logprobs`` (and ``ref_logprobs`` when a reference model is used)."""
-        for s, lp in zip(samples, self.compute_logprobs(samples)):
-            s.old_logprobs = lp
+    def prepare(self, samples, old: bool = True) -> list:
+        """Fill ``old_logprobs`` (unless ``old=False``: see :meth:`train_step`) and ``ref_logprobs``
+        when a reference model is used."""
+        if old:
+            for s, lp in zip(samples, self.compute_logprobs(samples)):
+                s.old_logprobs = lp
         if self.ref is not None:
             for s, lp in zip(samples, self.compute_logprobs(samples, self.ref)):
                 s.ref_logprobs = lp
@@ -79,14 +81,16 @@ class PolicyTrainer(SFTMixin, TorchTrainerBase):
     # -- RL step --------------------------------------------------------------------------------
     def train_step(self, minibatches: list[list]) -> dict:
         """``train.ppo_epochs`` passes, one optimizer step per mini-batch (this rank's part of each
-        global mini-batch). Samples carry old log-probs (else computed) and per-token advantages."""
-        for mb in minibatches:
+        global mini-batch). Samples carry per-token advantages and old log-probs; without old
+        log-probs and with one optimizer step in all, the training forward's own log-probs are the
+        old ones (exactly on-policy: ratio 1, no second forward pass), else they are computed."""
+        single = len(minibatches) == 1 and self.cfg.ppo_epochs == 1
+        for mb in [] if single else minibatches:
             missing = [s for s in mb if s.old_logprobs is None]
             for s, lp in zip(missing, self.compute_logprobs(missing) if missing else []):
                 s.old_logprobs = lp
         steps = [self._minibatch_step(mb) for _ in range(self.cfg.ppo_epochs) for mb in minibatches]
         metrics = {k: sum(m[k] for m in steps) / len(steps) for k in steps[0]}
-        metrics["mismatch_abs"] = _mismatch([s for mb in minibatches for s in mb])
         self.version += 1
         return metrics
 
@@ -95,7 +99,7 @@ class PolicyTrainer(SFTMixin, TorchTrainerBase):
         agg = LOSS_AGGREGATIONS.get_fn(a.loss_agg)
         logp_tok, ent_tok = self.model(batch, self.temperature, "loss" if a.entropy_coef else "log")
         logp, mask = batch.by_sample(logp_tok), batch.sample_mask
-        old = batch.sample_field("old_logprobs")
+        old = batch.sample_field("old_logprobs") if "old_logprobs" in batch.fields else logp.detach() * mask
         pg, m = POLICY_LOSSES.get_fn(a.policy_loss)(logp, old, batch.sample_field("advantages"), mask,
                                                     eps_low=a.eps_low, eps_high=a.eps_high, dual_clip=a.dual_clip)
         frac = mask.sum().item() / max(n_tokens, 1.0)
@@ -106,7 +110,7 @@ class PolicyTrainer(SFTMixin, TorchTrainerBase):
             metrics.update({k: v * frac for k, v in m_is.items() if k in SUMMED_METRICS})
         loss = agg(pg, mask, n_tokens, n_seqs)
         ent = agg(batch.by_sample(ent_tok), mask, n_tokens, n_seqs)
-        metrics.update(pg_loss=loss.item(), entropy=ent.item())
+        metrics.update(pg_loss=loss.item(), entropy=ent.item(), **_mismatch_sums(old, batch, mask))
         if self.ref is not None and a.kl_mode == "loss":
             kl = agg(KL_ESTIMATORS.get_fn(a.kl_estimator)(logp, batch.sample_field("ref_logprobs")), mask,
                      n_tokens, n_seqs)
@@ -127,6 +131,8 @@ class PolicyTrainer(SFTMixin, TorchTrainerBase):
                                             n_tokens, n_seqs))
         keys = [k for k in SUMMED_METRICS if self.off_policy is not None or not k.startswith(("is_", "kl_behav"))]
         out = dict(zip(keys, all_sum([totals.get(k, 0.0) for k in keys])))
+        for k in ("mismatch_abs", "mismatch_k3"):  # summed over tokens: per-token means
+            out[k] /= max(n_tokens, 1.0)
         out.update(self.optimizer_step())
         return out
 
@@ -143,8 +149,11 @@ def train_on_samples(trainer: PolicyTrainer, samples: list, num_minibatches: int
     return trainer.train_step(make_minibatches(samples, num_minibatches))
 
 
-def _mismatch(samples) -> float:
-    """Mean |behaviour - recomputed old| log-prob over response tokens (rollout/trainer drift)."""
-    diffs = [abs(x - y) for s in samples if s.old_logprobs and s.response_logprobs
-             for x, y in zip(s.old_logprobs, s.response_logprobs)]
-    return sum(diffs) / max(len(diffs), 1)
+def _mismatch_sums(old, batch, mask) -> dict:
+    """Rollout/trainer drift summed over this micro-batch's tokens: |old - behaviour| and the k3
+    estimate of KL(rollout || trainer), ``r - 1 - log r`` with ``r = pi_trainer / pi_rollout``."""
+    if "response_logprobs" not in batch.fields:
+        return {}
+    delta = ((old - batch.sample_field("response_logprobs")) * mask).double().clamp(-20, 20)
+    return {"mismatch_abs": (delta.abs() * mask).sum().item(),
+            "mismatch_k3": ((delta.exp() - 1 - delta) * mask).sum().item()}

@@ -1,0 +1,107 @@
+"""Mixture-of-experts routing: record it in rollout, replay it in training (R3), compare the two.
+
+transformers' MoE blocks (Qwen3-MoE, Mixtral) call a top-k router module (``block.gate``) that
+returns ``(router_logits, top_k_weights, top_k_index)`` and then ``block.experts(hidden, index,
+weights)``. :class:`Routing` puts a forward hook on every router, in layer order:
+
+- recording (engines): the hook keeps each call's ``top_k_index`` for the caller to collect;
+- replay (trainers, ``algorithm.routing_replay=r3``): the hook replaces the router's choice by
+  the experts recorded in rollout wherever one was recorded (``-1`` = none: the router's own
+  choice). The gate weights are recomputed from the trainer's own router logits over the
+  replayed experts (softmax in fp32, renormalised over the top-k as the router does), so the
+  router still gets gradients;
+- agreement (both): slots (token x layer) where the router's own top-k set equals the recorded
+  one, and where the experts actually used do.
+
+A trace travels with its sample as ``{"shape": [tokens, layers, k], "b64": <uint8 bytes>}``
+(JSON-safe: dumps, async checkpoints and the HTTP API carry it as is).
+"""
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import torch
+
+
+def find_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The router of every sparse MoE block, in layer order (empty for a dense model)."""
+    return [m.gate for m in model.modules() if hasattr(m, "gate") and hasattr(m, "experts")
+            and hasattr(m.gate, "top_k")]
+
+
+def encode(index: torch.Tensor) -> dict:
+    """``[tokens, layers, k]`` expert ids (< 256) as a JSON-safe trace."""
+    arr = index.to(torch.uint8).cpu().numpy()
+    return {"shape": list(arr.shape), "b64": base64.b64encode(arr.tobytes()).decode()}
+
+
+def decode(trace: dict) -> torch.Tensor:
+    """A trace back to ``[tokens, layers, k]`` long ids."""
+    arr = np.frombuffer(base64.b64decode(trace["b64"]), dtype=np.uint8).reshape(trace["shape"])
+    return torch.from_numpy(arr.astype(np.int64))
+
+
+class Routing:
+    def __init__(self, model: torch.nn.Module):
+        self.routers = find_routers(model)
+        self.replay: torch.Tensor | None = None  # [tokens, layers, k], -1 where the router chooses
+        self.recording = False
+        self.captured: list[torch.Tensor] = []
+        self.stats = {"slots": 0, "own_agree": 0, "used_agree": 0}
+        for layer, router in enumerate(self.routers):
+            router.register_forward_hook(self._hook(layer))
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.routers)
+
+    @property
+    def top_k(self) -> int:
+        return self.routers[0].top_k if self.routers else 0
+
+    def start_recording(self) -> None:
+        self.recording, self.captured = True, []
+
+    def collect(self) -> torch.Tensor:
+        """This forward's ids ``[tokens, layers, k]`` (tokens in the forward's flattened order)."""
+        out = torch.stack(self.captured, dim=1) if self.captured else torch.zeros(0, 0, 0, dtype=torch.long)
+        self.recording, self.captured = False, []
+        return out
+
+    def set_replay(self, index: torch.Tensor | None) -> None:
+        """Recorded ids for the next forward's flattened tokens (None: route freely). Kept until the
+        next call, so a checkpointed layer recomputed in backward replays the same experts."""
+        self.replay = index
+
+    def take_stats(self) -> dict:
+        out, self.stats = dict(self.stats), {"slots": 0, "own_agree": 0, "used_agree": 0}
+        return out
+
+    def _hook(self, layer: int):
+        def hook(module, args, output):
+            logits, weights, index = output
+            if self.recording:
+                self.captured.append(index.detach())
+            if self.replay is None:
+                return None
+            recorded = self.replay[:, layer].to(index.device)
+            known = recorded[:, 0] >= 0
+            used = torch.where(known[:, None], recorded, index)
+            self._count(index, recorded, used, known)
+            probs = torch.softmax(logits.float(), dim=-1)
+            picked = probs.gather(-1, used)
+            if getattr(module, "norm_topk_prob", True):
+                picked = picked / picked.sum(-1, keepdim=True)
+            return logits, picked.to(weights.dtype), used
+
+        return hook
+
+    @torch.no_grad()
+    def _count(self, own, recorded, used, known) -> None:
+        if not bool(known.any()):
+            return
+        rec = recorded[known].sort(-1).values
+        self.stats["slots"] += int(known.sum())
+        self.stats["own_agree"] += int((own[known].sort(-1).values == rec).all(-1).sum())
+        self.stats["used_agree"] += int((used[known].sort(-1).values == rec).all(-1).sum())
