@@ -61,7 +61,8 @@ class TrainerActor(_RankActor):
         c = self.cfg
         return PolicyTrainer(c.model.path, c.train, c.algorithm, dtype=c.model.dtype,
                              tiny_cache_dir=c.model.tiny_cache_dir, temperature=c.rollout.temperature, seed=c.seed,
-                             off_policy=c.async_rl.off_policy, schedule_steps=c.optimizer_steps)
+                             off_policy=c.async_rl.off_policy, schedule_steps=c.optimizer_steps,
+                             exact_max_len=c.exact_max_len)
 
     def prepare(self, samples: list, old: bool = True) -> list:
         return self.trainer.prepare(samples, old)

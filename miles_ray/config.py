@@ -83,6 +83,13 @@ class AlgorithmConfig(_Section):
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     kl_mode: Literal["loss", "reward"] = Field("loss", description="KL as a loss term or as a reward penalty")
     entropy_coef: float = Field(0.0, ge=0)
+    routing_replay: Literal["none", "r3"] = Field(
+        "none", description="MoE: r3 replays the experts the engine routed each token to in training (gate weights "
+        "from the trainer's router logits over those experts); needs rollout.backend=native")
+    true_on_policy: bool = Field(False, description="rollout log-probs bit-identical to the trainer's: both run the "
+                                 "row-invariant exact forward (slower; refused where its startup self-test fails)")
+    true_on_policy_max_len: int = Field(0, ge=0, description="exact forward's fixed attention length (0: "
+                                        "data.max_prompt_tokens + rollout.max_new_tokens, rounded up to 64)")
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(1.0, ge=0, le=1)
 
@@ -240,6 +247,16 @@ class Config(_Section):
         if self.draft.enabled and self.draft.online and self.rollout.over_http:
             raise ValueError("an online-trained draft (draft.online=true) reaches in-actor native engines only; "
                              "with engines over HTTP (sglang, serve_http) set draft.online=false (frozen draft)")
+        if (self.algorithm.routing_replay == "r3" or self.algorithm.true_on_policy) and self.rollout.backend != "native":
+            raise ValueError("algorithm.routing_replay=r3 and algorithm.true_on_policy need rollout.backend=native (the "
+                             f"engine that records routing and runs the exact forward), not {self.rollout.backend}")
+        mixed = self.train.precision == "bf16_mixed" or (self.train.precision == "auto" and self.model.dtype != "float32")
+        if self.algorithm.true_on_policy and (mixed or (self.train.precision == "bf16") != (self.model.dtype == "bfloat16")):
+            raise ValueError("algorithm.true_on_policy needs the trainer to compute in the engines' dtype: model.dtype="
+                             "float32 with train.precision=fp32 (or auto), or model.dtype=bfloat16 with train.precision=bf16")
+        if self.algorithm.true_on_policy and (self.draft.enabled or self.rollout.serve_http):
+            raise ValueError("algorithm.true_on_policy runs in-actor native engines without speculation; set "
+                             "draft.enabled=false and rollout.serve_http=false")
         if self.rollout.serve_http and self.rollout.backend == "hf":
             raise ValueError("rollout.serve_http needs rollout.backend=native or sglang")
         if self.weight_sync.transport == "cuda_ipc" and not (self.cluster.colocate and self.cluster.use_gpu):
@@ -253,6 +270,14 @@ class Config(_Section):
         a, t = self.algorithm, self.train
         one_step = t.num_minibatches == 1 and t.ppo_epochs == 1
         return self.async_rl.enabled or not one_step or (a.kl_coef > 0 and a.kl_mode == "reward")
+
+    @property
+    def exact_max_len(self) -> int:
+        """The exact forward's fixed key length in true on-policy mode (0: the mode is off)."""
+        if not self.algorithm.true_on_policy:
+            return 0
+        n = self.algorithm.true_on_policy_max_len or self.data.max_prompt_tokens + self.rollout.max_new_tokens
+        return -(-n // 64) * 64
 
     @property
     def optimizer_steps(self) -> int:

@@ -18,6 +18,9 @@ class Sample:
     finish_reason: str = ""  # "stop" (eos / stop token) or "length"
     weight_version: int = 0  # version of the weights that produced the response
     reward: float = 0.0
+    # MoE: experts the engine routed each fed token to (prompt + response but the last), a
+    # miles_ray.models.moe trace {"shape": [tokens, layers, k], "b64": ...}; replayed by R3
+    routed_experts: Optional[dict] = None
     # filled by the trainer / critic / advantage estimator before the update, one per response token
     old_logprobs: Optional[list] = None
     ref_logprobs: Optional[list] = None

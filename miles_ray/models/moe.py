@@ -45,7 +45,9 @@ def decode(trace: dict) -> torch.Tensor:
 class Routing:
     def __init__(self, model: torch.nn.Module):
         self.routers = find_routers(model)
-        self.replay: torch.Tensor | None = None  # [tokens, layers, k], -1 where the router chooses
+        self.reference: torch.Tensor | None = None  # recorded ids [tokens, layers, k], -1: none recorded
+        self.replay = False  # use the reference's experts (R3) or only compare with them
+        self.counting = False  # agreement counted in this forward (not in a checkpoint recompute)
         self.recording = False
         self.captured: list[torch.Tensor] = []
         self.stats = {"slots": 0, "own_agree": 0, "used_agree": 0}
@@ -69,10 +71,14 @@ class Routing:
         self.recording, self.captured = False, []
         return out
 
-    def set_replay(self, index: torch.Tensor | None) -> None:
-        """Recorded ids for the next forward's flattened tokens (None: route freely). Kept until the
-        next call, so a checkpointed layer recomputed in backward replays the same experts."""
-        self.replay = index
+    def set_reference(self, index: torch.Tensor | None, replay: bool) -> None:
+        """Recorded ids for the next forward's flattened tokens (None: nothing recorded), replayed
+        or only compared with. Kept until the next call, so a checkpointed layer recomputed in
+        backward replays the same experts."""
+        self.reference, self.replay, self.counting = index, replay, index is not None
+
+    def stop_counting(self) -> None:
+        self.counting = False
 
     def take_stats(self) -> dict:
         out, self.stats = dict(self.stats), {"slots": 0, "own_agree": 0, "used_agree": 0}
@@ -83,12 +89,18 @@ class Routing:
             logits, weights, index = output
             if self.recording:
                 self.captured.append(index.detach())
-            if self.replay is None:
+            if self.reference is None:
                 return None
-            recorded = self.replay[:, layer].to(index.device)
+            if self.reference.shape[0] != index.shape[0]:
+                raise RuntimeError(f"routing reference holds {self.reference.shape[0]} tokens, the forward has "
+                                   f"{index.shape[0]}: set_reference() must describe the next forward")
+            recorded = self.reference[:, layer].to(index.device)
             known = recorded[:, 0] >= 0
-            used = torch.where(known[:, None], recorded, index)
-            self._count(index, recorded, used, known)
+            used = torch.where(known[:, None], recorded, index) if self.replay else index
+            if self.counting:
+                self._count(index, recorded, used, known)
+            if not self.replay:
+                return None
             probs = torch.softmax(logits.float(), dim=-1)
             picked = probs.gather(-1, used)
             if getattr(module, "norm_topk_prob", True):

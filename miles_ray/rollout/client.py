@@ -42,7 +42,8 @@ class EngineClient:
                 prompt_index=req["prompt_index"], group_id=req["group_id"], prompt=req["prompt"], label=req["label"],
                 prompt_ids=ids[i // n], response_ids=out["output_ids"],
                 response_logprobs=[x[0] for x in meta["output_token_logprobs"]], response_text=out["text"],
-                finish_reason=meta["finish_reason"]["type"], weight_version=meta["weight_version"]))
+                finish_reason=meta["finish_reason"]["type"], weight_version=meta["weight_version"],
+                routed_experts=meta.get("routed_experts")))
         return samples
 
     # -- control --------------------------------------------------------------------------------

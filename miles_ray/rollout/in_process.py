@@ -36,6 +36,8 @@ class InProcessEngine:
     def from_config(cls, cfg: Config, rank: int, restarted: bool = False) -> "InProcessEngine":
         r, d, m = cfg.rollout, cfg.draft, cfg.model
         spec = {"draft": d.path, "num_draft_tokens": d.num_tokens} if d.enabled else {}
+        if cfg.exact_max_len:  # true on-policy: the engine runs the exact forward
+            spec["exact_max_len"] = cfg.exact_max_len
         engine = make_engine(r.backend, model_spec=m.path, dtype=m.dtype, tiny_cache_dir=m.tiny_cache_dir,
                              seed=engine_seed(cfg.seed, rank), **spec)
         if restarted:

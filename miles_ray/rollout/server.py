@@ -33,6 +33,9 @@ def response_body(engine, req, return_logprob: bool) -> dict:
             "completion_tokens": len(req.output_ids),
             "weight_version": req.weight_versions[0] if req.weight_versions else engine.weights.version,
             "weight_versions": req.weight_versions}
+    trace = engine.routes.trace(req)
+    if trace is not None:  # MoE: the experts each fed token was routed to (for routing replay)
+        meta["routed_experts"] = trace
     if return_logprob:
         meta["output_token_logprobs"] = [[lp, tok, None] for lp, tok in zip(req.logprobs, req.output_ids)]
     text = engine.tokenizer.decode(req.output_ids, skip_special_tokens=True)

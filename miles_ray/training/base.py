@@ -49,12 +49,13 @@ def all_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def all_max(value: int) -> int:
+def all_max(value: int | float) -> int | float:
+    """The maximum over ranks (ints stay ints)."""
     if world()[1] == 1:
         return value
-    t = torch.tensor([value], dtype=torch.long)
+    t = torch.tensor([value], dtype=torch.long if isinstance(value, int) else torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return t.item()
 
 
 class TrainerOutOfMemory(UserError, MemoryError):
@@ -114,6 +115,7 @@ class TorchTrainerBase:
         core = core if core is not None else model
         core.to(self.device)
         self.module = model  # unwrapped, for state_dict names
+        self.core = core  # the forward module, unwrapped
         self.strategy = strategy if self.world_size > 1 else "none"
         self.model = self._wrap(core, model, strategy) if self.world_size > 1 else core
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=train_cfg.weight_decay)

@@ -36,6 +36,7 @@ class TokenBatch:
     seqlens: list | None = None  # packed: lengths of the samples in the (single) row; None: padded rows
     resp_index: torch.Tensor | None = None  # [S, Rmax] flat positions of each sample's response tokens
     sample_mask: torch.Tensor | None = None  # [S, Rmax] 1 on real entries
+    routing: torch.Tensor | None = None  # MoE: [R, L, layers, k] experts the engine used, -1 where unknown
 
     def __getattr__(self, name):
         fields = self.__dict__.get("fields", {})
@@ -46,7 +47,12 @@ class TokenBatch:
     def to(self, device) -> "TokenBatch":
         return TokenBatch(self.input_ids.to(device), self.position_ids.to(device), self.targets.to(device),
                           self.mask.to(device), {k: v.to(device) for k, v in self.fields.items()}, self.spans,
-                          self.seqlens, self.resp_index.to(device), self.sample_mask.to(device))
+                          self.seqlens, self.resp_index.to(device), self.sample_mask.to(device),
+                          self.routing.to(device) if self.routing is not None else None)
+
+    def flat_routing(self) -> torch.Tensor | None:
+        """The routing of every position in the forward's flattened token order."""
+        return None if self.routing is None else self.routing.reshape(-1, *self.routing.shape[2:])
 
     def by_sample(self, x: torch.Tensor) -> torch.Tensor:
         """A per-token tensor (``[R, L]``) as ``[samples, longest response]``, 0 off ``sample_mask``."""
@@ -113,8 +119,24 @@ def pack(samples, pad_id: int = 0, device=None, packed: bool = False) -> TokenBa
         resp_index[i, :r] = row * length + start + torch.arange(r)
         sample_mask[i, :r] = 1.0
     batch = TokenBatch(input_ids, position_ids, targets, mask, fields, spans, [len(x) for x in seqs] if packed else None,
-                       resp_index, sample_mask)
+                       resp_index, sample_mask, _routing(samples, where, rows, length))
     return batch.to(device) if device is not None and str(device) != "cpu" else batch
+
+
+def _routing(samples, where, rows: int, length: int) -> torch.Tensor | None:
+    """MoE routing traces of the samples laid out like the tokens (-1 where none was recorded)."""
+    traces = [s.routed_experts for s in samples]
+    if not any(traces):
+        return None
+    from miles_ray.models.moe import decode
+
+    shape = next(t for t in traces if t)["shape"][1:]
+    out = torch.full((rows, length, *shape), -1, dtype=torch.long)
+    for trace, (row, off) in zip(traces, where):
+        if trace:
+            ids = decode(trace)
+            out[row, off:off + ids.shape[0]] = ids
+    return out
 
 
 def unpack(values: torch.Tensor, batch: TokenBatch) -> list[list[float]]:

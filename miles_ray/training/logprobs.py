@@ -57,13 +57,22 @@ class CausalLMForTraining(torch.nn.Module):
     :func:`head_logprobs` on the scored positions. ``forward(batch)`` returns per-token tensors
     shaped like ``batch.input_ids`` (0 where ``batch.mask`` is 0)."""
 
-    def __init__(self, lm: torch.nn.Module, chunk_tokens: int = 512):
+    def __init__(self, lm: torch.nn.Module, chunk_tokens: int = 512, replay: bool = False):
         super().__init__()
         self.lm = lm
         self.chunk_tokens = chunk_tokens
+        from miles_ray.models.moe import Routing
+
+        routing = Routing(lm)
+        self.routing = routing if routing.is_moe else None  # MoE: compare with (and R3: replay) rollout's experts
+        self.replay = replay
 
     def forward(self, batch: TokenBatch, temperature: float = 1.0, entropy: str = "none"):
+        if self.routing is not None:
+            self.routing.set_reference(batch.flat_routing(), self.replay)
         hidden = self.lm.get_decoder()(**batch.model_inputs(), use_cache=False).last_hidden_state
+        if self.routing is not None:
+            self.routing.stop_counting()
         scored = batch.mask.bool()
         logp, ent = head_logprobs(hidden[scored], self.lm.get_output_embeddings(), batch.targets[scored],
                                   temperature, self.chunk_tokens, entropy)

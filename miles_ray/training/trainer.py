@@ -16,7 +16,7 @@ from miles_ray.algorithms import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 from miles_ray.algorithms.off_policy import importance_weights
 from miles_ray.models import load_model, load_tokenizer
 from miles_ray.training import precision as prec
-from miles_ray.training.base import TorchTrainerBase, all_sum, padded_micro_batches, shard_fsdp2, world
+from miles_ray.training.base import TorchTrainerBase, all_max, all_sum, padded_micro_batches, shard_fsdp2, world
 from miles_ray.training.batching import make_minibatches, pack, unpack
 from miles_ray.training.logprobs import CausalLMForTraining
 from miles_ray.training.sft import SFTMixin
@@ -29,7 +29,7 @@ SUMMED_METRICS = ("loss", "pg_loss", "kl", "entropy", "clipfrac", "is_weight_mea
 class PolicyTrainer(SFTMixin, TorchTrainerBase):
     def __init__(self, model_spec: str, train_cfg, algo_cfg, dtype: str = "float32",
                  tiny_cache_dir: str = "runs/_models", temperature: float = 1.0, seed: int = 0, off_policy=None,
-                 schedule_steps: int = 0):
+                 schedule_steps: int = 0, exact_max_len: int = 0):
         torch.manual_seed(seed)
         self.algo, self.temperature = algo_cfg, temperature or 1.0
         self.off_policy = off_policy if off_policy is not None and off_policy.mode != "none" else None
@@ -38,16 +38,31 @@ class PolicyTrainer(SFTMixin, TorchTrainerBase):
         precision = prec.resolve(getattr(train_cfg, "precision", "fp32"), dtype)
         model = load_model(model_spec, prec.load_dtype(precision), tiny_cache_dir)
         ref = copy.deepcopy(model).eval().requires_grad_(False) if algo_cfg.kl_coef > 0 else None
+        self.replay = getattr(algo_cfg, "routing_replay", "none") == "r3"
+        self.exact_max_len = exact_max_len
+        if exact_max_len:  # true on-policy: the exact forward takes right-padded rows
+            train_cfg = train_cfg.model_copy(update={"packing": False})
         super().__init__(model, train_cfg, train_cfg.lr, getattr(train_cfg, "strategy", "ddp"), precision,
-                         CausalLMForTraining(model, train_cfg.logprob_chunk_tokens), schedule_steps)
+                         self._core(model, train_cfg.logprob_chunk_tokens), schedule_steps)
         self.ref = self._reference(ref) if ref is not None else None
         self.version = 0  # optimizer-step rounds done (train_step / sft_step)
+
+    def _core(self, model: torch.nn.Module, chunk_tokens: int) -> torch.nn.Module:
+        """The forward module: chunked log-probs, or the exact forward in true on-policy mode
+        (after its startup self-test: the mode is refused where decode != full forward)."""
+        if not self.exact_max_len:
+            return CausalLMForTraining(model, chunk_tokens, self.replay)
+        from miles_ray.models.exact import ExactLMForTraining, self_test
+
+        core = ExactLMForTraining(model, self.exact_max_len)
+        self_test(core.exact, model.config.vocab_size)
+        return core
 
     def _reference(self, ref: torch.nn.Module) -> torch.nn.Module:
         """The frozen KL reference, laid out like the policy: sharded under FSDP2 (never a full
         copy per rank there), a replica under DDP (as the policy is)."""
         use_varlen_attention(ref)
-        core = CausalLMForTraining(ref, self.cfg.logprob_chunk_tokens).to(self.device)
+        core = self._core(ref, self.cfg.logprob_chunk_tokens).to(self.device)
         if self.strategy == "fsdp2" and world()[1] > 1:
             core = shard_fsdp2(core, ref, self.precision)
         return core
@@ -110,7 +125,9 @@ class PolicyTrainer(SFTMixin, TorchTrainerBase):
             metrics.update({k: v * frac for k, v in m_is.items() if k in SUMMED_METRICS})
         loss = agg(pg, mask, n_tokens, n_seqs)
         ent = agg(batch.by_sample(ent_tok), mask, n_tokens, n_seqs)
-        metrics.update(pg_loss=loss.item(), entropy=ent.item(), **_mismatch_sums(old, batch, mask))
+        sums = _mismatch_sums(old, batch, mask)
+        self.mismatch_max = max(self.mismatch_max, sums.pop("mismatch_max", 0.0))
+        metrics.update(pg_loss=loss.item(), entropy=ent.item(), **sums)
         if self.ref is not None and a.kl_mode == "loss":
             kl = agg(KL_ESTIMATORS.get_fn(a.kl_estimator)(logp, batch.sample_field("ref_logprobs")), mask,
                      n_tokens, n_seqs)
@@ -124,6 +141,9 @@ class PolicyTrainer(SFTMixin, TorchTrainerBase):
     def _minibatch_step(self, samples) -> dict:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        routing, self.mismatch_max = self.core.routing, 0.0
+        if routing is not None:
+            routing.take_stats()  # count this mini-batch's training forwards only
         n_tokens, n_seqs = all_sum([float(sum(len(s.response_ids) for s in samples)), float(len(samples))])
         micro = padded_micro_batches(samples, self.cfg)
         totals = self.backward_micro_batches(
@@ -133,6 +153,9 @@ class PolicyTrainer(SFTMixin, TorchTrainerBase):
         out = dict(zip(keys, all_sum([totals.get(k, 0.0) for k in keys])))
         for k in ("mismatch_abs", "mismatch_k3"):  # summed over tokens: per-token means
             out[k] /= max(n_tokens, 1.0)
+        out["mismatch_max"] = all_max(float(self.mismatch_max))
+        if routing is not None:
+            out.update(_agreement(routing.take_stats()))
         out.update(self.optimizer_step())
         return out
 
@@ -149,6 +172,15 @@ def train_on_samples(trainer: PolicyTrainer, samples: list, num_minibatches: int
     return trainer.train_step(make_minibatches(samples, num_minibatches))
 
 
+def _agreement(stats: dict) -> dict:
+    """Token x layer slots where the experts the trainer used (``routing_agreement``; 1 under R3)
+    and its router's own top-k (``routing_agreement_own``) equal the engine's, over all ranks."""
+    slots, used, own = all_sum([float(stats["slots"]), float(stats["used_agree"]), float(stats["own_agree"])])
+    if not slots:
+        return {}
+    return {"routing_agreement": used / slots, "routing_agreement_own": own / slots}
+
+
 def _mismatch_sums(old, batch, mask) -> dict:
     """Rollout/trainer drift summed over this micro-batch's tokens: |old - behaviour| and the k3
     estimate of KL(rollout || trainer), ``r - 1 - log r`` with ``r = pi_trainer / pi_rollout``."""
@@ -156,4 +188,5 @@ def _mismatch_sums(old, batch, mask) -> dict:
         return {}
     delta = ((old - batch.sample_field("response_logprobs")) * mask).double().clamp(-20, 20)
     return {"mismatch_abs": (delta.abs() * mask).sum().item(),
-            "mismatch_k3": ((delta.exp() - 1 - delta) * mask).sum().item()}
+            "mismatch_k3": ((delta.exp() - 1 - delta) * mask).sum().item(),
+            "mismatch_max": (delta.abs() * mask).max().item() if mask.numel() else 0.0}

@@ -18,6 +18,7 @@ import torch
 
 from miles_ray.rollout.engine_weights import EngineWeights, load_for_serving
 from miles_ray.rollout.native.model import NativeForward
+from miles_ray.rollout.native.routes import RouteTracker
 from miles_ray.rollout.native.sampling import distribution, sample
 from miles_ray.rollout.native.speculative import Speculator, verify, verify_logprobs
 from miles_ray.rollout.types import SamplingParams
@@ -35,11 +36,13 @@ class Request:
     finish_reason: str | None = None  # stop | length | abort
     text: str = ""
     weight_versions: list = field(default_factory=list)  # version that produced each token
+    routes: list = field(default_factory=list)  # MoE: expert ids of each token fed (RouteTracker)
 
 
 class NativeEngine:
     def __init__(self, model_spec: str, dtype: str = "float32", tiny_cache_dir: str = "runs/_models",
-                 seed: int = 0, max_running: int = 64, draft: str | None = None, num_draft_tokens: int = 4):
+                 seed: int = 0, max_running: int = 64, draft: str | None = None, num_draft_tokens: int = 4,
+                 exact_max_len: int = 0):
         self.model_spec = model_spec
         self.tokenizer, self.model = load_for_serving(model_spec, dtype, tiny_cache_dir)
         self.weights = EngineWeights(self.model)
@@ -51,7 +54,11 @@ class NativeEngine:
             self.spec = Speculator(build_draft(draft, model_spec, dtype, tiny_cache_dir).to(self.model.device),
                                    num_draft_tokens)
         self.speculate = self.spec is not None
-        self.forward = NativeForward(self.model)
+        self.forward = NativeForward(self.model) if not exact_max_len else _exact(self.model, exact_max_len)
+        self.routes = RouteTracker(self.model, enabled=not exact_max_len)  # MoE: each token's experts, per request
+        if self.routes.active and self.spec is not None:
+            raise ValueError("speculative decoding is not supported for MoE models (routing traces of draft tokens "
+                             "that are rejected would be wrong); set draft.enabled=false")
         self.max_running = max_running
         self.cache = None
         self.waiting: deque[Request] = deque()
@@ -146,7 +153,9 @@ class NativeEngine:
             finished += self._spec_step()
         elif self.running:
             tokens = torch.tensor([r.output_ids[-1] for r in self.running], device=self.model.device)
+            self.routes.begin()
             logits = self.forward.decode(tokens, self.cache)
+            self.routes.decode(self.running)
             finished += self._append(list(range(len(self.running))), logits)
         return finished
 
@@ -175,9 +184,10 @@ class NativeEngine:
 
     def _ensure_cache(self, slots: int, capacity: int) -> None:
         if self.cache is None:
-            self.cache = self.forward.new_cache(max(slots, 8), max(capacity, 128))
+            self.cache = self.forward.new_cache(max(slots, 8), self.forward.cache_capacity(capacity))
         elif slots > self.cache.slots or capacity > self.cache.capacity:
-            self.cache = self.cache.grown(max(slots, 2 * self.cache.slots), max(capacity, 2 * self.cache.capacity))
+            self.cache = self.cache.grown(max(slots, 2 * self.cache.slots),
+                                          self.forward.cache_capacity(max(capacity, 2 * self.cache.capacity)))
         if self.spec:
             self.spec.ensure_cache(self.cache.slots, self.cache.capacity)
 
@@ -202,7 +212,9 @@ class NativeEngine:
         lengths = torch.tensor([len(p) for p in prompts])
         slots = torch.tensor([first_slot[p] for p in prompts])
         dev = self.model.device
+        self.routes.begin()
         logits = self.forward.prefill(ids.to(dev), lengths.to(dev), self.cache, slots.to(dev))
+        self.routes.prefill(new, [unique[tuple(r.prompt_ids)] for r in new], P)
         if self.speculate:
             self.spec.prefill(ids.to(dev), lengths.to(dev), slots.to(dev))
         rows = []
@@ -294,4 +306,14 @@ class NativeEngine:
         return Sample(prompt_index=m.get("prompt_index", 0), group_id=m.get("group_id", 0), prompt=m.get("prompt", ""),
                       label=m.get("label", ""), prompt_ids=r.prompt_ids, response_ids=r.output_ids,
                       response_logprobs=r.logprobs, response_text=text, finish_reason=r.finish_reason,
-                      weight_version=r.weight_versions[0] if r.weight_versions else self.weights.version)
+                      weight_version=r.weight_versions[0] if r.weight_versions else self.weights.version,
+                      routed_experts=self.routes.trace(r))
+
+
+def _exact(model, max_len: int):
+    """The row-invariant forward of true on-policy mode, after its startup self-test."""
+    from miles_ray.models.exact import ExactForward, self_test
+
+    forward = ExactForward(model, max_len)
+    self_test(forward, model.config.vocab_size)
+    return forward

@@ -1,4 +1,4 @@
-"""A slot-KV-cache forward pass over a transformers Llama / Qwen2 / Qwen3 model.
+"""A slot-KV-cache forward pass over a transformers Llama / Qwen2 / Qwen3 / Qwen3-MoE / Mixtral model.
 
 The HF module's own submodules (projections, norms, rotary embedding, MLP) are called, so the
 weights are shared with the HF model: an in-place weight update is seen here at once.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")  # MoE blocks run as the HF module
 
 
 class SlotCache:
@@ -68,6 +68,11 @@ class NativeForward:
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.head_dim ** -0.5
+
+    @staticmethod
+    def cache_capacity(needed: int) -> int:
+        """Cache capacity to allocate for ``needed`` positions (it grows by doubling)."""
+        return max(needed, 128)
 
     def new_cache(self, slots: int, capacity: int) -> SlotCache:
         p = next(self.hf.parameters())
