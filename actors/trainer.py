@@ -75,10 +75,7 @@ class TrainerActor(_RankActor):
 
     def export_hf(self, folder: str) -> bool:
         """The policy as an HF folder that ``transformers`` loads (rank 0 writes; all ranks gather)."""
-        state = self.trainer.full_state_dict()
-        if state is not None:
-            self.trainer.module.save_pretrained(folder, state_dict=state)
-            self.trainer.tokenizer.save_pretrained(folder)
+        self.trainer.save_hf(folder)
         return True
 
     # -- weight export (rank 0 returns data; other ranks take part in FSDP gathers) ------------

@@ -29,7 +29,9 @@ def root(cfg: Config) -> Path:
     return Path(cfg.checkpoint.dir or Path(cfg.output_dir) / "checkpoints")
 
 
-def _export_hf(cfg: Config, step: int) -> bool:
+def exports_hf(cfg: Config, step: int) -> bool:
+    """Whether the checkpoint of ``step`` holds an HF export: the final one, and every
+    ``checkpoint.export_hf_every``-th."""
     c = cfg.checkpoint
     return c.export_hf and (step >= cfg.total_steps or bool(c.export_hf_every and step % c.export_hf_every == 0))
 
@@ -47,7 +49,7 @@ def save(cfg: Config, actors: RunActors, sampler, step: int, engine_rng: list,
     if actors.draft is not None:
         ray.get(actors.draft.save_state.remote(str(tmp)))
     torch.save(engine_rng, tmp / "engines_rng.pt")
-    if _export_hf(cfg, step):
+    if exports_hf(cfg, step):
         actors.policy.get(actors.policy.call("export_hf", str(tmp / "hf")))
     cursor = sampler if isinstance(sampler, dict) else sampler.state_dict()
     meta = {"step": step, "version": version, "sampler": cursor, "run_name": cfg.run_name}

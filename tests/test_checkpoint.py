@@ -40,7 +40,7 @@ def test_stop_and_resume_equals_uninterrupted(local_ray, tmp_path, model_cache, 
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     # second save after resume happened; the HF export is only in the final one, and loads
     assert [p.name for p in ckpt.checkpoints(split / "checkpoints")] == ["step_3", "step_6"]
-    assert not (split / "checkpoints" / "step_3" / "hf").exists() and (split / "checkpoints" / "step_3" / "policy").is_dir()
+    assert (split / "checkpoints" / "step_3" / "policy" / ".metadata").is_file()  # sharded (DCP) policy state
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(ckpt.latest(split / "checkpoints") / "hf")
@@ -66,6 +66,16 @@ def test_resume_at_another_number_of_trainer_ranks(local_ray, tmp_path, model_ca
         assert a[2][key] == pytest.approx(b[2][key], rel=1e-4, abs=1e-6), key
     wa, wb = _final_weights(full), _final_weights(split)
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_hf_export_only_at_the_end_or_every_n():
+    from jobs.checkpointing import exports_hf
+
+    cfg = load_config(None, ["total_steps=10", "checkpoint.every=2"])
+    assert [s for s in range(1, 11) if exports_hf(cfg, s)] == [10]
+    cfg = load_config(None, ["total_steps=10", "checkpoint.export_hf_every=4"])
+    assert [s for s in range(1, 11) if exports_hf(cfg, s)] == [4, 8, 10]
+    assert not exports_hf(load_config(None, ["total_steps=10", "checkpoint.export_hf=false"]), 10)
 
 
 def test_checkpoints_atomic_and_rotated(tmp_path):

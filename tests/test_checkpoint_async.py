@@ -51,6 +51,7 @@ def test_sync_driver_refuses_an_async_checkpoint_with_pending_groups(tmp_path):
     from jobs.checkpointing import find
 
     tmp = ckpt.begin(tmp_path, 3)
+    (tmp / "policy").mkdir()  # a sharded policy state (its contents are not read here)
     ckpt.commit(tmp, {"step": 3, "async": {"buffered_groups": 4, "inflight_groups": 2, "next_group": 18}}, keep=2)
     base = [f"checkpoint.dir={tmp_path}", "resume=auto"]
     with pytest.raises(UserError, match="holds 4 buffered and 2 in-flight groups"):
@@ -66,7 +67,7 @@ def test_async_s0_stop_and_resume_equals_uninterrupted(local_ray, tmp_path, mode
     from jobs.train import run
 
     full, split = tmp_path / "full", tmp_path / "split"
-    s0 = ("async_rl.staleness=0", "checkpoint.every=0")
+    s0 = ("async_rl.staleness=0", "checkpoint.every=0", "checkpoint.export_hf=true")
     run(_cfg(full, model_cache, "total_steps=4", *s0))
     run(_cfg(split, model_cache, "total_steps=2", *s0))
     assert ckpt.read_meta(ckpt.latest(split / "checkpoints"))["async"]["buffered_groups"] == 4

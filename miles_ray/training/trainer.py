@@ -160,6 +160,18 @@ class PolicyTrainer(SFTMixin, TorchTrainerBase):
         return out
 
     # -- weights --------------------------------------------------------------------------------
+    def save_hf(self, folder: str) -> None:
+        """The policy as an HF folder that ``transformers`` loads. Collective (FSDP2 gathers); rank 0
+        writes. Tied copies (``lm_head`` = embeddings) are written once, however the ranks held them."""
+        state = self.full_state_dict()
+        if state is None:
+            return
+        if getattr(self.module.config, "tie_word_embeddings", False):
+            for key in getattr(self.module, "all_tied_weights_keys", None) or {}:
+                state.pop(key, None)
+        self.module.save_pretrained(folder, state_dict=state)
+        self.tokenizer.save_pretrained(folder)
+
     def get_weights(self) -> dict | None:
         """A CPU copy of the full state dict on rank 0; None on other ranks."""
         state = self.full_state_dict()
