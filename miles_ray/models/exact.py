@@ -127,7 +127,7 @@ class ExactForward:
         return self.hidden_with_cache(ids, cache, torch.arange(ids.shape[0], device=ids.device))
 
     # -- engine interface (NativeForward's) -----------------------------------------------------
-    def cache_capacity(self, needed: int) -> int:
+    def cache_capacity(self, needed: int, current: int = 0) -> int:
         """Always ``max_len`` (the attention's fixed key length); more is an error."""
         if needed > self.max_len:
             raise UserError(f"a request needs {needed} positions; true on-policy mode holds at most max_len="

@@ -187,7 +187,7 @@ class NativeEngine:
             self.cache = self.forward.new_cache(max(slots, 8), self.forward.cache_capacity(capacity))
         elif slots > self.cache.slots or capacity > self.cache.capacity:
             self.cache = self.cache.grown(max(slots, 2 * self.cache.slots),
-                                          self.forward.cache_capacity(max(capacity, 2 * self.cache.capacity)))
+                                          self.forward.cache_capacity(capacity, self.cache.capacity))
         if self.spec:
             self.spec.ensure_cache(self.cache.slots, self.cache.capacity)
 

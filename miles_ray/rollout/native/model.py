@@ -70,9 +70,9 @@ class NativeForward:
         self.scale = self.head_dim ** -0.5
 
     @staticmethod
-    def cache_capacity(needed: int) -> int:
-        """Cache capacity to allocate for ``needed`` positions (it grows by doubling)."""
-        return max(needed, 128)
+    def cache_capacity(needed: int, current: int = 0) -> int:
+        """Capacity to allocate for ``needed`` positions: at least 128, growing by doubling."""
+        return max(needed, 128, 2 * current)
 
     def new_cache(self, slots: int, capacity: int) -> SlotCache:
         p = next(self.hf.parameters())
