@@ -31,7 +31,7 @@ def test_engine_records_the_experts_of_every_fed_token(moe_engine):
     for s in samples[:4]:
         trace = decode(s.routed_experts)
         assert list(trace.shape) == [len(s.prompt_ids) + len(s.response_ids) - 1, 2, 2]
-        ids = torch.tensor([s.prompt_ids + s.response_ids])
+        ids = torch.tensor([s.prompt_ids + s.response_ids], device=model.device)
         ref = torch.full((ids.shape[1], 2, 2), -1)
         ref[:trace.shape[0]] = trace
         routing.set_reference(ref, replay=False)
@@ -62,9 +62,17 @@ def test_replay_uses_recorded_experts_and_the_router_still_learns(moe_engine, mo
 
 @pytest.mark.parametrize("spec", ["tiny:qwen3", "tiny:qwen3_moe"])
 def test_true_on_policy_rollout_equals_trainer_bit_for_bit(model_cache, spec):
-    engine = NativeEngine(spec, tiny_cache_dir=model_cache, seed=1, exact_max_len=64)
-    trainer = PolicyTrainer(spec, TrainConfig(lr=1e-2), AlgorithmConfig(true_on_policy=True), tiny_cache_dir=model_cache,
-                            exact_max_len=64)
+    """Accepted means exact: where the startup self-test refuses the mode (a device whose kernels
+    are not batch-invariant) the test only checks the refusal; on this CPU it never refuses."""
+    from miles_ray.errors import UserError
+
+    try:
+        engine = NativeEngine(spec, tiny_cache_dir=model_cache, seed=1, exact_max_len=64)
+        trainer = PolicyTrainer(spec, TrainConfig(lr=1e-2), AlgorithmConfig(true_on_policy=True),
+                                tiny_cache_dir=model_cache, exact_max_len=64)
+    except UserError as err:
+        assert torch.cuda.is_available() and "self-test" in str(err)
+        pytest.skip(f"refused on this device: {err}")
     for version in (1, 2):  # before and after an update synced to the engine
         engine.weights.update(trainer.get_weights(), version)
         samples = engine.generate(REQS, 4, SamplingParams(12, temperature=0.8))

@@ -4,22 +4,24 @@ Engines and trainers must produce bit-identical log-probs for every sampled toke
 engine decodes one token per step against a KV cache and the trainer runs whole sequences. Every
 op here computes a token's numbers with the same kernel calls whatever else is in the batch:
 
-- linears (projections, MLPs, experts, router, LM head): one ``[1, K] x [K, N]`` product per row
-  (``torch.bmm`` over rows, the weight broadcast with stride 0: nothing is copied), so a row's
-  reduction order never depends on how many rows share the call (plain ``F.linear`` picks its
-  kernel by the row count M: on this CPU fp32 rows differ for M < 12);
-- attention: every query row attends over keys padded to one fixed length ``max_len`` with one
-  ``[1, D] x [D, max_len]`` product and a softmax over ``max_len`` (future and padding keys are
-  masked to -inf; their probabilities are exactly 0, so what the cache holds there never counts),
-  then ``[1, max_len] x [max_len, D]``: decode and a full forward reduce in the same order;
-- norms, RoPE, activations, residuals, softmax / log-softmax: row-wise or element-wise, the
-  module's own code (transformers' RMSNorm and rotary embedding).
+- products (projections, MLPs, experts, router, LM head, attention scores and values): one
+  ``[1, K] x [K, N]`` product per row (``torch.bmm`` with the weight broadcast with stride 0:
+  nothing is copied), and every ``bmm`` call holds exactly ``CHUNK`` rows (the last call padded
+  with zeros), so neither a row's reduction order nor the library's kernel choice depends on how
+  many rows there are (plain ``F.linear`` picks its kernel by the row count: on this CPU fp32 rows
+  differ for M < 12; cuBLAS picks batched-GEMM algorithms by batch count);
+- attention: every query row attends over keys padded to one fixed length ``max_len`` (future and
+  padding keys are masked to -inf: their probabilities are exactly 0, so what the cache holds there
+  never counts): decode and a full forward reduce in the same order;
+- row reductions (RMSNorm, softmax, log-softmax) also run on exactly ``CHUNK`` rows per call
+  (:func:`by_rows`);
+  RoPE, activations and residuals are element-wise.
 - MoE: router logits by row, softmax in fp32, top-k, each selected expert by row, the weighted sum
   in top-k order.
 
 Gradients flow (the trainer trains through it); backward uses ordinary matmuls (they need no
 invariance). Cost: several times slower than the stock forward (see docs); tiny and small models.
-:func:`self_test` checks decode == full forward and batch invariance on a probe at startup;
+:func:`self_test` checks decode == full forward and batch invariance on probes at startup;
 ``true_on_policy`` is refused where it fails.
 """
 from __future__ import annotations
@@ -28,12 +30,39 @@ import torch
 
 from miles_ray.errors import UserError
 
+CHUNK = 64  # rows in every batched call of the exact forward (fixed: kernels never see another shape)
+
+
+def fixed_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.bmm(a, b)`` in calls of exactly ``CHUNK`` batch entries (zero padding; a ``b``
+    broadcast with batch stride 0 stays broadcast)."""
+    n = a.shape[0]
+    pad = -n % CHUNK
+    broadcast = b.stride(0) == 0
+    a = torch.cat([a, a.new_zeros(pad, *a.shape[1:])]) if pad else a.contiguous()  # one memory layout always:
+    if not broadcast:  # the library's kernel path depends on operand strides too
+        b = torch.cat([b, b.new_zeros(pad, *b.shape[1:])]) if pad else b.contiguous()
+    parts = [torch.bmm(a[i:i + CHUNK], b[:1].expand(CHUNK, -1, -1) if broadcast else b[i:i + CHUNK])
+             for i in range(0, n + pad, CHUNK)]
+    return torch.cat(parts)[:n]
+
+
+def by_rows(fn, x: torch.Tensor) -> torch.Tensor:
+    """A row-wise ``fn`` (over the last dim) applied in calls of exactly ``CHUNK`` rows."""
+    flat = x.reshape(-1, x.shape[-1])
+    n = flat.shape[0]
+    pad = -n % CHUNK
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad, flat.shape[-1])])
+    out = torch.cat([fn(flat[i:i + CHUNK]) for i in range(0, n + pad, CHUNK)])[:n]
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
 
 class _RowLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight):
         ctx.save_for_backward(x, weight)
-        return torch.bmm(x.unsqueeze(1), weight.t().unsqueeze(0).expand(x.shape[0], -1, -1)).squeeze(1)
+        return fixed_bmm(x.unsqueeze(1), weight.t().unsqueeze(0).expand(x.shape[0], -1, -1)).squeeze(1)
 
     @staticmethod
     def backward(ctx, grad):
@@ -78,7 +107,7 @@ class ExactForward:
         k = _lin(attn.k_proj, h).view(N, self.n_kv, self.head_dim)
         v = _lin(attn.v_proj, h).view(N, self.n_kv, self.head_dim)
         if hasattr(attn, "q_norm"):
-            q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = by_rows(attn.q_norm, q), by_rows(attn.k_norm, k)
         cos, sin = self.hf.model.rotary_emb(h, positions[None])
         return _rope(q, cos[0], sin[0]), _rope(k, cos[0], sin[0]), v
 
@@ -88,11 +117,11 @@ class ExactForward:
         N, H, D = q.shape
         rep = H // self.n_kv
         keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
-        scores = torch.bmm(q.reshape(N * H, 1, D), keys.reshape(N * H, -1, D).transpose(1, 2)) * self.scale
+        scores = fixed_bmm(q.reshape(N * H, 1, D), keys.reshape(N * H, -1, D).transpose(1, 2)) * self.scale
         future = torch.arange(self.max_len, device=q.device)[None, :] > positions[:, None]  # [N, max_len]
         scores = scores.view(N, H, self.max_len).masked_fill(future[:, None, :], float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
-        out = torch.bmm(probs.reshape(N * H, 1, self.max_len), values.reshape(N * H, self.max_len, D))
+        probs = by_rows(lambda t: torch.softmax(t.float(), dim=-1), scores).to(values.dtype)
+        out = fixed_bmm(probs.reshape(N * H, 1, self.max_len), values.reshape(N * H, self.max_len, D))
         return out.reshape(N, H * D)
 
     def _mlp(self, mlp, h):
@@ -102,22 +131,22 @@ class ExactForward:
 
     def _moe(self, block, h):
         router, experts = block.gate, block.experts
-        probs = torch.softmax(row_linear(h, router.weight).float(), dim=-1)
+        probs = by_rows(lambda t: torch.softmax(t.float(), dim=-1), row_linear(h, router.weight))
         weights, index = torch.topk(probs, router.top_k, dim=-1)
         if getattr(router, "norm_topk_prob", True):
             weights = weights / weights.sum(-1, keepdim=True)
         out = torch.zeros_like(h)
         for slot in range(router.top_k):  # fixed order: the weighted sum reduces identically everywhere
             e = index[:, slot]
-            gate_up = torch.bmm(h.unsqueeze(1), experts.gate_up_proj[e].transpose(1, 2)).squeeze(1)
+            gate_up = fixed_bmm(h.unsqueeze(1), experts.gate_up_proj[e].transpose(1, 2)).squeeze(1)
             gate, up = gate_up.chunk(2, dim=-1)
-            y = torch.bmm((experts.act_fn(gate) * up).unsqueeze(1), experts.down_proj[e].transpose(1, 2)).squeeze(1)
+            y = fixed_bmm((experts.act_fn(gate) * up).unsqueeze(1), experts.down_proj[e].transpose(1, 2)).squeeze(1)
             out = out + y * weights[:, slot, None].to(y.dtype)
         return out
 
     def logits(self, x):
         """Final norm, then the LM head row by row, in fp32."""
-        return _lin(self.hf.lm_head, self.hf.model.norm(x)).float()
+        return _lin(self.hf.lm_head, by_rows(self.hf.model.norm, x)).float()
 
     # -- whole sequences (trainer) --------------------------------------------------------------
     def hidden(self, ids: torch.Tensor) -> torch.Tensor:
@@ -160,13 +189,13 @@ class ExactForward:
         x = self.hf.model.embed_tokens(ids).reshape(R * L, -1)
         row = torch.arange(R, device=ids.device).repeat_interleave(L)
         for li, layer in enumerate(self.layers):
-            h = layer.input_layernorm(x)
+            h = by_rows(layer.input_layernorm, x)
             q, k, v = self._qkv(layer.self_attn, h, positions)
             cache.k[li, slots, :, :L] = k.view(R, L, self.n_kv, -1).transpose(1, 2)
             cache.v[li, slots, :, :L] = v.view(R, L, self.n_kv, -1).transpose(1, 2)
             keys, values = cache.k[li, slots][row], cache.v[li, slots][row]
             x = x + _lin(layer.self_attn.o_proj, self._attend(q, keys, values, positions))
-            x = x + self._mlp(layer.mlp, layer.post_attention_layernorm(x))
+            x = x + self._mlp(layer.mlp, by_rows(layer.post_attention_layernorm, x))
         return x.view(R, L, -1)
 
     @torch.no_grad()
@@ -177,12 +206,12 @@ class ExactForward:
         rows = torch.arange(B, device=tokens.device)
         x = self.hf.model.embed_tokens(tokens)
         for li, layer in enumerate(self.layers):
-            h = layer.input_layernorm(x)
+            h = by_rows(layer.input_layernorm, x)
             q, k, v = self._qkv(layer.self_attn, h, pos)
             cache.k[li, rows, :, pos] = k
             cache.v[li, rows, :, pos] = v
             x = x + _lin(layer.self_attn.o_proj, self._attend(q, cache.k[li, :B], cache.v[li, :B], pos))
-            x = x + self._mlp(layer.mlp, layer.post_attention_layernorm(x))
+            x = x + self._mlp(layer.mlp, by_rows(layer.post_attention_layernorm, x))
         cache.lengths[:B] = pos + 1
         return self.logits(x)
 
@@ -216,25 +245,27 @@ class ExactLMForTraining(torch.nn.Module):
         return out, torch.zeros_like(out).masked_scatter(scored, ent)
 
 
-def exact_logprobs(logits: torch.Tensor, temperature: float, targets: torch.Tensor) -> torch.Tensor:
-    """Log-probs of ``targets`` under softmax(logits / temperature) computed as the native
-    engine's sampler does (a per-row temperature tensor, then log_softmax)."""
-    temp = torch.full((logits.shape[0], 1), float(temperature), dtype=torch.float32, device=logits.device)
-    return torch.log_softmax(logits / temp, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+def exact_logprobs(logits: torch.Tensor, temperature, targets: torch.Tensor) -> torch.Tensor:
+    """Log-probs of ``targets`` under softmax(logits / temperature), the same in engines (a
+    per-row temperature tensor) and trainers (a float): row-chunked log_softmax."""
+    temp = temperature.reshape(-1, 1).float() if torch.is_tensor(temperature) else torch.full(
+        (logits.shape[0], 1), float(temperature), dtype=torch.float32, device=logits.device)
+    logp = by_rows(lambda t: torch.log_softmax(t, dim=-1), logits / temp)
+    return logp.gather(-1, targets[:, None]).squeeze(-1)
 
 
 @torch.no_grad()
-def self_test(forward: ExactForward, vocab_size: int, length: int = 12, seed: int = 0) -> None:
+def self_test(forward: ExactForward, vocab_size: int, length: int = 16, seed: int = 0) -> None:
     """Decode == full forward (bit for bit) and batch invariance, on probe sequences; raises a
     :class:`UserError` naming the first difference (true on-policy is then refused)."""
     device = next(forward.hf.parameters()).device
     gen = torch.Generator().manual_seed(seed)
-    probes = torch.randint(3, vocab_size, (3, length), generator=gen).to(device)
-    full = forward.logits(forward.hidden(probes))  # [3, L, V]
+    probes = torch.randint(3, vocab_size, (4, length), generator=gen).to(device)  # 4 x 16 rows: a whole chunk
+    full = forward.logits(forward.hidden(probes))  # [4, L, V]
     cache = forward.new_cache(4, forward.max_len)
-    forward.prefill(probes[:, :4], torch.full((3,), 4, device=device), cache, torch.arange(3, device=device))
+    forward.prefill(probes[:, :4], torch.full((4,), 4, device=device), cache, torch.arange(4, device=device))
     for t in range(4, length):
-        step = forward.decode(probes[:, t], cache)  # 3 rows at once
+        step = forward.decode(probes[:, t], cache)  # 4 rows at once
         if not torch.equal(step, full[:, t]):
             diff = (step - full[:, t]).abs().max().item()
             raise UserError(f"algorithm.true_on_policy: the startup self-test found decode logits differing from the full "
@@ -243,4 +274,4 @@ def self_test(forward: ExactForward, vocab_size: int, length: int = 12, seed: in
     alone = forward.logits(forward.hidden(probes[:1]))
     if not torch.equal(alone, full[:1]):
         raise UserError("algorithm.true_on_policy: the startup self-test found the full forward of one sequence differing "
-                        f"from the same sequence in a batch of 3 on this machine ({device}); true on-policy is refused")
+                        f"from the same sequence in a batch of 4 on this machine ({device}); true on-policy is refused")

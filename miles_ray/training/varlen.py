@@ -55,15 +55,29 @@ def _flash_kernel():
     return kernel
 
 
+def _half_dtype(query: torch.Tensor):
+    """The 16-bit dtype a flash kernel can run in: the query's, or under CUDA autocast its dtype
+    (RoPE in fp32 promotes q and k to fp32 there, while SDPA would cast them back down)."""
+    if not query.is_cuda:
+        return None
+    if query.dtype in (torch.float16, torch.bfloat16):
+        return query.dtype
+    if torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        return dtype if dtype in (torch.float16, torch.bfloat16) else None
+    return None
+
+
 def varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """``query/key/value``: ``[B, H, T, D]``; returns ``([B, T, H, D], None)`` like transformers'."""
     sdpa = _sdpa()
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None:
         return sdpa(module, query, key, value, None, dropout=dropout, scaling=scaling, is_causal=True)
-    kernel = _flash_kernel() if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and not dropout else None
+    half = _half_dtype(query)
+    kernel = _flash_kernel() if half is not None and not dropout else None
     if kernel is not None:
-        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
+        q, k, v = (t[0].transpose(0, 1).to(half) for t in (query, key, value))  # [T, H, D]
         cu32 = cu.to(device=q.device, dtype=torch.int32)
         longest = int((cu32[1:] - cu32[:-1]).max())
         scale = scaling if scaling is not None else q.shape[-1] ** -0.5

@@ -42,7 +42,7 @@ class Request:
 class NativeEngine:
     def __init__(self, model_spec: str, dtype: str = "float32", tiny_cache_dir: str = "runs/_models",
                  seed: int = 0, max_running: int = 64, draft: str | None = None, num_draft_tokens: int = 4,
-                 exact_max_len: int = 0):
+                 exact_max_len: int = 0, exact_check: bool = True):
         self.model_spec = model_spec
         self.tokenizer, self.model = load_for_serving(model_spec, dtype, tiny_cache_dir)
         self.weights = EngineWeights(self.model)
@@ -54,7 +54,8 @@ class NativeEngine:
             self.spec = Speculator(build_draft(draft, model_spec, dtype, tiny_cache_dir).to(self.model.device),
                                    num_draft_tokens)
         self.speculate = self.spec is not None
-        self.forward = NativeForward(self.model) if not exact_max_len else _exact(self.model, exact_max_len)
+        self.exact_max_len = exact_max_len
+        self.forward = NativeForward(self.model) if not exact_max_len else _exact(self.model, exact_max_len, exact_check)
         self.routes = RouteTracker(self.model, enabled=not exact_max_len)  # MoE: each token's experts, per request
         if self.routes.active and self.spec is not None:
             raise ValueError("speculative decoding is not supported for MoE models (routing traces of draft tokens "
@@ -237,7 +238,12 @@ class NativeEngine:
 
     def _append(self, indices: list[int], logits: torch.Tensor) -> list[Request]:
         reqs = [self.running[i] for i in indices]
-        tokens, logprobs = sample(logits, *self._param_cols(reqs, logits.device), self.generator)
+        cols = self._param_cols(reqs, logits.device)
+        tokens, logprobs = sample(logits, *cols, self.generator)
+        if self.exact_max_len:  # true on-policy: the log-probs exactly as the trainer computes them
+            from miles_ray.models.exact import exact_logprobs
+
+            logprobs = exact_logprobs(logits, torch.where(cols[0] > 0, cols[0], torch.ones_like(cols[0])), tokens)
         return self._record(indices, [[t] for t in tokens.tolist()], [[lp] for lp in logprobs.tolist()])
 
     def _record(self, indices: list[int], tokens: list[list[int]], logprobs: list[list[float]]) -> list[Request]:
@@ -310,10 +316,12 @@ class NativeEngine:
                       routed_experts=self.routes.trace(r))
 
 
-def _exact(model, max_len: int):
-    """The row-invariant forward of true on-policy mode, after its startup self-test."""
+def _exact(model, max_len: int, check: bool = True):
+    """The row-invariant forward of true on-policy mode, after its startup self-test (``check``:
+    only benchmarks measuring where it fails turn it off)."""
     from miles_ray.models.exact import ExactForward, self_test
 
     forward = ExactForward(model, max_len)
-    self_test(forward, model.config.vocab_size)
+    if check:
+        self_test(forward, model.config.vocab_size)
     return forward
