@@ -110,6 +110,7 @@ def test_config_guards():
 
 
 def test_routing_traces_travel_over_http(model_cache, tmp_path):
+    pytest.importorskip("uvicorn")  # the engine server's stack (absent on the lent GPU image)
     import os
     import signal
     import socket
