@@ -62,7 +62,8 @@ class TrainerActor(_RankActor):
         return PolicyTrainer(c.model.path, c.train, c.algorithm, dtype=c.model.dtype,
                              tiny_cache_dir=c.model.tiny_cache_dir, temperature=c.rollout.temperature, seed=c.seed,
                              off_policy=c.async_rl.off_policy, schedule_steps=c.optimizer_steps,
-                             exact_max_len=c.exact_max_len)
+                             exact_max_len=c.exact_max_len,
+                             engine_quant=c.rollout.precision if c.rollout.precision != "bf16" else None)
 
     def prepare(self, samples: list, old: bool = True) -> list:
         return self.trainer.prepare(samples, old)
@@ -76,6 +77,8 @@ class TrainerActor(_RankActor):
     def export_hf(self, folder: str) -> bool:
         """The policy as an HF folder that ``transformers`` loads (rank 0 writes; all ranks gather)."""
         self.trainer.save_hf(folder)
+        if self.cfg.train.qat == "int4":  # and the quantized checkpoint inference engines load
+            self.trainer.save_w4a16(f"{folder}-w4a16")
         return True
 
     # -- weight export (rank 0 returns data; other ranks take part in FSDP gathers) ------------
@@ -110,7 +113,7 @@ class TrainerActor(_RankActor):
         (the bucket itself), cpu or cuda (a handle). Other ranks only take part in gathers."""
         from miles_ray.weights import ipc
 
-        state = self.trainer.full_state_dict(to_cpu=mode != "cuda")
+        state = self.trainer.engine_state(to_cpu=mode != "cuda")
         if state is None:
             return
         for bucket in self.trainer.iter_export(state, version, _bucket_bytes(self.cfg)):

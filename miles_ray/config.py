@@ -57,6 +57,11 @@ class RolloutConfig(_Section):
     min_p: float = Field(0.0, ge=0, le=1)
     stop: list = Field(default_factory=list, description="stop strings")
     ignore_eos: bool = Field(False, description="generate max_new_tokens regardless of eos (benchmarks)")
+    precision: Literal["bf16", "fp8", "int4"] = Field(
+        "bf16", description="weights the engines serve: bf16 = unquantized (model.dtype), fp8 = e4m3 128x128 blocks "
+        "with 1x128 activation groups, int4 = W4A16 groups of 128 (quantized during weight sync)")
+    fp8_backend: Literal["auto", "dequant", "scaled_mm", "deep_gemm"] = Field(
+        "auto", description="FP8 matmul: dequant (CPU and any GPU), scaled_mm (torch, FP8 GPUs), deep_gemm (Hopper)")
 
     @property
     def over_http(self) -> bool:
@@ -103,9 +108,13 @@ class TrainConfig(_Section):
         0, ge=0, description="token budget of a micro-batch (packed row, or padded batch); 0: by count, or 4096 "
         "when packing")
     strategy: Literal["ddp", "fsdp2"] = Field("ddp", description="data-parallel wrapper when num_trainers > 1")
-    precision: Literal["auto", "fp32", "bf16_mixed", "bf16"] = Field(
+    precision: Literal["auto", "fp32", "bf16_mixed", "bf16", "fp8_unified"] = Field(
         "auto", description="fp32 | bf16_mixed (bf16 compute, fp32 master weights, gradient reduction and optimizer "
-        "state) | bf16 (everything bf16: small updates are lost) | auto (fp32 if model.dtype=float32, else bf16_mixed)")
+        "state) | bf16 (everything bf16: small updates are lost) | fp8_unified (auto's compute plus the engines' FP8 "
+        "quantize-dequantize of linear weights and activations, straight-through gradients; rollout.precision=fp8) | "
+        "auto (fp32 if model.dtype=float32, else bf16_mixed)")
+    qat: Literal["none", "int4"] = Field("none", description="int4: quantization-aware training, linear weights "
+                                         "fake-quantized as the engines serve them (rollout.precision=int4)")
     gradient_checkpointing: bool = Field(False, description="recompute layer activations in backward (less memory)")
     packing: bool = Field(True, description="concatenate samples into rows of up to max_tokens_per_micro_batch "
                           "tokens, attention confined to each sample (false: right-padded batches)")
@@ -257,6 +266,13 @@ class Config(_Section):
         if self.algorithm.true_on_policy and (self.draft.enabled or self.rollout.serve_http):
             raise ValueError("algorithm.true_on_policy runs in-actor native engines without speculation; set "
                              "draft.enabled=false and rollout.serve_http=false")
+        if self.train.precision == "fp8_unified" and self.rollout.precision != "fp8":
+            raise ValueError("train.precision=fp8_unified trains on the engines' FP8 numbers: set rollout.precision=fp8")
+        if self.train.qat == "int4" and self.rollout.precision != "int4":
+            raise ValueError("train.qat=int4 trains on the engines' INT4 weights: set rollout.precision=int4")
+        if self.rollout.precision != "bf16" and (self.rollout.over_http or self.algorithm.true_on_policy):
+            raise ValueError(f"rollout.precision={self.rollout.precision} quantizes in-actor engines during weight sync; it "
+                             "does not combine with engines over HTTP or algorithm.true_on_policy")
         if self.rollout.serve_http and self.rollout.backend == "hf":
             raise ValueError("rollout.serve_http needs rollout.backend=native or sglang")
         if self.weight_sync.transport == "cuda_ipc" and not (self.cluster.colocate and self.cluster.use_gpu):

@@ -18,12 +18,18 @@ from miles_ray.rollout.health import READY, RELEASED, STALE, EngineNotReady
 from miles_ray.weights import check_complete, load_bucket, to_buckets
 
 
-def load_for_serving(model_spec: str, dtype: str = "float32", tiny_cache_dir: str = "runs/_models"):
-    """(tokenizer, model) for an engine: eval mode, on the GPU when there is one."""
+def load_for_serving(model_spec: str, dtype: str = "float32", tiny_cache_dir: str = "runs/_models",
+                     quantization: str | None = None, fp8_backend: str = "auto"):
+    """(tokenizer, model) for an engine: eval mode, on the GPU when there is one; with
+    ``quantization`` (fp8, int4) its decoder linears serve quantized weights."""
     tokenizer = load_tokenizer(model_spec, tiny_cache_dir)
     model = load_model(model_spec, dtype, tiny_cache_dir)
     if torch.cuda.is_available():
         model.cuda()
+    if quantization:
+        from miles_ray.quant.modules import quantize_engine_model
+
+        quantize_engine_model(model, quantization, fp8_backend)
     return tokenizer, model
 
 
@@ -61,6 +67,10 @@ class EngineWeights:
         names = self._loading["names"] if self._loading else set()
         self._loading = None
         check_complete(self.model, names)
+        for module in self.model.modules():  # quantized linears dequantize the new weights on next use
+            refresh = getattr(module, "refresh_quantized", None)
+            if refresh is not None:
+                refresh()
         self.version, self.state = version, READY
         return version
 

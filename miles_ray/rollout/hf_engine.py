@@ -15,9 +15,9 @@ from miles_ray.sample import Sample
 
 class HFRolloutEngine:
     def __init__(self, model_spec: str, dtype: str = "float32", tiny_cache_dir: str = "runs/_models",
-                 seed: int = 0, max_batch_size: int = 256):
+                 seed: int = 0, max_batch_size: int = 256, quantization: str | None = None, fp8_backend: str = "auto"):
         self.model_spec = model_spec
-        self.tokenizer, self.model = load_for_serving(model_spec, dtype, tiny_cache_dir)
+        self.tokenizer, self.model = load_for_serving(model_spec, dtype, tiny_cache_dir, quantization, fp8_backend)
         self.weights = EngineWeights(self.model)
         self.max_batch_size = max_batch_size
         torch.manual_seed(seed)

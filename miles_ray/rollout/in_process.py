@@ -38,6 +38,8 @@ class InProcessEngine:
         spec = {"draft": d.path, "num_draft_tokens": d.num_tokens} if d.enabled else {}
         if cfg.exact_max_len:  # true on-policy: the engine runs the exact forward
             spec["exact_max_len"] = cfg.exact_max_len
+        if r.precision != "bf16":  # serve quantized weights (FP8 / INT4)
+            spec.update(quantization=r.precision, fp8_backend=r.fp8_backend)
         engine = make_engine(r.backend, model_spec=m.path, dtype=m.dtype, tiny_cache_dir=m.tiny_cache_dir,
                              seed=engine_seed(cfg.seed, rank), **spec)
         if restarted:

@@ -239,9 +239,13 @@ class TorchTrainerBase:
                 out[name] = tensor.detach().to("cpu") if to_cpu else tensor.detach()  # no copy on CPU
         return out if self.rank == 0 else None
 
+    def engine_state(self, to_cpu: bool = True) -> dict | None:
+        """What engines load (rank 0; None elsewhere; collective): the full state dict here."""
+        return self.full_state_dict(to_cpu=to_cpu)
+
     def export_buckets(self, version: int, bucket_bytes: int, to_cpu: bool = True) -> list | None:
         """Weights as size-bounded buckets on rank 0 (None elsewhere); call on all ranks."""
-        state = self.full_state_dict(to_cpu=to_cpu)
+        state = self.engine_state(to_cpu=to_cpu)
         return list(self.iter_export(state, version, bucket_bytes)) if state is not None else None
 
     def iter_export(self, state: dict, version: int, bucket_bytes: int):

@@ -15,9 +15,17 @@ import torch
 
 
 def resolve(precision: str, model_dtype: str) -> str:
-    if precision == "auto":
+    """The compute precision (``fp8_unified`` computes as ``auto`` does, on fake-quantized linears)."""
+    if precision in ("auto", "fp8_unified"):
         return "fp32" if model_dtype == "float32" else "bf16_mixed"
     return precision
+
+
+def fake_quant(train_cfg) -> str | None:
+    """The engines' quantization the trainer's linears reproduce (None: full precision)."""
+    if getattr(train_cfg, "precision", "") == "fp8_unified":
+        return "fp8"
+    return "int4" if getattr(train_cfg, "qat", "none") == "int4" else None
 
 
 def load_dtype(precision: str) -> str:

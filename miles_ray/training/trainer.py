@@ -29,7 +29,7 @@ SUMMED_METRICS = ("loss", "pg_loss", "kl", "entropy", "clipfrac", "is_weight_mea
 class PolicyTrainer(SFTMixin, TorchTrainerBase):
     def __init__(self, model_spec: str, train_cfg, algo_cfg, dtype: str = "float32",
                  tiny_cache_dir: str = "runs/_models", temperature: float = 1.0, seed: int = 0, off_policy=None,
-                 schedule_steps: int = 0, exact_max_len: int = 0):
+                 schedule_steps: int = 0, exact_max_len: int = 0, engine_quant: str | None = None):
         torch.manual_seed(seed)
         self.algo, self.temperature = algo_cfg, temperature or 1.0
         self.off_policy = off_policy if off_policy is not None and off_policy.mode != "none" else None
@@ -38,6 +38,11 @@ class PolicyTrainer(SFTMixin, TorchTrainerBase):
         precision = prec.resolve(getattr(train_cfg, "precision", "fp32"), dtype)
         model = load_model(model_spec, prec.load_dtype(precision), tiny_cache_dir)
         ref = copy.deepcopy(model).eval().requires_grad_(False) if algo_cfg.kl_coef > 0 else None
+        self.engine_quant = engine_quant  # the engines serve quantized weights: sync sends them quantized
+        if prec.fake_quant(train_cfg):  # fp8_unified / int4 QAT: train on the numbers the engines serve
+            from miles_ray.quant.modules import fake_quantize_model
+
+            fake_quantize_model(model, prec.fake_quant(train_cfg))
         self.replay = getattr(algo_cfg, "routing_replay", "none") == "r3"
         self.exact_max_len = exact_max_len
         if exact_max_len:  # true on-policy: the exact forward takes right-padded rows
@@ -171,6 +176,29 @@ class PolicyTrainer(SFTMixin, TorchTrainerBase):
                 state.pop(key, None)
         self.module.save_pretrained(folder, state_dict=state)
         self.tokenizer.save_pretrained(folder)
+
+    def save_w4a16(self, folder: str) -> None:
+        """INT4 QAT: the policy as a compressed-tensors W4A16 checkpoint (vLLM / SGLang load it);
+        its weights decode to exactly the fake-quantized values trained on. Collective; rank 0 writes."""
+        from miles_ray.quant.export import save_w4a16
+        from miles_ray.quant.modules import quantizable
+
+        state = self.full_state_dict()
+        if state is None:
+            return
+        if getattr(self.module.config, "tie_word_embeddings", False):
+            for key in getattr(self.module, "all_tied_weights_keys", None) or {}:
+                state.pop(key, None)
+        save_w4a16(folder, state, quantizable(self.module), self.module.config.to_dict(), self.tokenizer)
+
+    def engine_state(self, to_cpu: bool = True) -> dict | None:
+        """The state dict engines load: quantized linears (+ scales) when they serve FP8 / INT4."""
+        state = self.full_state_dict(to_cpu=to_cpu)
+        if state is None or not self.engine_quant:
+            return state
+        from miles_ray.quant.modules import quantizable, quantize_state
+
+        return quantize_state(state, quantizable(self.module), self.engine_quant)
 
     def get_weights(self) -> dict | None:
         """A CPU copy of the full state dict on rank 0; None on other ranks."""

@@ -42,9 +42,10 @@ class Request:
 class NativeEngine:
     def __init__(self, model_spec: str, dtype: str = "float32", tiny_cache_dir: str = "runs/_models",
                  seed: int = 0, max_running: int = 64, draft: str | None = None, num_draft_tokens: int = 4,
-                 exact_max_len: int = 0, exact_check: bool = True):
+                 exact_max_len: int = 0, exact_check: bool = True, quantization: str | None = None,
+                 fp8_backend: str = "auto"):
         self.model_spec = model_spec
-        self.tokenizer, self.model = load_for_serving(model_spec, dtype, tiny_cache_dir)
+        self.tokenizer, self.model = load_for_serving(model_spec, dtype, tiny_cache_dir, quantization, fp8_backend)
         self.weights = EngineWeights(self.model)
         torch.manual_seed(seed)
         self.spec = None  # Speculator when a draft model is configured (speculative decoding)
