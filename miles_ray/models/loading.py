@@ -48,7 +48,7 @@ def resolve_model_path(spec: str, tiny_cache_dir: str = "runs/_models") -> dict:
     if not (folder / "config.json").is_file():
         raise UserPathError(
             f"model.path='{spec}' is not a model folder (no config.json); use a local HF folder, "
-            "'smollm2', or 'tiny:qwen3|qwen2|llama[:<hidden>x<layers>]'"
+            "'smollm2', or 'tiny:qwen3|qwen2|llama|qwen3_moe|mixtral[:<hidden>x<layers>]'"
         )
     return {"path": str(folder.resolve()), "gguf_file": None}
 
