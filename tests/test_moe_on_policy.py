@@ -149,3 +149,9 @@ def test_moe_run_end_to_end(local_ray, tmp_path, model_cache, extra):
         assert all(r["routing_agreement"] == 1.0 and 0 < r["routing_agreement_own"] <= 1 for r in rows)
     else:
         assert all(r["mismatch_max"] == 0.0 for r in rows)
+
+
+def test_mixtral_routing_is_recorded(model_cache):
+    engine = NativeEngine("tiny:mixtral", tiny_cache_dir=model_cache, seed=0)
+    s = engine.generate(REQS[:1], 1, SamplingParams(5))[0]
+    assert list(decode(s.routed_experts).shape) == [len(s.prompt_ids) + len(s.response_ids) - 1, 2, 2]

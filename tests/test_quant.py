@@ -132,3 +132,12 @@ def _sft(trainer):
     from miles_ray.sample import Sample
 
     return [Sample(i, i, "p", "1", [5, 6, 7, 8], response_ids=[9, 10, 11]) for i in range(4)]
+
+
+def test_fp8_backend_errors_name_the_fix():
+    from miles_ray.errors import UserError
+    from miles_ray.quant.kernels import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cpu")) == "dequant"
+    with pytest.raises(UserError, match="needs a GPU; on cpu FP8 runs as dequant"):
+        resolve_backend("scaled_mm", torch.device("cpu"))

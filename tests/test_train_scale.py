@@ -206,3 +206,20 @@ def test_cuda_varlen_kernel_matches_padded_in_bf16(model_cache):
                            tiny_cache_dir=model_cache).compute_logprobs(samples)
     diff = max(abs(a - b) for u, v in zip(padded, packed) for a, b in zip(u, v))
     assert diff < 0.05, diff
+
+
+def test_torch_threads_per_actor():
+    from miles_ray.utils.threads import torch_threads
+
+    sync = load_config_for_threads([])
+    assert torch_threads(sync, "trainer", 16)[0] == 8 and torch_threads(sync, "rollout", 16)[0] == 4  # 2 ranks, 4 engines
+    asyn = load_config_for_threads(["async_rl.enabled=true"])
+    assert torch_threads(asyn, "trainer", 16)[0] == 2  # 6 actors compute at once
+    fixed = load_config_for_threads(["cluster.torch_threads=3"])
+    assert torch_threads(fixed, "rollout", 16) == (3, "cluster.torch_threads")
+
+
+def load_config_for_threads(extra):
+    from miles_ray.config import load_config
+
+    return load_config(None, ["cluster.num_trainers=2", "rollout.num_engines=4", *extra])
