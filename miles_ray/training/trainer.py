@@ -165,31 +165,31 @@ class PolicyTrainer(SFTMixin, TorchTrainerBase):
         return out
 
     # -- weights --------------------------------------------------------------------------------
-    def save_hf(self, folder: str) -> None:
-        """The policy as an HF folder that ``transformers`` loads. Collective (FSDP2 gathers); rank 0
-        writes. Tied copies (``lm_head`` = embeddings) are written once, however the ranks held them."""
+    def export_state(self) -> dict | None:
+        """The full state dict for checkpoint exports, tied copies (``lm_head`` = embeddings) once
+        however the ranks held them. Collective (FSDP2 gathers); None off rank 0."""
         state = self.full_state_dict()
-        if state is None:
-            return
-        if getattr(self.module.config, "tie_word_embeddings", False):
+        if state is not None and getattr(self.module.config, "tie_word_embeddings", False):
             for key in getattr(self.module, "all_tied_weights_keys", None) or {}:
                 state.pop(key, None)
-        self.module.save_pretrained(folder, state_dict=state)
-        self.tokenizer.save_pretrained(folder)
+        return state
+
+    def save_hf(self, folder: str) -> None:
+        """The policy as an HF folder that ``transformers`` loads (rank 0 writes)."""
+        state = self.export_state()
+        if state is not None:
+            self.module.save_pretrained(folder, state_dict=state)
+            self.tokenizer.save_pretrained(folder)
 
     def save_w4a16(self, folder: str) -> None:
         """INT4 QAT: the policy as a compressed-tensors W4A16 checkpoint (vLLM / SGLang load it);
-        its weights decode to exactly the fake-quantized values trained on. Collective; rank 0 writes."""
+        its weights decode to exactly the fake-quantized values trained on (rank 0 writes)."""
         from miles_ray.quant.export import save_w4a16
         from miles_ray.quant.modules import quantizable
 
-        state = self.full_state_dict()
-        if state is None:
-            return
-        if getattr(self.module.config, "tie_word_embeddings", False):
-            for key in getattr(self.module, "all_tied_weights_keys", None) or {}:
-                state.pop(key, None)
-        save_w4a16(folder, state, quantizable(self.module), self.module.config.to_dict(), self.tokenizer)
+        state = self.export_state()
+        if state is not None:
+            save_w4a16(folder, state, quantizable(self.module), self.module.config.to_dict(), self.tokenizer)
 
     def engine_state(self, to_cpu: bool = True) -> dict | None:
         """The state dict engines load: quantized linears (+ scales) when they serve FP8 / INT4."""
