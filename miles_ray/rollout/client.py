@@ -1,21 +1,39 @@
 """HTTP client for an engine server or the router (SGLang-compatible API). Rollout code talks to
-engines through this class, whichever backend serves them."""
+engines through this class, whichever backend serves them.
+
+It speaks SGLang 0.5.x as SGLang answers it: ``/health`` may have an empty body, weight versions
+come back as strings (parsed to int here), top-k "disabled" is sent as -1 (SGLang refuses 0). The
+bearer token of a server beyond loopback is sent with every call (given, or registered for the
+URL in :mod:`miles_ray.rollout.http_guard`).
+"""
 from __future__ import annotations
 
-import base64
-import pickle
 import time
 
 import httpx
 
+from miles_ray.rollout.http_guard import auth_headers, token_for
 from miles_ray.rollout.types import SamplingParams
 from miles_ray.sample import Sample
 
 
+def sglang_sampling(params: SamplingParams) -> dict:
+    """Our sampling params in SGLang's terms (sampling_params.py: top_k=-1 disables, 0 is refused)."""
+    d = params.to_dict()
+    d["top_k"] = d["top_k"] if d["top_k"] > 0 else -1
+    return d
+
+
+def as_version(v) -> int:
+    """SGLang's ``weight_version`` is a string; ours are integers."""
+    return int(v)
+
+
 class EngineClient:
-    def __init__(self, url: str, timeout_s: float | None = None):
+    def __init__(self, url: str, timeout_s: float | None = None, token: str | None = None):
         self.url = url.rstrip("/")
-        self.http = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=5.0))
+        self.token = token or token_for(self.url)
+        self.http = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=5.0), headers=auth_headers(self.token))
 
     def _post(self, path: str, body: dict | None = None):
         r = self.http.post(f"{self.url}{path}", json=body or {})
@@ -33,8 +51,7 @@ class EngineClient:
     def generate_samples(self, requests: list[dict], n: int, params: SamplingParams, tokenizer) -> list[Sample]:
         """The engine interface of rollout code: n samples per request dict (prompt, label, ...)."""
         ids = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in requests]
-        sp = {**params.to_dict(), "n": n}
-        outs = self.generate(input_ids=ids, sampling_params=sp)
+        outs = self.generate(input_ids=ids, sampling_params={**sglang_sampling(params), "n": n})
         samples = []
         for i, out in enumerate(outs):
             req, meta = requests[i // n], out["meta_info"]
@@ -42,14 +59,19 @@ class EngineClient:
                 prompt_index=req["prompt_index"], group_id=req["group_id"], prompt=req["prompt"], label=req["label"],
                 prompt_ids=ids[i // n], response_ids=out["output_ids"],
                 response_logprobs=[x[0] for x in meta["output_token_logprobs"]], response_text=out["text"],
-                finish_reason=meta["finish_reason"]["type"], weight_version=meta["weight_version"],
+                finish_reason=meta["finish_reason"]["type"], weight_version=as_version(meta["weight_version"]),
                 routed_experts=meta.get("routed_experts")))
         return samples
 
     # -- control --------------------------------------------------------------------------------
     def health(self) -> dict:
+        """``{"status": code, ...body}``; SGLang's body is empty."""
         r = self.http.get(f"{self.url}/health")
-        return {"status": r.status_code, **r.json()}
+        try:
+            body = r.json() if r.content else {}
+        except ValueError:
+            body = {}
+        return {"status": r.status_code, **(body if isinstance(body, dict) else {})}
 
     def wait_healthy(self, timeout_s: float = 120.0, process=None) -> None:
         deadline = time.time() + timeout_s
@@ -64,11 +86,15 @@ class EngineClient:
             time.sleep(0.25)
         raise TimeoutError(f"{self.url} not healthy after {timeout_s:.0f}s")
 
+    def weight_version(self) -> int:
+        return as_version(self.http.get(f"{self.url}/get_weight_version").json()["weight_version"])
+
     def abort(self, rid: str):
         return self._post("/abort_request", {"rid": rid})
 
     def flush_cache(self):
-        return self._post("/flush_cache")
+        r = self.http.post(f"{self.url}/flush_cache")
+        return r.status_code == 200
 
     def pause(self):
         return self._post("/pause_generation")
@@ -85,9 +111,41 @@ class EngineClient:
     def server_info(self) -> dict:
         return self.http.get(f"{self.url}/get_server_info").json()
 
-    def update_weights_from_tensor(self, buckets: list, version: int):
-        data = base64.b64encode(pickle.dumps(buckets)).decode()
-        return self._post("/update_weights_from_tensor", {"serialized_buckets": data, "weight_version": version})
+    # -- weights (formats: miles_ray.rollout.raw_weights, sglang_tensors) -----------------------
+    def update_weights_raw(self, buckets: list, version: int | None = None):
+        """Our pickle-free format (lenient server)."""
+        from miles_ray.rollout.raw_weights import FORMAT, encode_buckets
+
+        body = {"load_format": FORMAT, "buckets": encode_buckets(buckets)}
+        if version is not None:
+            body["weight_version"] = str(version)
+        return self._post("/update_weights_from_tensor", body)
+
+    def update_weights_from_tensor(self, named: list, tp_size: int = 1, version: int | None = None):
+        """SGLang's format: handles to ``named`` tensors, one entry per TP rank."""
+        from miles_ray.rollout.sglang_tensors import serialize_named_tensors
+
+        body = {"serialized_named_tensors": serialize_named_tensors(named, tp_size), "load_format": None,
+                "flush_cache": False}
+        if version is not None:
+            body["weight_version"] = str(version)
+        return self._post("/update_weights_from_tensor", body)
+
+    def update_weight_version(self, version: int) -> int:
+        return as_version(self._post("/update_weight_version", {"new_version": str(version)})["new_version"])
+
+    def init_weights_update_group(self, addr: str, port: int, rank_offset: int, world_size: int,
+                                  backend: str = "nccl", group_name: str = "weight_update_group"):
+        return self._post("/init_weights_update_group", {
+            "master_address": addr, "master_port": port, "rank_offset": rank_offset, "world_size": world_size,
+            "group_name": group_name, "backend": backend})
+
+    def update_weights_from_distributed(self, names: list, dtypes: list, shapes: list, version: int | None = None,
+                                        group_name: str = "weight_update_group"):
+        body = {"names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name, "flush_cache": False}
+        if version is not None:
+            body["weight_version"] = str(version)
+        return self._post("/update_weights_from_distributed", body)
 
     def update_weights_from_disk(self, model_path: str, version: int):
-        return self._post("/update_weights_from_disk", {"model_path": model_path, "weight_version": version})
+        return self._post("/update_weights_from_disk", {"model_path": model_path, "weight_version": str(version)})

@@ -15,7 +15,8 @@ import torch
 
 from miles_ray.models import load_model, load_tokenizer
 from miles_ray.rollout.health import READY, RELEASED, STALE, EngineNotReady
-from miles_ray.weights import check_complete, load_bucket, to_buckets
+from miles_ray.weights import check_complete, to_buckets
+from miles_ray.weights.buckets import iter_tensors, load_named
 
 
 def load_for_serving(model_spec: str, dtype: str = "float32", tiny_cache_dir: str = "runs/_models",
@@ -54,13 +55,29 @@ class EngineWeights:
 
     def load_part(self, bucket) -> None:
         """Load one bucket (streamed sync); the engine does not serve until :meth:`finish_load`."""
+        self.load_tensors(list(iter_tensors(bucket)))
+
+    def load_tensors(self, named: list) -> None:
+        """Load ``(name, tensor)`` pairs (SGLang's named-tensor formats); STALE until :meth:`finish_load`."""
         if self.state == RELEASED:
             raise EngineNotReady("engine memory is released; resume_memory() before loading weights")
         if self._loading is None:
             self._loading = {"params": dict(self.model.state_dict(keep_vars=True)), "names": set()}
             self.state = STALE
-        load_bucket(self.model, bucket, self._loading["params"])
-        self._loading["names"].update(e[0] for e in bucket.entries)
+        load_named(self.model, named, self._loading["params"])
+        self._loading["names"].update(name for name, _ in named)
+
+    def relabel(self, version: int) -> int:
+        """Serve the current weights as ``version`` (SGLang's /update_weight_version without a
+        pending load); a pending load is finished (checked complete) instead."""
+        if self._loading is not None:
+            return self.finish_load(version)
+        self.require_ready()
+        self.version = version
+        return version
+
+    def shapes(self) -> dict:
+        return {n: (tuple(p.shape), p.dtype) for n, p in self.model.state_dict().items()}
 
     def finish_load(self, version: int) -> int:
         """Check that every weight arrived, then serve ``version``."""

@@ -24,6 +24,24 @@ class BroadcastChannel:
             self.group = dist.ProcessGroupNCCL(self.store, rank, world_size)
         self.device = "cpu" if backend == "gloo" else "cuda"
 
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        """One broadcast from rank 0 (sender: ``tensor`` is sent; receiver: filled in place)."""
+        self._broadcast(tensor)
+
+    def send_tensors(self, buckets: list[Bucket]) -> None:
+        """SGLang's update_weights_from_distributed order: one broadcast per tensor, in bucket order
+        (views of the bucket buffers: nothing is copied on the sender)."""
+        from miles_ray.weights.buckets import iter_tensors
+
+        for b in buckets:
+            flat = b.flat if b.flat.device.type == self.device or self.device == "cpu" else b.flat.to(self.device)
+            for _, t in iter_tensors(Bucket(b.version, b.index, b.count, b.dtype, flat, b.entries)):
+                self._broadcast(t)
+
+    def close(self) -> None:
+        self.group = None
+        self.store = None
+
     def _broadcast(self, tensor: torch.Tensor) -> None:
         opts = dist.BroadcastOptions()
         opts.rootRank = 0

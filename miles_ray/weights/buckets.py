@@ -94,10 +94,16 @@ def iter_tensors(bucket: Bucket):
 
 def load_bucket(model: torch.nn.Module, bucket: Bucket, params: dict | None = None) -> int:
     """Copy a bucket's tensors into ``model`` in place (no reallocation). Returns tensors loaded."""
+    return load_named(model, iter_tensors(bucket), params)
+
+
+def load_named(model: torch.nn.Module, named, params: dict | None = None) -> int:
+    """Copy ``(name, tensor)`` pairs into ``model`` in place; KeyError / ValueError name the
+    weight that does not exist or does not fit. Returns tensors loaded."""
     params = params if params is not None else dict(model.state_dict(keep_vars=True))
     loaded = 0
     with torch.no_grad():
-        for name, tensor in iter_tensors(bucket):
+        for name, tensor in named:
             if name not in params:
                 raise KeyError(f"weight '{name}' from the trainer does not exist in the rollout model")
             target = params[name]

@@ -1,0 +1,211 @@
+"""Weight endpoints of our engine server, in SGLang 0.5.x's request formats.
+
+- ``/update_weights_from_tensor`` (io_struct.py UpdateWeightsFromTensorReqInput: serialized_named_tensors,
+  load_format, flush_cache, abort_all_requests, weight_version). Strict mode: SGLang's payload, one
+  ``serialized_named_tensors`` entry per TP rank, decoded by the allow-list unpickler
+  (:mod:`miles_ray.rollout.sglang_tensors`). Lenient mode: our pickle-free ``load_format=miles_raw``
+  (:mod:`miles_ray.rollout.raw_weights`) only; a pickled payload gets 400.
+- ``/update_weight_version`` (UpdateWeightVersionReqInput: new_version, abort_all_requests): the
+  loads posted before it become weight version ``new_version`` (checked complete).
+- ``/init_weights_update_group`` (InitWeightsUpdateGroupReqInput: master_address, master_port,
+  rank_offset, world_size, group_name, backend), ``/update_weights_from_distributed``
+  (UpdateWeightsFromDistributedReqInput: names, dtypes, shapes, group_name, ...: one broadcast
+  from rank 0 per tensor, model_runner ``update_weights_from_distributed``), and
+  ``/destroy_weights_update_group``. On CPU the group is gloo whatever ``backend`` says.
+- ``/update_weights_from_disk`` (UpdateWeightFromDiskReqInput: model_path, load_format, weight_version).
+
+Weight-update answers are ``{"success", "message"}`` (http_server.py), 400 on failure. Every load
+runs in a worker thread holding the engine (:meth:`ServerState.held`): ``/health`` keeps answering.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import torch
+from fastapi import FastAPI, Request
+
+from miles_ray.rollout import raw_weights, sglang_tensors
+from miles_ray.rollout.sglang_api import BadRequest
+from miles_ray.weights.buckets import iter_tensors
+
+TENSOR_FIELDS = {"serialized_named_tensors", "load_format", "flush_cache", "abort_all_requests", "weight_version",
+                 "disable_draft_model"}
+LENIENT_TENSOR_FIELDS = {"buckets", "load_format", "flush_cache", "abort_all_requests", "weight_version"}
+GROUP_FIELDS = {"master_address", "master_port", "rank_offset", "world_size", "group_name", "backend"}
+DIST_FIELDS = {"names", "dtypes", "shapes", "group_name", "flush_cache", "abort_all_requests", "weight_version",
+               "load_format"}
+
+
+def check_fields(body: dict, allowed: set, what: str) -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise BadRequest(f"unknown {what} field(s) {unknown}; accepted: {sorted(allowed)}")
+    for flag in ("flush_cache", "abort_all_requests"):
+        if body.get(flag) is not None and not isinstance(body[flag], bool):
+            raise BadRequest(f"{flag} must be a boolean")
+
+
+def parse_version(v, strict: bool, key: str = "weight_version"):
+    """SGLang types versions ``Optional[str]``; the stand-in keeps integer versions, so the string
+    must hold one. Lenient mode also takes an int."""
+    if v is None:
+        return None
+    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+        return int(v)
+    if not strict and type(v) is int:
+        return v
+    raise BadRequest(f"{key} must be a string holding an integer version, got {v!r}")
+
+
+def _int(body: dict, key: str, low: int, high: int) -> int:
+    v = body.get(key)
+    if type(v) is not int or not low <= v <= high:
+        raise BadRequest(f"{key} must be an int in [{low}, {high}], got {v!r}")
+    return v
+
+
+def _named_from_tensor_body(body: dict, strict: bool, tp_size: int) -> list:
+    if strict:
+        check_fields(body, TENSOR_FIELDS, "update_weights_from_tensor")
+        if body.get("load_format") is not None:
+            raise BadRequest(f"load_format {body['load_format']!r} is not implemented by the stand-in (null only)")
+        entries = body.get("serialized_named_tensors")
+        if not isinstance(entries, list) or len(entries) < tp_size:
+            raise BadRequest(f"serialized_named_tensors must be a list with one entry per TP rank ({tp_size})")
+        ranks = [sglang_tensors.deserialize_named_tensors(e) for e in entries[:tp_size]]
+        if any([n for n, _ in r] != [n for n, _ in ranks[0]] for r in ranks):
+            raise BadRequest("serialized_named_tensors entries name different tensors")
+        return ranks[0]
+    if "serialized_named_tensors" in body:
+        raise BadRequest("this server never unpickles: send load_format='miles_raw' with 'buckets' (SGLang's "
+                         "pickled format is accepted only with --strict-sglang, by an allow-list decoder)")
+    check_fields(body, LENIENT_TENSOR_FIELDS, "update_weights_from_tensor")
+    if body.get("load_format") != raw_weights.FORMAT:
+        raise BadRequest(f"load_format must be '{raw_weights.FORMAT}'")
+    return [nt for b in raw_weights.decode_buckets(body.get("buckets")) for nt in iter_tensors(b)]
+
+
+def _check_shapes(state, named: list) -> None:
+    shapes = state.engine.weights.shapes()
+    for name, shape in named:
+        if name not in shapes:
+            raise BadRequest(f"weight '{name}' does not exist in the served model")
+        if tuple(shape) != shapes[name][0]:
+            raise BadRequest(f"weight '{name}': shape {list(shape)} != served {list(shapes[name][0])}")
+
+
+def _ok(message: str, version=None) -> dict:
+    out = {"success": True, "message": message}
+    if version is not None:
+        out["weight_version"] = str(version)
+    return out
+
+
+def add_weight_routes(app: FastAPI, state) -> None:
+    from miles_ray.rollout.server import read_object
+
+    weights = state.engine.weights
+
+    def load(named: list, version) -> int | None:
+        time.sleep(state.load_delay_s)  # fault injection (tests): a slow load holds the engine
+        weights.load_tensors(named)
+        return weights.finish_load(version) if version is not None else None
+
+    @app.post("/update_weights_from_tensor")
+    async def from_tensor(request: Request):
+        body = await read_object(request)
+        version = parse_version(body.get("weight_version"), state.strict)
+        named = await asyncio.to_thread(_named_from_tensor_body, body, state.strict, state.tp_size)
+        _check_shapes(state, [(n, t.shape) for n, t in named])
+        served = await state.held(load, named, version)
+        return _ok(f"Succeeded to update {len(named)} tensors.", served)
+
+    @app.post("/update_weight_version")
+    async def update_version(request: Request):
+        body = await read_object(request)
+        check_fields(body, {"new_version", "abort_all_requests"}, "update_weight_version")
+        version = parse_version(body.get("new_version"), state.strict, "new_version")
+        if version is None:
+            raise BadRequest("new_version is required")
+        served = await state.held(weights.relabel, version)
+        return {**_ok(f"Weight version updated to {served}"), "new_version": str(served)}
+
+    @app.post("/init_weights_update_group")
+    async def init_group(request: Request):
+        from miles_ray.weights import BroadcastChannel
+
+        b = await read_object(request)
+        check_fields(b, GROUP_FIELDS, "init_weights_update_group")
+        world = _int(b, "world_size", 2, 1 << 16)
+        rank = _int(b, "rank_offset", 1, world - state.tp_size)
+        port = _int(b, "master_port", 1, 65535)
+        name, addr = b.get("group_name", "weight_update_group"), b.get("master_address")
+        if not isinstance(name, str) or not isinstance(addr, str) or not addr or b.get("backend", "nccl") not in (
+                "nccl", "gloo"):
+            raise BadRequest("master_address and group_name must be strings, backend 'nccl' or 'gloo'")
+        backend = "nccl" if torch.cuda.is_available() and b.get("backend", "nccl") == "nccl" else "gloo"
+        try:
+            state.groups[name] = await asyncio.to_thread(BroadcastChannel, rank, world, addr, port, backend,
+                                                         state.group_timeout_s)
+        except Exception as err:  # noqa: BLE001 - SGLang answers success=false, 400
+            raise BadRequest(f"Failed to init process group {name!r}: {type(err).__name__}: {err}") from None
+        return _ok(f"Succeeded to init group {name!r} as rank {rank} of {world} ({backend}).")
+
+    @app.post("/destroy_weights_update_group")
+    async def destroy_group(request: Request):
+        name = (await read_object(request)).get("group_name", "weight_update_group")
+        if not isinstance(name, str) or state.groups.pop(name, None) is None:
+            raise BadRequest(f"no weight update group {name!r}")
+        return _ok(f"Destroyed group {name!r}.")
+
+    @app.post("/update_weights_from_distributed")
+    async def from_distributed(request: Request):
+        b = await read_object(request)
+        check_fields(b, DIST_FIELDS, "update_weights_from_distributed")
+        names, dtypes, shapes = b.get("names"), b.get("dtypes"), b.get("shapes")
+        ok = (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)
+              and len(names) == len(dtypes) == len(shapes) and all(isinstance(n, str) for n in names)
+              and all(d in raw_weights.DTYPES for d in dtypes)
+              and all(isinstance(s, list) and all(type(x) is int and x >= 0 for x in s) for s in shapes))
+        if not ok:
+            raise BadRequest(f"names, dtypes (one of {sorted(raw_weights.DTYPES)}) and shapes must be lists of "
+                             "equal length")
+        if b.get("load_format") is not None:
+            raise BadRequest("load_format is not implemented by the stand-in (null only)")
+        channel = state.groups.get(b.get("group_name", "weight_update_group"))
+        if channel is None:
+            raise BadRequest(f"no weight update group {b.get('group_name', 'weight_update_group')!r}; "
+                             "call /init_weights_update_group first")
+        _check_shapes(state, list(zip(names, shapes)))
+        version = parse_version(b.get("weight_version"), state.strict)
+
+        def receive() -> int | None:
+            named = []
+            for n, d, s in zip(names, dtypes, shapes):
+                t = torch.empty(s, dtype=raw_weights.DTYPES[d], device=channel.device)
+                channel.broadcast(t)
+                named.append((n, t))
+            return load(named, version)
+
+        served = await state.held(receive)
+        return _ok(f"Succeeded to update {len(names)} tensors from the group.", served)
+
+    @app.post("/update_weights_from_disk")
+    async def from_disk(request: Request):
+        from miles_ray.models import load_model
+
+        b = await read_object(request)
+        check_fields(b, {"model_path", "load_format", "abort_all_requests", "weight_version"},
+                     "update_weights_from_disk")
+        if not isinstance(b.get("model_path"), str) or not b["model_path"]:
+            raise BadRequest("model_path must be a non-empty string")
+        version = parse_version(b.get("weight_version"), state.strict)
+        try:
+            fresh = await asyncio.to_thread(load_model, b["model_path"])
+        except Exception as err:  # noqa: BLE001 - SGLang: success=false, 400
+            raise BadRequest(f"cannot load {b['model_path']!r}: {type(err).__name__}: {err}") from None
+        named = list(fresh.state_dict().items())
+        _check_shapes(state, [(n, t.shape) for n, t in named])
+        served = await state.held(load, named, version if version is not None else weights.version)
+        return {**_ok(f"Succeeded to update model weights from {b['model_path']}.", served), "num_paused_requests": 0}

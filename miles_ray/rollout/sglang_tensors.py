@@ -1,0 +1,161 @@
+"""SGLang's ``update_weights_from_tensor`` payload: encode (client) and allow-list decode (strict server).
+
+Format (SGLang 0.5.x, ``python/sglang/srt/utils`` ``MultiprocessingSerializer.serialize(obj,
+output_str=True)``): ``base64(ForkingPickler.dumps([(name, tensor), ...]))``; the request's
+``serialized_named_tensors`` holds one such string per TP rank and TP rank ``r`` deserializes
+entry ``r`` (``tp_worker`` ``update_weights_from_tensor``). ForkingPickler turns a CPU tensor into
+a shared-memory file handle and a CUDA tensor into a CUDA IPC handle: the bytes of the weights
+never travel in the request, only handles to the sender's buffers.
+
+The format is pickle by SGLang's design, so a real SGLang server runs whatever such a body asks
+for: use it on a trusted network only. Our strict server never calls ``pickle.loads``: it decodes
+with :class:`AllowListUnpickler`, which admits only torch's tensor-rebuild functions (wrapped so
+their arguments are checked: a torch shared-memory handle name, a torch manager socket, integer
+sizes) and refuses every other global with :class:`RefusedPayload` (the server answers 400).
+
+Invariant (tested): decoding a payload whose pickle names any other callable raises
+:class:`RefusedPayload` before anything but the allow-listed rebuilds ran.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import pickle
+import re
+from multiprocessing.reduction import ForkingPickler
+
+import torch
+import torch.multiprocessing
+import torch.multiprocessing.reductions as reductions
+
+torch.multiprocessing.set_sharing_strategy("file_system")  # CPU tensors travel as shm file names
+
+_SHM_HANDLE = re.compile(rb"^/torch_[0-9]+_[0-9]+_[0-9]+$")
+_SHM_MANAGER = re.compile(rb"^/[A-Za-z0-9_./\-]+/manager\.sock$")
+MAX_STORAGE_BYTES = 1 << 40
+
+
+class RefusedPayload(ValueError):
+    """The payload is not a plain list of named tensors made of allow-listed rebuilds."""
+
+
+def serialize_named_tensors(named: list, tp_size: int = 1) -> list[str]:
+    """``serialized_named_tensors`` for ``named`` [(name, tensor)]: the same handles for each of
+    ``tp_size`` ranks (every TP rank maps the sender's buffer and takes its own shard)."""
+    buf = io.BytesIO()
+    ForkingPickler(buf).dump(list(named))
+    text = base64.b64encode(buf.getvalue()).decode()
+    return [text] * tp_size
+
+
+# -- allow-listed callables, each checking its arguments -------------------------------------------
+class _Marker:
+    def __init__(self, name: str):
+        self.name = name
+
+
+_TENSOR, _PARAMETER, _UNTYPED = _Marker("Tensor"), _Marker("Parameter"), _Marker("UntypedStorage")
+
+
+def _int(x, what: str, low: int = 0, high: int = MAX_STORAGE_BYTES) -> int:
+    if type(x) is not int or not low <= x <= high:
+        raise RefusedPayload(f"{what} must be an int in [{low}, {high}], got {x!r}")
+    return x
+
+
+def _size(dims) -> torch.Size:
+    if not isinstance(dims, tuple):
+        raise RefusedPayload(f"torch.Size needs a tuple, got {type(dims).__name__}")
+    return torch.Size([_int(d, "tensor dimension") for d in dims])
+
+
+def _rebuild_storage_filename(cls, manager, handle, size, dtype=None):
+    if cls is not _UNTYPED or dtype is not None:
+        raise RefusedPayload("shared-memory storages must be untyped (torch's own encoding)")
+    if not (isinstance(manager, bytes) and _SHM_MANAGER.match(manager)):
+        raise RefusedPayload(f"not a torch shared-memory manager socket: {manager!r}")
+    if not (isinstance(handle, bytes) and _SHM_HANDLE.match(handle)):
+        raise RefusedPayload(f"not a torch shared-memory handle: {handle!r}")
+    try:
+        return reductions.rebuild_storage_filename(torch.UntypedStorage, manager, handle, _int(size, "storage size"))
+    except RuntimeError as err:
+        raise RefusedPayload(f"cannot map shared memory {handle!r}: {err}") from None
+
+
+def _rebuild_typed_storage(storage, dtype):
+    if not isinstance(storage, torch.UntypedStorage) or not isinstance(dtype, torch.dtype):
+        raise RefusedPayload("typed storage needs an untyped storage and a dtype")
+    return reductions.rebuild_typed_storage(storage, dtype)
+
+
+def _rebuild_tensor(cls, storage, metadata):
+    if cls not in (_TENSOR, _PARAMETER) or not isinstance(storage, torch.TypedStorage):
+        raise RefusedPayload("tensor rebuild needs torch.Tensor and a typed storage")
+    if not (isinstance(metadata, tuple) and len(metadata) == 4):
+        raise RefusedPayload("tensor metadata must be (offset, size, stride, requires_grad)")
+    offset, size, stride, _ = metadata
+    _int(offset, "storage offset")
+    if not isinstance(size, torch.Size) or not isinstance(stride, tuple) or len(stride) != len(size):
+        raise RefusedPayload("tensor size/stride malformed")
+    last = offset + sum((s - 1) * _int(st, "stride") for s, st in zip(size, stride) if s > 0)
+    if all(s > 0 for s in size) and last >= storage._size():
+        raise RefusedPayload(f"tensor view reaches element {last} of a storage of {storage._size()}")
+    return torch._utils._rebuild_tensor(storage, offset, size, stride)
+
+
+def _rebuild_cuda_tensor(*args):
+    if not torch.cuda.is_available():
+        raise RefusedPayload("the payload holds CUDA IPC handles but this server has no CUDA device")
+    if len(args) < 1 or args[0] not in (_TENSOR, _PARAMETER):  # pragma: no cover - GPU only
+        raise RefusedPayload("CUDA tensor rebuild needs torch.Tensor")
+    return reductions.rebuild_cuda_tensor(torch.Tensor, *args[1:])  # pragma: no cover - GPU only
+
+
+_ALLOWED = {
+    ("torch.multiprocessing.reductions", "rebuild_tensor"): _rebuild_tensor,
+    ("torch.multiprocessing.reductions", "rebuild_typed_storage"): _rebuild_typed_storage,
+    ("torch.multiprocessing.reductions", "rebuild_storage_filename"): _rebuild_storage_filename,
+    ("torch.multiprocessing.reductions", "rebuild_cuda_tensor"): _rebuild_cuda_tensor,
+    # SGLang's monkey_patch_torch_reductions (python/sglang/srt/patch_torch.py) renames the CUDA rebuild
+    ("sglang.srt.patch_torch", "_rebuild_cuda_tensor_modified"): _rebuild_cuda_tensor,
+    ("sglang.srt.utils.patch_torch", "_rebuild_cuda_tensor_modified"): _rebuild_cuda_tensor,
+    ("torch", "Tensor"): _TENSOR,
+    ("torch.nn.parameter", "Parameter"): _PARAMETER,
+    ("torch.storage", "UntypedStorage"): _UNTYPED,
+    ("torch", "Size"): _size,
+}
+
+
+class AllowListUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ALLOWED:
+            return _ALLOWED[(module, name)]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise RefusedPayload(f"refused global {module}.{name}: only torch tensor rebuilds are allowed")
+
+    def persistent_load(self, pid):
+        raise RefusedPayload("persistent ids are not allowed")
+
+
+def deserialize_named_tensors(text) -> list[tuple[str, torch.Tensor]]:
+    """One rank's entry of ``serialized_named_tensors`` -> [(name, tensor)]; RefusedPayload if
+    it is not base64 of an allow-listed pickle of a list of (str, tensor) pairs."""
+    if not isinstance(text, str):
+        raise RefusedPayload(f"serialized_named_tensors entries must be base64 strings, got {type(text).__name__}")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RefusedPayload("serialized_named_tensors entry is not valid base64") from None
+    try:
+        named = AllowListUnpickler(io.BytesIO(data)).load()
+    except RefusedPayload:
+        raise
+    except Exception as err:  # noqa: BLE001 - any malformed pickle is the client's error
+        raise RefusedPayload(f"malformed tensor payload: {type(err).__name__}: {err}") from None
+    ok = isinstance(named, list) and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)
+                                         and isinstance(x[1], torch.Tensor) for x in named)
+    if not ok:
+        raise RefusedPayload("payload must be a list of (name, tensor) pairs")
+    return named
