@@ -18,15 +18,16 @@ class RolloutEngineActor(ActorBase):
     """``generate`` runs in the "gen" concurrency group (many calls share continuous batching);
     everything else runs one at a time, in call order (streamed weight loads rely on it)."""
 
-    def __init__(self, cfg: dict, rank: int = 0):
+    def __init__(self, cfg: dict, rank: int = 0, token: str | None = None):
+        """``token``: the run's bearer token, required by an engine server bound beyond loopback."""
         from miles_ray.rollout.engines import make_rollout_engine
         from miles_ray.rollout.types import engine_seed
 
         self.cfg = Config.model_validate(cfg)
         setup_worker_process(engine_seed(self.cfg.seed, rank), self.cfg, "rollout")
         self.rank, self.channel, self.reader = rank, None, None
-        host = ray.util.get_node_ip_address() if self.cfg.cluster.use_gpu else "127.0.0.1"
-        self.engine = make_rollout_engine(self.cfg, rank, host, restarted=_reconstructed())
+        self.engine = make_rollout_engine(self.cfg, rank, server_host(self.cfg.rollout.server_host),
+                                          restarted=_reconstructed(), token=token)
 
     def url(self) -> str | None:
         return self.engine.url()
@@ -92,18 +93,36 @@ class RolloutEngineActor(ActorBase):
         """Speculation counters since the last call (acceptance rate, accepted length, rounds)."""
         return self.engine.spec_stats()
 
+    def broadcast_ranks(self) -> int:
+        """Ranks this engine takes in the weight broadcast group (a real SGLang: one per TP rank)."""
+        return getattr(self.engine, "group_ranks", 1)
+
     def open_broadcast(self, addr: str, port: int, rank: int, world_size: int) -> bool:
+        """Join the trainer's broadcast group: an engine server joins it itself (SGLang's
+        init_weights_update_group), an in-actor engine through this actor."""
+        if hasattr(self.engine, "open_broadcast"):
+            return self.engine.open_broadcast(addr, port, rank, world_size, dist_backend(self.cfg))
         from miles_ray.weights import BroadcastChannel
 
         self.channel = BroadcastChannel(rank, world_size, addr, port, dist_backend(self.cfg))
         return True
 
     def receive_broadcast(self, metas: list, version: int) -> int:
+        if hasattr(self.engine, "receive_broadcast"):
+            return self.engine.receive_broadcast(metas, version)
         return self.engine.load_buckets(self.channel.receive(metas), version)
 
     def __del__(self):
         if getattr(self, "engine", None) is not None:
             self.engine.close()
+
+
+def server_host(configured: str | None) -> str:
+    """Where engine servers bind: 127.0.0.1 unless ``rollout.server_host`` is set (``node_ip``:
+    this node's address)."""
+    if not configured:
+        return "127.0.0.1"
+    return ray.util.get_node_ip_address() if configured == "node_ip" else configured
 
 
 def _reconstructed() -> bool:

@@ -96,7 +96,10 @@ class TrainerActor(_RankActor):
         return [b.meta() for b in self._pending] if self._pending is not None else None
 
     def send_broadcast(self) -> bool:
-        self.channel.send(self._pending)
+        """Flat buckets to in-actor engines; one broadcast per tensor to engine servers (SGLang's
+        update_weights_from_distributed receives tensor by tensor)."""
+        send = self.channel.send_tensors if self.cfg.rollout.over_http else self.channel.send
+        send(self._pending)
         self._pending = None
         return True
 

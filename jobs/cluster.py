@@ -13,6 +13,7 @@ from ray.util.placement_group import PlacementGroup
 from actors import BufferActor, CriticActor, DraftTrainerActor, RankGroup, RewardWorker, RolloutEngineActor, RouterActor, TrainerActor
 from miles_ray.config import Config
 from miles_ray.models import resolve_model_path
+from miles_ray.rollout.http_guard import new_token, register
 from placement.groups import actor_options, create_groups, remove_groups
 from placement.plan import plan_placement
 
@@ -112,10 +113,11 @@ def start_actors(cfg: Config, trainers: bool = True, engines: bool = True) -> Ru
     # re-sends them once the actor is back (and, for an engine, refit with the current weights)
     restart = {"max_restarts": -1, "max_task_retries": 0}
     r = cfg.reward
+    token = new_token() if cfg.rollout.server_host else None  # servers beyond loopback require it
     actors = RunActors(
         policy=RankGroup(spawn_policy()),
         critic=RankGroup(spawn_critic()) if spawn_critic else None,
-        engines=[RolloutEngineActor.options(**opts(a), **restart).remote(cfg_dict, a.rank)
+        engines=[RolloutEngineActor.options(**opts(a), **restart).remote(cfg_dict, a.rank, token)
                  for a in plan.for_role("rollout")],
         rewards=[RewardWorker.options(**opts(a), **restart).remote(r.fn, r.timeout_s, r.failure_score, r.isolate)
                  for a in plan.for_role("reward")],
@@ -125,8 +127,10 @@ def start_actors(cfg: Config, trainers: bool = True, engines: bool = True) -> Ru
     ray.get([a.ready.remote() for a in actors.all()])
     if http:  # rollout goes through the router to the engine servers
         urls = ray.get([e.url.remote() for e in actors.engines])
-        actors.router = RouterActor.options(**opts(plan.for_role("router")[0])).remote(urls)
+        actors.router = RouterActor.options(**opts(plan.for_role("router")[0])).remote(
+            urls, host=cfg.rollout.server_host, token=token)
         actors.router_url = ray.get(actors.router.url.remote())
+        register(actors.router_url, token)  # this driver's EngineClients send it
     actors.policy.setup()
     if actors.critic:
         actors.critic.setup()

@@ -81,9 +81,11 @@ class WeightSync:
     def _open_broadcast(self) -> None:
         rank0, engines = self.actors.policy.actors[0], self.actors.engines
         addr, port = ray.get(rank0.master_address.remote())
-        world = 1 + len(engines)
+        ranks = ray.get([e.broadcast_ranks.remote() for e in engines])  # a real SGLang: one rank per TP rank
+        offsets = [1 + sum(ranks[:i]) for i in range(len(engines))]
+        world = 1 + sum(ranks)
         ray.get([rank0.open_broadcast.remote(addr, port, world)] +
-                [e.open_broadcast.remote(addr, port, i + 1, world) for i, e in enumerate(engines)])
+                [e.open_broadcast.remote(addr, port, off, world) for off, e in zip(offsets, engines)])
         self._opened = True
 
     def _broadcast(self, version: int) -> list:

@@ -62,9 +62,13 @@ class Config(Section):
         if self.async_rl.filter not in GROUP_FILTERS:
             raise ValueError(f"async_rl.filter={self.async_rl.filter!r} is not registered; choose one of "
                              f"{sorted(GROUP_FILTERS)}")
-        if self.rollout.over_http and self.weight_sync.transport != "object_store":
-            raise ValueError("engines served over HTTP take weights through object_store (their update endpoints); "
-                             f"weight_sync.transport={self.weight_sync.transport} is for in-actor engines")
+        if self.rollout.over_http and self.weight_sync.transport == "cuda_ipc":
+            raise ValueError("engines served over HTTP take weights through object_store, shm (handles forwarded to "
+                             "update_weights_from_tensor) or broadcast (update_weights_from_distributed); "
+                             "weight_sync.transport=cuda_ipc is for in-actor engines")
+        if self.rollout.strict_sglang and not (self.rollout.backend == "native" and self.rollout.serve_http):
+            raise ValueError("rollout.strict_sglang runs our native server in SGLang's strict mode: it needs "
+                             "rollout.backend=native and rollout.serve_http=true")
         if self.draft.enabled and self.rollout.backend == "hf":
             raise ValueError("draft.enabled (speculative rollout) needs rollout.backend=native or sglang")
         if self.draft.enabled and self.rollout.backend == "native" and self.rollout.serve_http:

@@ -62,9 +62,25 @@ class RolloutConfig(Section):
     request_timeout_s: float = Field(300.0, gt=0, description="one generate call's limit; past it (or when its "
                                      "engine dies) the call's prompts move to a healthy engine")
 
+    strict_sglang: bool = Field(False, description="native engine servers run --strict-sglang (exactly SGLang 0.5.x's "
+                                "API and weight formats): tests the SGLang path on CPU")
+    server_host: Optional[str] = Field(None, description="engine servers and router bind 127.0.0.1 unless set "
+                                       "(an address, or node_ip); beyond loopback every endpoint but /health needs "
+                                       "the run's bearer token")
+    router: Literal["native", "sglang_router"] = Field(
+        "native", description="router in front of HTTP engines: ours (native) or sglang_router (pip sglang-router)")
+    mem_fraction_static: Optional[float] = Field(None, gt=0, lt=1, description="SGLang --mem-fraction-static for "
+                                                 "colocated engines (None: 0.5 when colocated, SGLang's default else)")
+    max_request_mb: float = Field(2048.0, gt=0, description="largest request body an engine server accepts (413)")
+
     @property
     def over_http(self) -> bool:
         return self.serve_http or self.backend == "sglang"
+
+    @property
+    def sglang_api(self) -> bool:
+        """Engines speak SGLang's formats: a real SGLang, or our server in strict mode."""
+        return self.backend == "sglang" or self.strict_sglang
 
 
 class RewardConfig(Section):

@@ -101,7 +101,10 @@ def test_weight_update_then_logprobs_match_trainer(cluster, model_cache):
         for p in trainer.model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     direct = EngineClient(cluster["urls"][0])
-    assert direct.update_weights_from_tensor(to_buckets(trainer.get_weights(), 9), 9)["weight_version"] == 9
+    for bucket in to_buckets(trainer.get_weights(), 9, bucket_bytes=20000):  # bucket by bucket, no pickle
+        direct.update_weights_raw([bucket])
+    assert direct.health()["state"] == "stale"  # partial load: not served until the version is set
+    assert direct.update_weight_version(9) == 9
     from miles_ray.rollout import SamplingParams
 
     reqs = [{"prompt": "What is 1+2?", "label": "3", "prompt_index": 0, "group_id": 0}]
@@ -145,8 +148,18 @@ def test_release_resume_memory_and_health(cluster):
     from miles_ray.weights import to_buckets
 
     sd = load_model(cluster["tiny_dir"]).state_dict()
-    direct.update_weights_from_tensor(to_buckets(sd, 11), 11)
+    direct.update_weights_raw(to_buckets(sd, 11), 11)
     assert direct.health() == {"status": 200, "state": "ready", "weight_version": 11}
+
+
+def test_lenient_server_never_unpickles(cluster, tmp_path):
+    """Our own format carries no pickle: SGLang's pickled payload is refused with a 400 naming why."""
+    from miles_ray.rollout.sglang_tensors import serialize_named_tensors
+
+    direct = EngineClient(cluster["urls"][1])
+    body = {"serialized_named_tensors": serialize_named_tensors([("x", torch.zeros(2))])}
+    r = direct.http.post(f"{direct.url}/update_weights_from_tensor", json=body)
+    assert r.status_code == 400 and "never unpickles" in r.text
 
 
 def test_stop_string_over_http(cluster):

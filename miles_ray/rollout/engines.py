@@ -65,14 +65,15 @@ class RolloutEngine(Protocol):
     def close(self) -> None: ...
 
 
-def make_rollout_engine(cfg: Config, rank: int, host: str = "127.0.0.1", restarted: bool = False) -> RolloutEngine:
+def make_rollout_engine(cfg: Config, rank: int, host: str = "127.0.0.1", restarted: bool = False,
+                        token: str | None = None) -> RolloutEngine:
     """The engine the config asks for: over HTTP (``rollout.serve_http`` or the sglang backend,
-    listening on ``host``) or in-process. ``restarted``: the actor was restarted by Ray, so the
-    engine starts STALE until a refit."""
+    listening on ``host``, requiring ``token`` when given) or in-process. ``restarted``: the actor
+    was restarted by Ray, so the engine starts STALE until a refit."""
     if cfg.rollout.over_http:
         from miles_ray.rollout.http_engine import HttpEngine
 
-        return HttpEngine.launch(cfg, rank, host)
+        return HttpEngine.launch(cfg, rank, host, token)
     from miles_ray.rollout.in_process import InProcessEngine
 
     return InProcessEngine.from_config(cfg, rank, restarted)

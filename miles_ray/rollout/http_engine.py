@@ -1,8 +1,13 @@
 """HttpEngine: an engine server launched as a subprocess (our native server or
 ``sglang.launch_server``) and driven over its SGLang-native HTTP API.
 
-The server sees the GPUs of the bundle that launched it. Weights reach it whole at
-:meth:`finish_load` (streamed buckets are collected first), in the payload format of its backend.
+Weights go bucket by bucket as they stream in (:meth:`load_part`), in the server's format
+(:data:`WEIGHT_POSTERS`): SGLang's ``update_weights_from_tensor`` (handles to the bucket's
+tensors, one entry per TP rank; a real SGLang, or our server with ``--strict-sglang``) or our
+pickle-free ``miles_raw`` bytes (lenient native server); :meth:`finish_load` then makes them
+version ``v`` with ``/update_weight_version``. Over a broadcast group the engine server itself
+joins the trainer's group (``init_weights_update_group``) and receives each tensor
+(``update_weights_from_distributed``): no copy through this actor.
 """
 from __future__ import annotations
 
@@ -13,28 +18,38 @@ from miles_ray.models import load_tokenizer
 from miles_ray.rollout.client import EngineClient
 from miles_ray.rollout.types import SamplingParams, engine_seed
 from miles_ray.sample import Sample
+from miles_ray.weights.buckets import iter_tensors
 
 
-def _post_native(client: EngineClient, buckets: list, version: int) -> int:
-    return client.update_weights_from_tensor(buckets, version)["weight_version"]
+def _post_raw(client: EngineClient, bucket, tp_size: int) -> None:
+    client.update_weights_raw([bucket])
 
 
-def _post_sglang(client: EngineClient, buckets: list, version: int) -> int:
-    from miles_ray.rollout.sglang_backend import update_weights_from_buckets
+def _post_sglang(client: EngineClient, bucket, tp_size: int) -> None:
+    import torch
 
-    return update_weights_from_buckets(client, buckets, version)
+    if torch.cuda.is_available() and not bucket.flat.is_cuda:  # SGLang maps CUDA IPC handles: one bucket at a time
+        bucket.flat = bucket.flat.cuda()
+    client.update_weights_from_tensor(list(iter_tensors(bucket)), tp_size)
 
 
-WEIGHT_POSTERS = {"native": _post_native, "sglang": _post_sglang}
+WEIGHT_POSTERS = {"raw": _post_raw, "sglang": _post_sglang}
 
 
 def server_args(cfg: Config, rank: int) -> list[str]:
-    """Backend-specific launch arguments: seed and tiny-model cache (native), the user's
-    ``rollout.sglang_args`` and speculative-decoding flags (sglang)."""
+    """Launch arguments: dtype, TP size (``cluster.gpus_per_engine``), --mem-fraction-static when
+    colocated; seed, tiny-model cache and strict mode (native); the user's ``rollout.sglang_args``
+    and speculative-decoding flags (sglang)."""
     c, r = cfg, cfg.rollout
+    common = ["--dtype", c.model.dtype, "--tp-size", str(c.cluster.gpus_per_engine)]
+    fraction = r.mem_fraction_static or (0.5 if c.cluster.colocate else None)
+    if fraction is not None:
+        common += ["--mem-fraction-static", str(fraction)]
     if r.backend == "native":
-        return ["--seed", str(engine_seed(cfg.seed, rank)), "--tiny-cache-dir", c.model.tiny_cache_dir]
-    extra = list(r.sglang_args)
+        strict = ["--strict-sglang"] if r.strict_sglang else []
+        return [*common, *strict, "--seed", str(engine_seed(cfg.seed, rank)), "--tiny-cache-dir",
+                c.model.tiny_cache_dir, "--max-request-mb", str(r.max_request_mb)]
+    extra = [*common, *r.sglang_args]
     if c.draft.enabled:
         from miles_ray.rollout.sglang_backend import speculative_args
 
@@ -42,25 +57,32 @@ def server_args(cfg: Config, rank: int) -> list[str]:
     return extra
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
 class HttpEngine:
-    def __init__(self, backend: str, client: EngineClient, tokenizer, process=None):
+    def __init__(self, backend: str, client: EngineClient, tokenizer, process=None, fmt: str = "raw",
+                 tp_size: int = 1):
         self.backend, self.client, self.tokenizer, self.process = backend, client, tokenizer, process
+        self.fmt, self.tp_size = fmt, tp_size
+        self.group_ranks = tp_size if backend == "sglang" else 1  # a real SGLang joins one rank per TP rank
         self.version = 0  # SGLang's /health has no body: the last version posted is kept here
-        self._parts: list = []
 
     @classmethod
-    def launch(cls, cfg: Config, rank: int, host: str = "127.0.0.1") -> "HttpEngine":
+    def launch(cls, cfg: Config, rank: int, host: str = "127.0.0.1", token: str | None = None,
+               env: dict | None = None) -> "HttpEngine":
         from miles_ray.rollout.launch import launch_server
 
         r = cfg.rollout
-        process, client = launch_server(r.backend, cfg.model.path, free_port(), host, server_args(cfg, rank))
-        return cls(r.backend, client, load_tokenizer(cfg.model.path, cfg.model.tiny_cache_dir), process)
+        extra = server_args(cfg, rank)
+        if token and r.backend == "sglang":
+            extra += ["--api-key", token]  # SGLang's own bearer check (add_api_key_middleware)
+        process, client = launch_server(r.backend, cfg.model.path, free_port(host), host, extra, token=token, env=env)
+        return cls(r.backend, client, load_tokenizer(cfg.model.path, cfg.model.tiny_cache_dir), process,
+                   "sglang" if r.sglang_api else "raw", cfg.cluster.gpus_per_engine)
 
     def generate(self, requests: list[dict], n: int, params: SamplingParams) -> list[Sample]:
         return self.client.generate_samples(requests, n, params, self.tokenizer)
@@ -75,15 +97,29 @@ class HttpEngine:
         self.client.resume()
 
     def load_part(self, bucket) -> None:
-        self._parts.append(bucket)
+        WEIGHT_POSTERS[self.fmt](self.client, bucket, self.tp_size)
 
     def finish_load(self, version: int) -> int:
-        parts, self._parts = self._parts, []
-        return self.load_buckets(parts, version)
+        self.version = self.client.update_weight_version(version)
+        return self.version
 
     def load_buckets(self, buckets: list, version: int) -> int:
-        self.version = WEIGHT_POSTERS[self.backend](self.client, buckets, version)
-        return self.version
+        for b in buckets:
+            self.load_part(b)
+        return self.finish_load(version)
+
+    # -- broadcast: the server joins the trainer's group (SGLang's distributed update) ---------
+    def open_broadcast(self, addr: str, port: int, rank: int, world_size: int, backend: str) -> bool:
+        self.client.init_weights_update_group(addr, port, rank, world_size, backend)
+        return True
+
+    def receive_broadcast(self, metas: list, version: int) -> int:
+        from miles_ray.rollout.raw_weights import dtype_name
+
+        entries = [(e, m["dtype"]) for m in metas for e in m["entries"]]
+        self.client.update_weights_from_distributed([e[0] for e, _ in entries], [dtype_name(d) for _, d in entries],
+                                                    [list(e[1]) for e, _ in entries])
+        return self.finish_load(version)
 
     def release_memory(self) -> None:
         self.client.release_memory()
@@ -94,7 +130,7 @@ class HttpEngine:
     def health(self) -> dict:
         h = self.client.health()
         state = h.get("state", "ready" if h["status"] == 200 else "stale")
-        return {"state": state, "weight_version": h.get("weight_version", self.version)}
+        return {"state": state, "weight_version": int(h.get("weight_version", self.version))}
 
     def rng_state(self) -> None:
         return None  # the server owns its sampling RNG
@@ -109,7 +145,7 @@ class HttpEngine:
     def spec_stats(self) -> dict:
         return {}
 
-    def url(self) -> str:
+    def url(self) -> str | None:
         return self.client.url
 
     def close(self) -> None:

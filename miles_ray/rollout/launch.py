@@ -38,13 +38,17 @@ def _die_with_parent() -> None:
 
 
 def launch_server(backend: str, model_path: str, port: int, host: str = "127.0.0.1", extra: list | None = None,
-                  wait_s: float = 180.0, log_path: str | None = None, env: dict | None = None):
-    """Start the server and block until /health answers 200. Returns (process, client)."""
+                  wait_s: float = 180.0, log_path: str | None = None, env: dict | None = None, token: str | None = None):
+    """Start the server and block until /health answers 200. Returns (process, client).
+    ``token``: the bearer token the server requires (given to it in its environment, not argv)."""
+    from miles_ray.rollout.http_guard import TOKEN_ENV
+
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    child_env = {**os.environ, **(env or {}), **({TOKEN_ENV: token} if token else {})}
     process = subprocess.Popen(server_command(backend, model_path, port, host, extra), stdout=log,
-                               stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True,
+                               stderr=subprocess.STDOUT, env=child_env, start_new_session=True,
                                preexec_fn=_die_with_parent)
-    client = EngineClient(f"http://{host}:{port}")
+    client = EngineClient(f"http://{host}:{port}", token=token)
     try:
         client.wait_healthy(wait_s, process)
     except Exception:

@@ -18,11 +18,14 @@ from fastapi.responses import JSONResponse
 
 
 class Router:
-    def __init__(self, urls: list[str], health_interval: float = 1.0, max_attempts: int = 4):
+    def __init__(self, urls: list[str], health_interval: float = 1.0, max_attempts: int = 4, token: str | None = None):
+        """``token``: sent to the workers (a run's servers share one token)."""
+        from miles_ray.rollout.http_guard import auth_headers
+
         self.workers = {u.rstrip("/"): {"healthy": True, "inflight": 0, "served": 0, "failures": 0} for u in urls}
         self.health_interval, self.max_attempts = health_interval, max_attempts
         self.owner: dict[str, str] = {}  # rid -> worker serving it
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0))
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), headers=auth_headers(token))
 
     def pick(self) -> str | None:
         healthy = [u for u, w in self.workers.items() if w["healthy"]]
@@ -76,8 +79,8 @@ class Router:
         return results
 
 
-def create_app(urls: list[str], health_interval: float = 1.0):
-    router = Router(urls, health_interval)
+def create_app(urls: list[str], health_interval: float = 1.0, token: str | None = None):
+    router = Router(urls, health_interval, token=token)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -130,7 +133,11 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     import uvicorn
 
-    uvicorn.run(create_app(args.worker_urls, args.health_interval), host=args.host, port=args.port, log_level="warning")
+    from miles_ray.rollout.http_guard import Guard, take_env_token
+
+    token = take_env_token()
+    app = Guard(create_app(args.worker_urls, args.health_interval, token), token, 64 << 20)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ source (each rule cites file and function), shared by both modes of our server.
 Requests (both modes): a body SGLang would refuse is refused with HTTP 400 naming the problem; so
 is a field SGLang knows but this stand-in does not implement (with a non-default value), and an
 unknown field (SGLang ignores unknown top-level fields; we refuse them so that a client bug
-cannot pass silently). Lenient mode also accepts ``top_k=0`` (disabled, our old meaning).
+cannot pass silently). Lenient mode also accepts ``top_k=0`` (disabled, our old meaning) and
+requests longer than the model's context (our engine has no such limit).
 
 Responses: strict mode answers exactly SGLang's shapes (string ``weight_version``,
 ``finish_reason`` objects, ``output_token_logprobs`` triples); lenient mode adds
@@ -167,8 +168,8 @@ def parse_generate(body, tokenizer, vocab_size: int, context_len: int, strict: b
     _check_fields(body, GENERATE_FIELDS, "request")
     prompts, batched = _prompt_ids(body, tokenizer, vocab_size)
     params, n = parse_sampling(body.get("sampling_params"), vocab_size, strict)
-    for p in prompts:  # tokenizer_manager _validate_one_request: prompt and budget within the context
-        if len(p) + params.max_new_tokens > context_len:
+    for p in prompts:  # tokenizer_manager _validate_one_request: prompt and budget within the context (strict:
+        if strict and len(p) + params.max_new_tokens >= context_len:  # our engine itself has no such limit)
             raise BadRequest(f"Requested token count exceeds the model's maximum context length of {context_len} "
                              f"tokens. You requested a total of {len(p) + params.max_new_tokens} tokens: {len(p)} "
                              f"tokens from the input messages and {params.max_new_tokens} tokens for the completion.")
