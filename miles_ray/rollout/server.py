@@ -240,7 +240,7 @@ def main(argv=None) -> None:
                     "one process; it takes one serialized_named_tensors entry per rank)")
     ap.add_argument("--mem-fraction-static", type=float, default=None, help="accepted for SGLang parity (unused)")
     ap.add_argument("--max-request-mb", type=float, default=2048.0, help="largest request body accepted (413 above)")
-    ap.add_argument("--weight-load-delay-s", type=float, default=0.0, help="fault injection: slow weight loads")
+    ap.add_argument("--weight-load-delay-s", type=float, default=0.0, help="fault injection: slow loads from disk")
     ap.add_argument("--group-timeout-s", type=float, default=120.0, help="weight update group rendezvous limit")
     args = ap.parse_args(argv)
     import uvicorn

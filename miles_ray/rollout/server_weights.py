@@ -107,8 +107,8 @@ def add_weight_routes(app: FastAPI, state) -> None:
 
     weights = state.engine.weights
 
-    def load(named: list, version) -> int | None:
-        time.sleep(state.load_delay_s)  # fault injection (tests): a slow load holds the engine
+    def load(named: list, version, delay_s: float = 0.0) -> int | None:
+        time.sleep(delay_s)  # fault injection (tests): a slow load holds the engine
         weights.load_tensors(named)
         return weights.finish_load(version) if version is not None else None
 
@@ -138,7 +138,7 @@ def add_weight_routes(app: FastAPI, state) -> None:
         b = await read_object(request)
         check_fields(b, GROUP_FIELDS, "init_weights_update_group")
         world = _int(b, "world_size", 2, 1 << 16)
-        rank = _int(b, "rank_offset", 1, world - state.tp_size)
+        rank = _int(b, "rank_offset", 1, world - 1)  # the stand-in joins as one rank, whatever its TP size
         port = _int(b, "master_port", 1, 65535)
         name, addr = b.get("group_name", "weight_update_group"), b.get("master_address")
         if not isinstance(name, str) or not isinstance(addr, str) or not addr or b.get("backend", "nccl") not in (
@@ -207,5 +207,6 @@ def add_weight_routes(app: FastAPI, state) -> None:
             raise BadRequest(f"cannot load {b['model_path']!r}: {type(err).__name__}: {err}") from None
         named = list(fresh.state_dict().items())
         _check_shapes(state, [(n, t.shape) for n, t in named])
-        served = await state.held(load, named, version if version is not None else weights.version)
+        served = await state.held(load, named, version if version is not None else weights.version,
+                                  state.load_delay_s)
         return {**_ok(f"Succeeded to update model weights from {b['model_path']}.", served), "num_paused_requests": 0}

@@ -1,0 +1,183 @@
+"""Our engine server in strict SGLang mode, over real HTTP, bound beyond loopback with a token:
+SGLang's request rules and response shapes, its weight formats (update_weights_from_tensor per TP
+rank, bucket by bucket; init_weights_update_group + update_weights_from_distributed over gloo),
+and the closed HTTP surface (no pickle, token, size limit, /health during a slow load)."""
+import base64
+import concurrent.futures as cf
+import os
+import pickle
+import signal
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from miles_ray.rollout.client import EngineClient
+from miles_ray.rollout.http_engine import HttpEngine, free_port
+from miles_ray.rollout.http_guard import new_token
+from miles_ray.rollout.launch import launch_server
+from miles_ray.weights import to_buckets
+
+
+def _non_loopback() -> str:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: picks the outgoing interface
+            ip = s.getsockname()[0]
+        with socket.socket() as s:
+            s.bind((ip, 0))
+        return ip if not ip.startswith("127.") else "127.0.0.1"
+    except OSError:
+        return "127.0.0.1"
+
+
+HOST = _non_loopback()
+TP = 2
+
+
+@pytest.fixture(scope="module")
+def strict(tiny_dir, tmp_path_factory):
+    token = new_token()
+    log = tmp_path_factory.mktemp("strict") / "server.log"
+    extra = ["--strict-sglang", "--tp-size", str(TP), "--weight-load-delay-s", "2", "--max-request-mb", "4",
+             "--group-timeout-s", "5"]
+    proc, client = launch_server("native", tiny_dir, free_port(HOST), HOST, extra, log_path=str(log), token=token)
+    yield {"client": client, "token": token, "tiny_dir": tiny_dir, "log": log}
+    os.killpg(proc.pid, signal.SIGKILL)
+
+
+class _WritesFile:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_beyond_loopback_token_and_pickle_refused(strict, tmp_path):
+    """A token-less request gets 401; a pickle whose __reduce__ would create a file gets 400 from
+    the allow-list decoder and the file is never created; bodies over the limit get 413."""
+    url, anon = strict["client"].url, httpx.Client(timeout=30)
+    target = tmp_path / "created-by-pickle"
+    evil = base64.b64encode(pickle.dumps([("model.norm.weight", _WritesFile(str(target)))])).decode()
+    body = {"serialized_named_tensors": [evil] * TP}
+    r = anon.get(f"{url}/health")
+    assert r.status_code == 200 and r.content == b""  # /health is open, and empty like SGLang's
+    for path in ("/generate", "/update_weights_from_tensor", "/init_weights_update_group", "/abort_request"):
+        assert anon.post(f"{url}{path}", json=body).status_code == 401, path
+    wrong = httpx.post(f"{url}/generate", json={}, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and "bearer token" in wrong.text
+    r = strict["client"].http.post(f"{url}/update_weights_from_tensor", json=body)
+    assert r.status_code == 400 and "refused global" in r.text and "open" in r.text
+    assert not target.exists()
+    huge = strict["client"].http.post(f"{url}/generate", content=b"x" * (5 << 20))
+    assert huge.status_code == 413
+    assert strict["client"].health()["status"] == 200
+
+
+def test_strict_request_rules_and_response_shapes(strict):
+    c = strict["client"]
+    one = c.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 3, "temperature": 0, "top_k": -1,
+                                                           "ignore_eos": True})
+    meta = one["meta_info"]
+    assert meta["finish_reason"] == {"type": "length", "length": 3} and meta["weight_version"] == "0"
+    assert [len(t) for t in meta["output_token_logprobs"]] == [3, 3, 3] and meta["output_token_logprobs"][0][2] is None
+    assert "weight_versions" not in meta  # our extension stays out of strict answers
+    both = c.generate(input_ids=[[5, 6], [7, 8, 9]], sampling_params={"max_new_tokens": 2, "n": 2}, rid=["a", "b"])
+    assert [o["meta_info"]["id"] for o in both] == ["a_0", "a_1", "b_0", "b_1"]  # prompt-major, n per prompt
+    post = lambda body: c.http.post(f"{c.url}/generate", json=body)  # noqa: E731
+    cases = [({"input_ids": [5], "sampling_params": {"top_k": 0}}, 400, "top_k must be -1"),
+             ({"input_ids": [5], "sampling_params": {"frobnicate": 1}}, 400, "frobnicate"),
+             ({"input_ids": [5], "sampling_params": {"top_p": 0}}, 400, "top_p"),
+             ({"input_ids": [5], "sampling_params": {"max_new_tokens": 600}}, 400, "context length"),
+             ({"input_ids": [5], "text": "x"}, 400, "exactly one"),
+             ({"input_ids": [[5], [6]], "rid": ["only-one"]}, 400, "mismatch"),
+             ({"input_ids": [5], "stream": True}, 400, "stream"),
+             ({"input_ids": [5], "shiny": 1}, 400, "shiny")]
+    for body, status, words in cases:
+        r = post(body)
+        assert r.status_code == status and words in r.text, (body, r.text)
+    assert c.http.post(f"{c.url}/generate", content=b"{nope").status_code == 400
+    long = threading.Thread(target=lambda: post({"input_ids": [5], "rid": "dup", "sampling_params": {
+        "max_new_tokens": 400, "ignore_eos": True}}))
+    long.start()
+    time.sleep(0.5)
+    r = post({"input_ids": [5], "rid": "dup"})
+    assert r.status_code == 409 and "dup" in r.text  # the running request is untouched
+    assert c.abort("dup")["aborted"] is True
+    long.join(30)
+    assert c.health()["status"] == 200
+
+
+def _perturbed_trainer(tiny_dir, seed):
+    from miles_ray.config import AlgorithmConfig, TrainConfig
+    from miles_ray.training import PolicyTrainer
+
+    trainer = PolicyTrainer(tiny_dir, TrainConfig(), AlgorithmConfig())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return trainer
+
+
+def _assert_serves(engine, trainer, version):
+    from miles_ray.rollout import SamplingParams
+
+    reqs = [{"prompt": "What is 1+2?", "label": "3", "prompt_index": 0, "group_id": 0}]
+    samples = engine.generate(reqs, 2, SamplingParams(5, top_k=0))  # top_k 0 is sent as SGLang's -1
+    assert all(s.weight_version == version for s in samples)
+    for s, lp in zip(samples, trainer.compute_logprobs(samples)):
+        assert lp == pytest.approx(s.response_logprobs, abs=1e-4)
+
+
+def test_weight_formats_tensor_per_tp_rank_and_distributed(strict):
+    """SGLang's two update paths against the strict server: named-tensor handles (one entry per TP
+    rank, one request per bucket) and a gloo group the server joins as rank 1."""
+    from miles_ray.weights import BroadcastChannel
+
+    c = strict["client"]
+    engine = HttpEngine("native", c, _tokenizer(strict["tiny_dir"]), fmt="sglang", tp_size=TP)
+    trainer = _perturbed_trainer(strict["tiny_dir"], 1)
+    buckets = to_buckets(trainer.get_weights(), 7, bucket_bytes=20000)
+    assert len(buckets) > 3
+    assert engine.load_buckets(buckets, 7) == 7 and c.weight_version() == 7
+    _assert_serves(engine, trainer, 7)
+
+    trainer = _perturbed_trainer(strict["tiny_dir"], 2)
+    buckets = to_buckets(trainer.get_weights(), 8, bucket_bytes=20000)
+    port = free_port()
+    with cf.ThreadPoolExecutor(2) as pool:
+        root = pool.submit(BroadcastChannel, 0, 2, "127.0.0.1", port, "gloo", 30)
+        assert engine.open_broadcast("127.0.0.1", port, 1, 2, "nccl")  # CPU server: gloo
+        channel = root.result(30)
+        send = pool.submit(channel.send_tensors, buckets)
+        assert engine.receive_broadcast([b.meta() for b in buckets], 8) == 8
+        send.result(30)
+    _assert_serves(engine, trainer, 8)
+
+
+def test_health_answers_during_a_slow_load(strict):
+    """A weight load runs off the event loop: /health answers while a 2 s load holds the engine."""
+    c = strict["client"]
+    with cf.ThreadPoolExecutor(1) as pool:
+        t0 = time.time()
+        load = pool.submit(c.update_weights_from_disk, strict["tiny_dir"], 9)
+        time.sleep(0.5)
+        times = []
+        while not load.done():
+            t = time.time()
+            assert c.health()["status"] == 200
+            times.append(time.time() - t)
+            time.sleep(0.1)
+        assert load.result()["success"] and time.time() - t0 >= 2
+    assert times and max(times) < 1.0
+
+
+def _tokenizer(tiny_dir):
+    from miles_ray.models import load_tokenizer
+
+    return load_tokenizer(tiny_dir)
