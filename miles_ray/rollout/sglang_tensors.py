@@ -41,12 +41,17 @@ class RefusedPayload(ValueError):
 
 
 def serialize_named_tensors(named: list, tp_size: int = 1) -> list[str]:
-    """``serialized_named_tensors`` for ``named`` [(name, tensor)]: the same handles for each of
-    ``tp_size`` ranks (every TP rank maps the sender's buffer and takes its own shard)."""
-    buf = io.BytesIO()
-    ForkingPickler(buf).dump(list(named))
-    text = base64.b64encode(buf.getvalue()).decode()
-    return [text] * tp_size
+    """``serialized_named_tensors`` for ``named`` [(name, tensor)]: handles to the same buffers for
+    each of ``tp_size`` ranks (every TP rank maps the sender's buffer and takes its own shard).
+    Pickled once per rank: each pickling takes one reference on the shared memory that the rank's
+    decode releases (one string decoded twice would release it twice and unlink it)."""
+    named = list(named)
+    out = []
+    for _ in range(tp_size):
+        buf = io.BytesIO()
+        ForkingPickler(buf).dump(named)
+        out.append(base64.b64encode(buf.getvalue()).decode())
+    return out
 
 
 # -- allow-listed callables, each checking its arguments -------------------------------------------
