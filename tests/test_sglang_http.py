@@ -4,6 +4,7 @@ rank, bucket by bucket; init_weights_update_group + update_weights_from_distribu
 and the closed HTTP surface (no pickle, token, size limit, /health during a slow load)."""
 import base64
 import concurrent.futures as cf
+import json
 import os
 import pickle
 import signal
@@ -255,8 +256,9 @@ def test_fuzz_every_endpoint(strict):
     def run(case):
         method, path, (kind, body) = case
         count[0] += 1
-        kwargs = {"json": body} if kind == "json" else {"content": body}
-        r = fuzz.request(method, f"{c.url}{path}", **(kwargs if method == "POST" else {}))
+        data = json.dumps(body).encode() if kind == "json" else body  # NaN / Infinity included
+        kwargs = {"content": data, "headers": {"content-type": "application/json"}} if method == "POST" else {}
+        r = fuzz.request(method, f"{c.url}{path}", **kwargs)
         statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
         assert r.status_code < 500, (path, body, r.status_code, r.text[:300])
         if 400 <= r.status_code < 500:
