@@ -127,6 +127,8 @@ def start_actors(cfg: Config, trainers: bool = True, engines: bool = True) -> Ru
     ray.get([a.ready.remote() for a in actors.all()])
     if http:  # rollout goes through the router to the engine servers
         urls = ray.get([e.url.remote() for e in actors.engines])
+        for url in urls:
+            register(url, token)
         actors.router = RouterActor.options(**opts(plan.for_role("router")[0])).remote(
             urls, host=cfg.rollout.server_host, token=token)
         actors.router_url = ray.get(actors.router.url.remote())

@@ -66,6 +66,9 @@ class Config(Section):
             raise ValueError("engines served over HTTP take weights through object_store, shm (handles forwarded to "
                              "update_weights_from_tensor) or broadcast (update_weights_from_distributed); "
                              "weight_sync.transport=cuda_ipc is for in-actor engines")
+        if self.cluster.colocate and self.cluster.use_gpu and self.cluster.gpus_per_engine > 1:
+            raise ValueError("cluster.gpus_per_engine > 1 gives one engine several GPUs in its own bundle: it needs "
+                             "cluster.colocate=false (colocated multi-GPU engines are not supported yet)")
         if self.rollout.strict_sglang and not (self.rollout.backend == "native" and self.rollout.serve_http):
             raise ValueError("rollout.strict_sglang runs our native server in SGLang's strict mode: it needs "
                              "rollout.backend=native and rollout.serve_http=true")

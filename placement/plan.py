@@ -4,7 +4,8 @@ Pure logic (no Ray): :func:`plan_placement` is unit-tested; :mod:`placement.grou
 
 Layouts
 - disaggregated: ``trainer`` PG (PACK, one bundle per rank) and ``rollout`` PG (SPREAD, one bundle
-  per engine GPU), so training and rollout own separate devices;
+  per engine holding its ``gpus_per_engine`` GPUs: the engine actor gets them all, on one node,
+  and its server runs SGLang ``--tp-size gpus_per_engine``), so training and rollout own separate devices;
 - colocated: one ``colocated`` PG whose bundles are shared: trainer rank i and the engine whose
   GPUs include bundle i each take half of it (time-shared: the engine releases memory while the
   trainer runs);
@@ -82,8 +83,8 @@ def plan_placement(cluster, num_engines: int, num_reward_workers: int, num_criti
     else:
         if cluster.num_trainers:
             groups.append(GroupSpec("trainer", [_bundle(c, gpu) for _ in range(cluster.num_trainers)], "PACK"))
-        if num_engines:
-            groups.append(GroupSpec("rollout", [_bundle(c, gpu) for _ in range(num_engines * g)], "SPREAD"))
+        if num_engines:  # one bundle per engine holding all its GPUs (a bundle is on one node)
+            groups.append(GroupSpec("rollout", [_bundle(c, gpu * g) for _ in range(num_engines)], "SPREAD"))
         for r in range(cluster.num_trainers):
             assign.append(Assignment("trainer", r, "trainer", r, c, gpu, [r]))
         if num_critics:
@@ -91,8 +92,7 @@ def plan_placement(cluster, num_engines: int, num_reward_workers: int, num_criti
             for r in range(num_critics):
                 assign.append(Assignment("critic", r, "critic", r, c, gpu, [r]))
         for e in range(num_engines):
-            idx = list(range(e * g, (e + 1) * g))
-            assign.append(Assignment("rollout", e, "rollout", idx[0], c, gpu, idx))
+            assign.append(Assignment("rollout", e, "rollout", e, c, gpu * g, [e]))
     if draft_trainer and not cluster.colocate:  # its own bundle (one GPU on GPU clusters)
         groups.append(GroupSpec("draft", [_bundle(c, gpu)], "PACK"))
         assign.append(Assignment("draft", 0, "draft", 0, c, gpu, [0]))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import uuid
 
 from fastapi import FastAPI, Request
@@ -162,7 +163,8 @@ def add_health(app: FastAPI, state: ServerState) -> None:
     @app.get("/get_server_info")
     async def server_info():
         return {**engine.weights.health(), "running": len(engine.running), "waiting": len(engine.waiting),
-                "paused": engine.paused, "tp_size": state.tp_size, "strict_sglang": state.strict}
+                "paused": engine.paused, "tp_size": state.tp_size, "strict_sglang": state.strict,
+                "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
 def add_control(app: FastAPI, state: ServerState) -> None:
