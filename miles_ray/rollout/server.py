@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import uuid
 
@@ -31,16 +30,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from miles_ray.rollout.health import READY, EngineNotReady
+from miles_ray.rollout.http_bodies import Conflict, error as _error, read_json, read_object
 from miles_ray.rollout.native.loop import EngineLoop
 from miles_ray.rollout.raw_weights import BadWeights
 from miles_ray.rollout.sglang_api import BadRequest, finish_reason, parse_generate
+from miles_ray.rollout.server_weights import add_weight_routes
 from miles_ray.rollout.sglang_tensors import RefusedPayload
 
 CLIENT_ERRORS = (BadRequest, BadWeights, RefusedPayload, KeyError)
-
-
-class Conflict(ValueError):
-    """Answered with HTTP 409 (a request id already in use)."""
 
 
 class ServerState:
@@ -85,28 +82,6 @@ def response_body(state: ServerState, req, logprob: bool, routed: bool) -> dict:
     if logprob:  # tokenizer_manager convert_logprob_style: [logprob, token_id, text or None]
         meta["output_token_logprobs"] = [[lp, tok, None] for lp, tok in zip(req.logprobs, req.output_ids)]
     return {"text": text, "output_ids": req.output_ids, "meta_info": meta}
-
-
-async def read_json(request: Request):
-    raw = await request.body()
-    if not raw:
-        return {}
-    try:
-        return json.loads(raw)
-    except ValueError as err:
-        raise BadRequest(f"body is not valid JSON: {err}") from None
-
-
-async def read_object(request: Request) -> dict:
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
-    return body
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    # http_server.py _create_error_response: {"error": {"message": ...}}
-    return JSONResponse({"error": {"message": message, "code": status}}, status_code=status)
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -216,8 +191,6 @@ def add_control(app: FastAPI, state: ServerState) -> None:
 
 def create_app(engine, strict: bool = False, tp_size: int = 1, load_delay_s: float = 0.0,
                group_timeout_s: float = 120.0) -> FastAPI:
-    from miles_ray.rollout.server_weights import add_weight_routes
-
     app = FastAPI(title="miles-ray native engine", openapi_url=None)
     state = ServerState(engine, strict, tp_size, load_delay_s, group_timeout_s)
     app.state.server = state

@@ -26,6 +26,7 @@ import torch
 from fastapi import FastAPI, Request
 
 from miles_ray.rollout import raw_weights, sglang_tensors
+from miles_ray.rollout.http_bodies import read_object
 from miles_ray.rollout.sglang_api import BadRequest
 from miles_ray.weights.buckets import iter_tensors
 
@@ -103,8 +104,6 @@ def _ok(message: str, version=None) -> dict:
 
 
 def add_weight_routes(app: FastAPI, state) -> None:
-    from miles_ray.rollout.server import read_object
-
     weights = state.engine.weights
 
     def load(named: list, version, delay_s: float = 0.0) -> int | None:

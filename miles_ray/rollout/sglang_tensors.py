@@ -23,6 +23,7 @@ import binascii
 import io
 import pickle
 import re
+import warnings
 from multiprocessing.reduction import ForkingPickler
 
 import torch
@@ -103,10 +104,13 @@ def _rebuild_tensor(cls, storage, metadata):
     _int(offset, "storage offset")
     if not isinstance(size, torch.Size) or not isinstance(stride, tuple) or len(stride) != len(size):
         raise RefusedPayload("tensor size/stride malformed")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TypedStorage is deprecated, but it is what ForkingPickler sends
+        numel, dtype, untyped = storage.size(), storage.dtype, storage.untyped()
     last = offset + sum((s - 1) * _int(st, "stride") for s, st in zip(size, stride) if s > 0)
-    if all(s > 0 for s in size) and last >= storage._size():
-        raise RefusedPayload(f"tensor view reaches element {last} of a storage of {storage._size()}")
-    return torch._utils._rebuild_tensor(storage, offset, size, stride)
+    if all(s > 0 for s in size) and last >= numel:
+        raise RefusedPayload(f"tensor view reaches element {last} of a storage of {numel}")
+    return torch.empty(0, dtype=dtype).set_(untyped, offset, size, stride)
 
 
 def _rebuild_cuda_tensor(*args):
