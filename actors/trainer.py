@@ -121,6 +121,8 @@ class TrainerActor(_RankActor):
             return
         for bucket in self.trainer.iter_export(state, version, _bucket_bytes(self.cfg)):
             yield bucket if mode == "object_store" else ipc.export_handles([bucket], mode)[0]
+        if mode == "cpu":  # shm: parameters live in the shared buckets from now on (one copy per sync)
+            self.trainer.adopt_export_buffers()
 
 
 @ray.remote

@@ -130,7 +130,7 @@ def start_actors(cfg: Config, trainers: bool = True, engines: bool = True) -> Ru
         for url in urls:
             register(url, token)
         actors.router = RouterActor.options(**opts(plan.for_role("router")[0])).remote(
-            urls, host=cfg.rollout.server_host, token=token)
+            urls, host=cfg.rollout.server_host, token=token, kind=cfg.rollout.router)
         actors.router_url = ray.get(actors.router.url.remote())
         register(actors.router_url, token)  # this driver's EngineClients send it
     actors.policy.setup()

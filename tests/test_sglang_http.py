@@ -270,3 +270,24 @@ def test_fuzz_every_endpoint(strict):
     print(f"\nFUZZ cases={count[0]} statuses={dict(sorted(statuses.items()))} seconds={time.time() - t0:.1f}")
     out = c.generate(input_ids=[5, 6], sampling_params={"max_new_tokens": 2})
     assert len(out["output_ids"]) <= 2 and c.health()["status"] == 200
+
+
+def test_shm_export_adopts_parameters_one_copy(tiny_dir):
+    """shm: after the first export the trainer's parameters live in the shared buckets; the next
+    export copies nothing (the buckets are the parameters) and still carries the new weights."""
+    from miles_ray.weights.buckets import iter_tensors
+
+    trainer = _perturbed_trainer(tiny_dir, 3)
+    first = list(trainer.iter_export(trainer.engine_state(), 1, 20000))
+    for b in first:
+        b.flat.share_memory_()
+    assert trainer.adopt_export_buffers() > 0
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.mul_(1.5)  # a training step writes straight into the shared buckets
+    second = list(trainer.iter_export(trainer.engine_state(), 2, 20000))
+    assert [b.flat.data_ptr() for b in second] == [b.flat.data_ptr() for b in first]
+    live = trainer.engine_state()
+    for b in second:
+        for name, t in iter_tensors(b):
+            assert torch.equal(t, live[name]), name

@@ -67,7 +67,7 @@ def test_multi_gpu_strict_engine_beyond_loopback_all_weight_paths(local_ray, tmp
         items, _ = validate_rows(synthetic_rows("arithmetic", 8, 9, 0), tok)
         reqs = [{"prompt": i.prompt, "label": i.label, "prompt_index": i.index, "group_id": k}
                 for k, i in enumerate(items)]
-        for version, transport in enumerate(["object_store", "broadcast", "shm", "broadcast"], start=2):
+        for version, transport in enumerate(["object_store", "shm", "broadcast", "shm"], start=2):
             actors.policy.sft_step(sft_samples(items, tok), 1e-2)  # move the weights
             WeightSync(actors, transport).sync(version)
             assert ray.get(engine.health.remote()) == {"state": "ready", "weight_version": version}
@@ -96,3 +96,18 @@ def test_training_runs_against_strict_servers(local_ray, tmp_path, model_cache, 
         assert all(r["mismatch_abs"] < 1e-4 for r in rows)
     else:  # in-flight requests continued across syncs (partial rollout), within the staleness bound
         assert summary["lost"] == 0 and summary["duplicates"] == 0 and all(r["staleness_max"] <= 1 for r in rows)
+
+
+def test_router_choice_builds_sglang_router_command():
+    """rollout.router=sglang_router launches SGLang's router (not installable here: the command only)."""
+    import sys
+
+    from actors.router import ROUTERS
+    from miles_ray.rollout.launch import router_command
+
+    assert set(ROUTERS) == {"native", "sglang_router"}
+    cmd = router_command(["http://a:1", "http://b:2"], "127.0.0.1", 30100, "tok")
+    assert cmd[:3] == [sys.executable, "-m", "sglang_router.launch_router"]
+    assert cmd[cmd.index("--worker-urls") + 1:cmd.index("--host")] == ["http://a:1", "http://b:2"]
+    assert cmd[-2:] == ["--api-key", "tok"] and "tok" not in router_command(["http://a:1"], "h", 1)
+    assert load_config(None, ["rollout.router=sglang_router"]).rollout.router == "sglang_router"

@@ -55,3 +55,23 @@ def launch_server(backend: str, model_path: str, port: int, host: str = "127.0.0
         process.kill()
         raise
     return process, client
+
+
+def router_command(worker_urls: list, host: str, port: int, token: str | None = None) -> list:
+    """``sglang_router`` (pip sglang-router; SGLang's router / model gateway): workers, bind
+    address, and the run's token as its API key. NOT VERIFIED (not installable here)."""
+    cmd = [sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls, "--host", host,
+           "--port", str(port), "--policy", "round_robin"]
+    return cmd + (["--api-key", token] if token else [])
+
+
+def start_router_process(worker_urls: list, host: str, port: int, token: str | None = None, wait_s: float = 120.0):
+    """Start ``sglang_router`` and wait until its /health answers 200."""
+    process = subprocess.Popen(router_command(worker_urls, host, port, token), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
+    try:
+        EngineClient(f"http://{host}:{port}", token=token).wait_healthy(wait_s, process)
+    except Exception:
+        process.kill()
+        raise
+    return process

@@ -257,3 +257,21 @@ class TorchTrainerBase:
             fresh.append(bucket)
             yield bucket
         self._buckets = fresh
+
+    def adopt_export_buffers(self) -> int:
+        """shm transport (the CPU twin of CUDA IPC zero-copy): make the live parameters views into
+        the persistent shared-memory export buckets, so the next export copies nothing and engines
+        load straight from the trainer's memory: one copy in all. Unsharded CPU modules only (one
+        rank, unquantized export); a tied duplicate keeps its copy. Returns parameters adopted."""
+        buckets = getattr(self, "_buckets", None)
+        if self.world_size != 1 or not buckets or getattr(self, "engine_quant", None):
+            return 0
+        params, seen = self.module.state_dict(keep_vars=True), set()
+        for b in buckets:
+            for name, shape, offset, numel in b.entries:
+                p = params.get(name)
+                fits = p is not None and p.device.type == "cpu" and p.dtype == b.dtype and tuple(p.shape) == shape
+                if fits and id(p) not in seen and b.flat.is_shared():
+                    seen.add(id(p))
+                    p.data = b.flat[offset:offset + numel].view(shape)
+        return len(seen)

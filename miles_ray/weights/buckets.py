@@ -81,7 +81,9 @@ def iter_buckets(state_dict: dict, version: int, bucket_bytes: int = DEFAULT_BUC
         entries, offset = [], 0
         for name, shape, _ in items:
             n = torch.Size(shape).numel()
-            flat[offset:offset + n].copy_(state_dict[name].reshape(-1))
+            src, dst = state_dict[name].reshape(-1), flat[offset:offset + n]
+            if src.data_ptr() != dst.data_ptr() or src.device != dst.device:  # adopted buffers: already in place
+                dst.copy_(src)
             entries.append((name, shape, offset, n))
             offset += n
         yield Bucket(version, i, len(plans), items[0][2], flat, entries)
