@@ -113,12 +113,28 @@ def _rebuild_tensor(cls, storage, metadata):
     return torch.empty(0, dtype=dtype).set_(untyped, offset, size, stride)
 
 
-def _rebuild_cuda_tensor(*args):
+def _cuda_index(device) -> int:
+    """SGLang's patched rebuild sends the device as its UUID string (patch_torch.py)."""
+    if type(device) is int:
+        return device
+    for i in range(torch.cuda.device_count()):
+        if str(torch.cuda.get_device_properties(i).uuid) == str(device):
+            return i
+    raise RefusedPayload(f"CUDA device {device!r} is not on this server")
+
+
+def _rebuild_cuda_tensor(cls, size, stride, offset, storage_cls, dtype, device, *rest):
+    """torch.multiprocessing.reductions.rebuild_cuda_tensor: a view of the sender's CUDA memory,
+    opened by its IPC handle (zero copy)."""
     if not torch.cuda.is_available():
         raise RefusedPayload("the payload holds CUDA IPC handles but this server has no CUDA device")
-    if len(args) < 1 or args[0] not in (_TENSOR, _PARAMETER):  # pragma: no cover - GPU only
-        raise RefusedPayload("CUDA tensor rebuild needs torch.Tensor")
-    return reductions.rebuild_cuda_tensor(torch.Tensor, *args[1:])  # pragma: no cover - GPU only
+    ok = (cls in (_TENSOR, _PARAMETER) and storage_cls is _UNTYPED and isinstance(dtype, torch.dtype)
+          and isinstance(size, torch.Size) and isinstance(stride, tuple) and type(offset) is int
+          and all(isinstance(x, (int, bytes, bool)) for x in rest))
+    if not ok:
+        raise RefusedPayload("malformed CUDA tensor rebuild arguments")
+    return reductions.rebuild_cuda_tensor(torch.Tensor, size, stride, offset, torch.UntypedStorage, dtype,
+                                          _cuda_index(device), *rest)
 
 
 _ALLOWED = {
