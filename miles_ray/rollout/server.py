@@ -68,11 +68,11 @@ class ServerState:
 def response_body(state: ServerState, req, logprob: bool, routed: bool) -> dict:
     engine = state.engine
     version = req.weight_versions[0] if req.weight_versions else engine.weights.version
-    text = engine.tokenizer.decode(req.output_ids, skip_special_tokens=True)
+    full = text = engine.tokenizer.decode(req.output_ids, skip_special_tokens=True)
     for s in req.params.stop:  # SamplingParams.no_stop_trim=False: output ends before the stop string
         if s in text:
             text = text[: text.index(s)]
-    meta = {"id": req.rid, "finish_reason": finish_reason(req, text), "prompt_tokens": len(req.prompt_ids),
+    meta = {"id": req.rid, "finish_reason": finish_reason(req, full), "prompt_tokens": len(req.prompt_ids),
             "completion_tokens": len(req.output_ids), "cached_tokens": 0, "weight_version": str(version)}
     if not state.strict:
         meta["weight_versions"] = req.weight_versions  # partial rollout: the version of each token
