@@ -85,8 +85,8 @@ ASYNC = ("total_steps=3", "rollout.prompts_per_step=4", "rollout.n_samples_per_p
 
 
 def test_async_partial_rollout_run_against_strict_servers(local_ray, tmp_path, model_cache):
-    """Rollout through the router, async training, syncs while requests are in flight (partial
-    rollout: the servers hold them across the load), all against strict servers. (The weight-sync
+    """Rollout (the engine actors' HTTP clients), async training, syncs while requests are in
+    flight (partial rollout: the servers hold them across the load), all against strict servers. (The weight-sync
     paths are covered above, a sync run with lenient servers in test_ray_local.)"""
     from jobs.train import run
 
