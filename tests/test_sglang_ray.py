@@ -76,6 +76,8 @@ def test_multi_gpu_strict_engine_beyond_loopback_all_weight_paths(local_ray, tmp
             prepared = actors.policy.scatter("prepare", samples)
             diffs = [abs(a - b) for s in prepared for a, b in zip(s.old_logprobs, s.response_logprobs)]
             assert max(diffs) < 1e-5, (transport, max(diffs))
+        routed = EngineClient(actors.router_url).generate_samples(reqs[:2], 2, SamplingParams(4), tok)
+        assert len(routed) == 4 and {s.weight_version for s in routed} == {5}  # the sync driver's rollout path
     finally:
         stop_actors(actors)
 
