@@ -111,3 +111,21 @@ def test_router_choice_builds_sglang_router_command():
     assert cmd[cmd.index("--worker-urls") + 1:cmd.index("--host")] == ["http://a:1", "http://b:2"]
     assert cmd[-2:] == ["--api-key", "tok"] and "tok" not in router_command(["http://a:1"], "h", 1)
     assert load_config(None, ["rollout.router=sglang_router"]).rollout.router == "sglang_router"
+
+
+def test_server_args_dtype_tp_size_mem_fraction(tmp_path, model_cache):
+    """HTTP engines serve model.dtype; gpus_per_engine is SGLang's --tp-size; colocated engines get
+    --mem-fraction-static (config, else 0.5); strict mode reaches the native server."""
+    from miles_ray.rollout.http_engine import server_args
+
+    def args(*extra):
+        return server_args(_cfg(tmp_path, model_cache, "rollout.backend=native", "rollout.serve_http=true", *extra), 0)
+
+    a = args("model.dtype=bfloat16", "cluster.gpus_per_engine=4", "rollout.strict_sglang=true")
+    assert a[a.index("--dtype") + 1] == "bfloat16" and a[a.index("--tp-size") + 1] == "4" and "--strict-sglang" in a
+    assert "--mem-fraction-static" not in a
+    b = args("cluster.colocate=true", "rollout.mem_fraction_static=0.7")
+    assert b[b.index("--mem-fraction-static") + 1] == "0.7"
+    assert "0.5" in args("cluster.colocate=true")
+    sg = server_args(_cfg(tmp_path, model_cache, "rollout.backend=sglang", "model.dtype=bfloat16"), 0)
+    assert sg[:4] == ["--dtype", "bfloat16", "--tp-size", "1"]
