@@ -34,7 +34,7 @@ def test_stop_and_resume_equals_uninterrupted(local_ray, tmp_path, model_cache, 
     a, b = _rows(full), _rows(split)
     assert [r["step"] for r in b] == list(range(6))
     for x, y in zip(a, b):
-        for key in ("reward_mean", "loss", "grad_norm", "response_len_mean"):
+        for key in ("rollout/reward_mean", "train/loss", "train/grad_norm", "rollout/response_len_mean"):
             assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-7), (x["step"], key)
     wa, wb = _final_weights(full), _final_weights(split)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
