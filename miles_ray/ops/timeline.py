@@ -42,8 +42,10 @@ def fault_timeline(fig, rows: list[dict]) -> bool:
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
     top.set_title("Faults and recoveries")
     bars = recovery_bars(rows, t)
-    if bars:
-        top.broken_barh(bars, (-0.4, 0.4), color="tab:red", alpha=0.5, label="recovery (duration)")
+    for i, (start, seconds) in enumerate(bars):  # one lane each, below zero: recoveries may overlap
+        top.broken_barh([(start, seconds)], (-0.5 * (i + 1), 0.4), color="tab:red", alpha=0.5,
+                        label="recovery (duration)" if i == 0 else None)
+        top.annotate(f"{seconds:.1f}s", (start + seconds, -0.5 * (i + 1) + 0.2), fontsize=7, va="center")
     for key in _counters(rows):
         top.step(t, [r.get(key) or 0 for r in rows], where="post", label=key)
     top.set_ylabel("count")
