@@ -51,6 +51,20 @@ def test_metrics_logger_writes_grouped_rows_probes_and_sinks(tmp_path):
     assert seen == [(0, row)]
 
 
+def test_dashboard_port_falls_back_to_a_free_one_when_taken():
+    import socket
+
+    from jobs.cluster import dashboard_args
+    from miles_ray.config import ClusterConfig
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        args = dashboard_args(ClusterConfig(dashboard_port=port))
+        assert args["include_dashboard"] and args["dashboard_host"] == "127.0.0.1" and args["dashboard_port"] != port
+    assert dashboard_args(ClusterConfig(dashboard=False)) == {"include_dashboard": False}
+
+
 # -- a real run: Ray metrics endpoint, dashboard, namespace ------------------------------------
 def _series(text: str, name: str, run: str) -> list[float]:
     pat = re.compile(rf'^{name}\{{[^}}]*run="{run}"[^}}]*\}} (\S+)$', re.M)
