@@ -190,7 +190,7 @@ def test_async_staleness_bound_no_loss_no_duplicates(local_ray, tmp_path, model_
     assert summary["consumed"] == 6 * 4
     assert all(r["async/staleness_max"] <= staleness for r in rows)
     assert max(r["async/staleness_max"] for r in rows) >= 1  # it did run ahead of the trainer
-    assert all("is_weight_mean" in r and "kl_behav_prox" in r for r in rows)
+    assert all("async/is_weight_mean" in r and "async/kl_behav_prox" in r for r in rows)
     for r in rows:
         assert r["async/groups_submitted"] == (r["async/groups_accepted"] + r["async/groups_filtered"]
                                                + r["async/groups_running"])
