@@ -36,14 +36,11 @@ def _lines(ax, rows: list[dict], keys: list[str], ylabel: str, **kw) -> bool:
 
 
 def plot_reward(fig, rows: list[dict]) -> bool:
-    """Mean reward per step (band: +- std), its 10-step rolling mean, and eval rewards if any."""
+    """Mean reward per step, its 10-step rolling mean, and eval rewards if any."""
     ax = fig.add_subplot()
     x, y = series(rows, "rollout/reward_mean")
     if not x:
         return False
-    _, std = series(rows, "rollout/reward_std")
-    if len(std) == len(y):
-        ax.fill_between(x, [a - b for a, b in zip(y, std)], [a + b for a, b in zip(y, std)], alpha=0.15)
     ax.plot(x, y, lw=0.8, alpha=0.6, label="rollout/reward_mean")
     ax.plot(x, _rolling(y), lw=2, label="10-step rolling mean")
     for key in keys_with(rows, "eval/reward"):
