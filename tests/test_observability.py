@@ -179,6 +179,10 @@ def test_analyze_counts_reward_faults_and_ledger(tmp_path):
     with open(bad / "metrics.jsonl", "a") as f:  # step 3 logged twice: its 16 samples trained twice + 1 row
         f.write(json.dumps(rows[-1]) + "\n")
     assert analyze_run(bad)["ledger"]["samples_duplicated"] == 16 + 1
+    with open(bad / "metrics.jsonl", "a") as f:  # eval rows (reserved group) are reported and plotted
+        f.write(json.dumps({"step": 4, "eval/reward_mean": 0.75}) + "\n")
+    again = analyze_run(bad)
+    assert again["reward"]["eval/reward_mean"] == 0.75 and again["ledger"]["samples_duplicated"] == 16 + 1
 
 
 def test_cli_plot_and_analyze(tmp_path, capsys):

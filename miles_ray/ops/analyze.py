@@ -66,7 +66,8 @@ def staleness(rows: list[dict], cfg: dict, summary: dict) -> dict:
 
 
 def ledger(rows: list[dict], cfg: dict, summary: dict) -> dict:
-    if not all(GROUPS_KEY in r and SIZES_KEY in r for r in rows):
+    rows = [r for r in rows if GROUPS_KEY in r and SIZES_KEY in r]  # training rows (not eval-only ones)
+    if not rows:
         return {}
     n = (cfg.get("rollout") or {}).get("n_samples_per_prompt") or max(s for r in rows for s in r[SIZES_KEY])
     per_step = (cfg.get("rollout") or {}).get("prompts_per_step")

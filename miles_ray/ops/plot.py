@@ -43,7 +43,7 @@ def plot_reward(fig, rows: list[dict]) -> bool:
         return False
     ax.plot(x, y, lw=0.8, alpha=0.6, label="rollout/reward_mean")
     ax.plot(x, _rolling(y), lw=2, label="10-step rolling mean")
-    for key in keys_with(rows, "eval/reward"):
+    for key in [k for k in keys_with(rows, "eval/") if "reward" in k]:
         ex, ey = series(rows, key)
         ax.plot(ex, ey, "o-", label=key)
     ax.set(xlabel="step", ylabel="reward", title="Reward")
