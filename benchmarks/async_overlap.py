@@ -57,12 +57,12 @@ def main() -> None:
 
     ray.shutdown()  # its log stream must not trail the RESULT line
     mean = lambda rows, k: statistics.mean(r[k] for r in rows)  # noqa: E731
-    rollout_s = mean(sync, "time_rollout_s") + mean(sync, "time_reward_s")
-    train_s = mean(sync, "time_train_s") + mean(sync, "time_sync_s")
-    sync_step, async_step = mean(sync, "time_step_s"), mean(asyn, "time_step_s")
+    rollout_s = mean(sync, "perf/time_rollout_s") + mean(sync, "perf/time_reward_s")
+    train_s = mean(sync, "perf/time_train_s") + mean(sync, "perf/time_sync_s")
+    sync_step, async_step = mean(sync, "perf/time_step_s"), mean(asyn, "perf/time_step_s")
     speedup, eff = sync_step / async_step, max(rollout_s, train_s) / async_step
     print(f"sync step {sync_step:.3f}s (rollout+reward {rollout_s:.3f}s, train+sync {train_s:.3f}s)")
-    print(f"async (staleness 1) step {async_step:.3f}s, mean staleness {mean(asyn, 'staleness_mean'):.2f}")
+    print(f"async (staleness 1) step {async_step:.3f}s, mean staleness {mean(asyn, 'async/staleness_mean'):.2f}")
     print(f"speedup {speedup:.2f}x, overlap efficiency {eff:.2f}")
     print(f"RESULT speedup={speedup:.2f} overlap_efficiency={eff:.2f}")
 

@@ -48,9 +48,9 @@ def main() -> None:
     rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
     # the ledger in every row: which groups (and how many samples each) a step trained on
     counts = ledger_counts(rows, n, range(args.steps * prompts))
-    each = rows[-1]["recovery_s_each"] if rows else []
+    each = rows[-1]["fault/recovery_s_each"] if rows else []
     print(f"steps completed {counts['steps']}/{args.steps} (summary: {summary['steps']} run in this job)")
-    print(f"faults injected {args.faults}, recoveries {rows[-1]['recoveries']}, recovery seconds {each}")
+    print(f"faults injected {args.faults}, recoveries {rows[-1]['fault/recoveries']}, recovery seconds {each}")
     print(f"samples lost {counts['lost']}, samples trained twice {counts['duplicates']} "
           f"({counts['groups']} of {args.steps * prompts} groups trained)")
     print(f"RESULT faults={args.faults} steps={counts['steps']} lost={counts['lost']} duplicates={counts['duplicates']} "

@@ -94,7 +94,7 @@ def qat_demo(tmp: Path, steps: int) -> float:
     summary = run(cfg)
     rows = [json.loads(x) for x in open(tmp / "int4" / "metrics.jsonl")]
     print(f"INT4 QAT + INT4 rollout demo: reward {summary['reward_first5']:.3f} -> {summary['reward_last5']:.3f}, "
-          f"mean |rollout - trainer| {sum(r['mismatch_abs'] for r in rows) / len(rows):.2e}", flush=True)
+          f"mean |rollout - trainer| {sum(r['train/mismatch_abs'] for r in rows) / len(rows):.2e}", flush=True)
     return summary["reward_gain"]
 
 

@@ -45,9 +45,9 @@ def true_on_policy_run(tmp: Path, spec: str, steps: int) -> float:
         "checkpoint.export_hf=false"])
     run(cfg)
     rows = [json.loads(x) for x in open(tmp / name / "metrics.jsonl")]
-    worst = max(r["mismatch_max"] for r in rows)
+    worst = max(r["train/mismatch_max"] for r in rows)
     print(f"true on-policy {spec}: {len(rows)} steps, max |rollout - trainer| = {worst!r}, "
-          f"reward {rows[0]['reward_mean']:.3f} -> {rows[-1]['reward_mean']:.3f}", flush=True)
+          f"reward {rows[0]['rollout/reward_mean']:.3f} -> {rows[-1]['rollout/reward_mean']:.3f}", flush=True)
     return worst
 
 

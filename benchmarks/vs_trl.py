@@ -88,7 +88,7 @@ def miles_steps(tmp: Path, name: str, steps: int, model_dir: Path, *extra) -> li
         "logging.progress_bar=false", *extra])
     run(cfg)
     rows = [json.loads(x) for x in open(tmp / name / "metrics.jsonl")]
-    return [r["time_step_s"] for r in rows]
+    return [r["perf/time_step_s"] for r in rows]
 
 
 def _mean_after_first(xs: list[float]) -> float:

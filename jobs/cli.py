@@ -4,6 +4,8 @@
     miles-ray rollout CONFIG [key.sub=value ...]   inference only: generate, score, dump samples
     miles-ray serve --model-path SPEC [...]        one engine server (SGLang-compatible HTTP API)
     miles-ray config show [CONFIG] [key=value ...] the resolved config, defaults and descriptions
+    miles-ray plot RUN_DIR [--out DIR]             PNGs of a run (reward, lengths, KL, staleness, faults...)
+    miles-ray analyze RUN_DIR [--json]             a run's summary: reward rise, speed, faults, ledger
 
 A user error found at start (config, data, model path, reward function, resume folder) prints one
 ``error: ...`` line and exits 2; ``--debug`` shows the traceback as well. A mistyped command gets
@@ -22,6 +24,8 @@ EXAMPLES = """examples:
   miles-ray rollout examples/grpo_arith_tiny.yaml rollout.dump_path=runs/dump.jsonl
   miles-ray serve --model-path tiny:qwen3 --port 30000
   miles-ray config show examples/grpo_arith_tiny_async.yaml async_rl.staleness=2
+  miles-ray plot runs/grpo-arith-tiny --out plots/
+  miles-ray analyze runs/grpo-arith-tiny
 """
 
 
@@ -37,6 +41,31 @@ def cmd_config_show(args) -> int:
 
     sys.stdout.write(render_config(config_from(args)))
     return 0
+
+
+def cmd_plot(args) -> int:
+    from miles_ray.ops.plot import plot_run
+
+    for name, path in plot_run(args.run_dir, args.out).items():
+        print(f"wrote {path}" if path else f"skipped {name}: the run has none of its metrics")
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    import json
+
+    from miles_ray.ops.analyze import analyze_run, render
+
+    report = analyze_run(args.run_dir)
+    sys.stdout.write(json.dumps(report, indent=2) + "\n" if args.json else render(report, args.run_dir))
+    return 0
+
+
+def _run_dir_command(sub, name: str, help_: str, fn) -> argparse.ArgumentParser:
+    p = _sub(sub, name, help_, fn, config_args=False)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir (holds metrics.jsonl)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of errors")
+    return p
 
 
 def _sub(sub, name: str, help_: str, fn, config_args: bool = True, **kw):
@@ -56,6 +85,12 @@ def parser() -> argparse.ArgumentParser:
     serve = _sub(sub, "serve", "Run one engine server (SGLang-compatible HTTP API); `miles-ray serve --help` lists "
                  "its arguments.", cmd_serve, config_args=False, add_help=False)
     serve.add_argument("server_args", nargs=argparse.REMAINDER)
+    plot = _run_dir_command(sub, "plot", "Write PNGs of a run: reward (with eval), response length, KL and "
+                            "mismatch, IS weights, staleness, tokens/s, a timeline of faults and recoveries.", cmd_plot)
+    plot.add_argument("--out", metavar="DIR", help="where the PNGs go (default: RUN_DIR/plots)")
+    analyze = _run_dir_command(sub, "analyze", "Summarize a run: reward rise, steps/s, faults, lost and duplicated "
+                               "samples (from the ledger in metrics.jsonl).", cmd_analyze)
+    analyze.add_argument("--json", action="store_true", help="print the summary as JSON")
     config = sub.add_parser("config", help="Inspect configs.", description="Inspect configs.")
     actions = config.add_subparsers(dest="action", metavar="ACTION", required=True)
     _sub(actions, "show", "Print the resolved config: every key, its value (defaults included), type and "

@@ -2,7 +2,9 @@
 place the actors of a run on their placement-group bundles (:func:`start_actors`)."""
 from __future__ import annotations
 
+import logging
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -17,20 +19,51 @@ from miles_ray.rollout.http_guard import new_token, register
 from placement.groups import actor_options, create_groups, remove_groups
 from placement.plan import plan_placement
 
+log = logging.getLogger("miles_ray.cluster")
 Spawner = Callable[[int], list]  # generation -> new rank actors on the same bundles
 
 
 def init_ray(cfg: Config, needed_cpus: float) -> None:
+    """Join RAY_ADDRESS's cluster or start a local one, in the namespace ``cluster.namespace`` (named
+    actors ``<run_name>-<role>-<rank>`` can be found from another driver in that namespace). A
+    local Ray serves its dashboard (``cluster.dashboard``) and its URL is printed. A Ray that is
+    already initialized (tests, a user's own session) is used as it is."""
     if ray.is_initialized():
         return
-    env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    common = {"runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
+              "log_to_driver": True, "namespace": cfg.cluster.namespace}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=env, log_to_driver=True)
+        ray.init(**common)
         return
     cpus = cfg.cluster.local_num_cpus or max(int(needed_cpus + 0.999), os.cpu_count() or 1)
     # address="local": never join some other cluster by accident (set RAY_ADDRESS=auto for that)
-    ray.init(address="local", num_cpus=cpus, num_gpus=cfg.cluster.local_num_gpus, include_dashboard=False,
-             runtime_env=env, log_to_driver=True)
+    ctx = ray.init(address="local", num_cpus=cpus, num_gpus=cfg.cluster.local_num_gpus, **dashboard_args(cfg.cluster),
+                   **common)
+    if ctx.dashboard_url:
+        print(f"Ray dashboard (the run's actors, role by role): http://{ctx.dashboard_url}", flush=True)
+
+
+def dashboard_args(cluster) -> dict:
+    """``ray.init`` arguments for the dashboard of a local Ray: on ``cluster.dashboard_host``, at
+    ``cluster.dashboard_port`` or, when that port is taken (another run), a free one."""
+    if not cluster.dashboard:
+        return {"include_dashboard": False}
+    port = free_port(cluster.dashboard_host, cluster.dashboard_port)
+    if port != cluster.dashboard_port:
+        log.warning("dashboard port %d is taken; the dashboard uses port %d", cluster.dashboard_port, port)
+    return {"include_dashboard": True, "dashboard_host": cluster.dashboard_host, "dashboard_port": port}
+
+
+def free_port(host: str, preferred: int) -> int:
+    """``preferred`` if it can be bound on ``host`` (0: any), else a port the OS picks."""
+    for port in ((preferred, 0) if preferred else (0,)):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError(f"no free port on {host}")
 
 
 @dataclass

@@ -14,6 +14,7 @@ from pathlib import Path
 from jobs import steps
 from jobs.cluster import start_actors, stop_actors
 from jobs.context import Run
+from jobs.ray_metrics import telemetry
 from miles_ray.config import Config
 from miles_ray.data import PromptSampler, load_prompts
 from miles_ray.models import load_tokenizer
@@ -30,7 +31,8 @@ def run(cfg: Config) -> dict:
     items, _ = load_prompts(cfg.data, tokenizer, seed=cfg.seed)
     resolve_reward_fn(cfg.reward.fn)
     actors = start_actors(cfg, trainers=False)
-    logger = MetricsLogger(cfg.output_dir, cfg.logging, cfg.run_name + "-rollout", cfg.model_dump())
+    logger = MetricsLogger(cfg.output_dir, cfg.logging, cfg.run_name + "-rollout", cfg.model_dump(),
+                           **telemetry(cfg, actors))
     run_ = Run.create(cfg, actors, PromptSampler(items, seed=cfg.seed, shuffle=cfg.data.shuffle), tokenizer, logger)
     total, t0 = 0, time.time()
     try:

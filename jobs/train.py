@@ -19,6 +19,7 @@ from jobs import checkpointing, steps
 from jobs.async_driver import async_train_loop
 from jobs.cluster import start_actors, stop_actors
 from jobs.context import Run
+from jobs.ray_metrics import telemetry
 from jobs.sync_driver import train_loop
 from miles_ray.config import Config
 from miles_ray.data import PromptSampler, load_prompts
@@ -64,7 +65,7 @@ def run(cfg: Config) -> dict:
     t0 = time.time()
     actors = start_actors(cfg, engines=not cfg.rollout.replay_dump)
     log.info("actors ready in %.1fs", time.time() - t0)
-    logger = MetricsLogger(out_dir, cfg.logging, cfg.run_name, cfg.model_dump())
+    logger = MetricsLogger(out_dir, cfg.logging, cfg.run_name, cfg.model_dump(), **telemetry(cfg, actors))
     try:
         rewards, extra = _train(Run.create(cfg, actors, sampler, tokenizer, logger), resume_from)
     finally:

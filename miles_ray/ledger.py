@@ -3,9 +3,9 @@
 Two views of one record, both pure:
 
 - Per step (both drivers): :func:`step_entry` is written into every metrics row: the group ids a
-  step trained on (sorted), each group's prompt row and its sample count. :func:`check_rows`
-  reads those rows back from a finished run (resumed or not) and counts lost and duplicated
-  samples.
+  step trained on (sorted), each group's prompt row and its sample count (``metrics.jsonl`` names
+  them :data:`GROUPS_KEY`, :data:`PROMPTS_KEY`, :data:`SIZES_KEY`). :func:`check_rows` reads those
+  rows back from a finished run (resumed or not) and counts lost and duplicated samples.
 - Live (async driver): :class:`GroupLedger` tracks where every submitted group is. Invariant::
 
       submitted = consumed + filtered + buffered + running      (lost() == 0)
@@ -17,6 +17,10 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass, field
 from typing import Iterable
+
+from miles_ray.ops.names import group_key
+
+GROUPS_KEY, PROMPTS_KEY, SIZES_KEY = (group_key(k) for k in ("ledger_groups", "ledger_prompts", "ledger_sizes"))
 
 
 def step_entry(samples: list) -> dict:
@@ -30,13 +34,14 @@ def step_entry(samples: list) -> dict:
 
 
 def check_rows(rows: list, n_per_group: int, expected_groups: Iterable[int] | None = None) -> dict:
-    """Check metrics rows of one run. Returns ``steps`` (distinct steps), ``groups`` (distinct
-    groups trained), ``duplicates`` (rows of a step seen before + samples trained beyond
-    ``n_per_group`` per group: a group in two steps counts) and ``lost`` (samples missing from
-    groups trained short, or from ``expected_groups`` that were never trained)."""
+    """Check metrics rows of one run (as in ``metrics.jsonl``: grouped keys). Returns ``steps``
+    (distinct steps), ``groups`` (distinct groups trained), ``duplicates`` (rows of a step seen
+    before + samples trained beyond ``n_per_group`` per group: a group in two steps counts) and
+    ``lost`` (samples missing from groups trained short, or from ``expected_groups`` that were
+    never trained)."""
     per_group: collections.Counter = collections.Counter()
     for r in rows:
-        for gid, size in zip(r["ledger_groups"], r["ledger_sizes"]):
+        for gid, size in zip(r[GROUPS_KEY], r[SIZES_KEY]):
             per_group[gid] += size
     steps = collections.Counter(r["step"] for r in rows)
     expected = set(per_group) if expected_groups is None else set(expected_groups)

@@ -34,7 +34,7 @@ def test_stop_and_resume_equals_uninterrupted(local_ray, tmp_path, model_cache, 
     a, b = _rows(full), _rows(split)
     assert [r["step"] for r in b] == list(range(6))
     for x, y in zip(a, b):
-        for key in ("reward_mean", "loss", "grad_norm", "response_len_mean"):
+        for key in ("rollout/reward_mean", "train/loss", "train/grad_norm", "rollout/response_len_mean"):
             assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-7), (x["step"], key)
     wa, wb = _final_weights(full), _final_weights(split)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -62,7 +62,7 @@ def test_resume_at_another_number_of_trainer_ranks(local_ray, tmp_path, model_ca
     _run(split, model_cache, "total_steps=3", "cluster.num_trainers=1", "run_name=ws1", "resume=auto")
     a, b = _rows(full), _rows(split)
     assert [r["step"] for r in b] == [0, 1, 2]
-    for key in ("loss", "grad_norm", "reward_mean"):
+    for key in ("train/loss", "train/grad_norm", "rollout/reward_mean"):
         assert a[2][key] == pytest.approx(b[2][key], rel=1e-4, abs=1e-6), key
     wa, wb = _final_weights(full), _final_weights(split)
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)

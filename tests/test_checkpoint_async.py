@@ -39,7 +39,7 @@ def test_async_stop_and_resume_nothing_lost(local_ray, tmp_path, model_cache, to
     assert second["steps"] == 2 and second["resumed_from_step"] == 3
     assert second["lost"] == 0 and second["duplicates"] == 0 and second["consumed"] == 5 * 4
     # right after resume the trainer takes a full batch straight from the restored buffer
-    assert set(rows(out)[3]["ledger_groups"]) <= buffered
+    assert set(rows(out)[3]["train/ledger_groups"]) <= buffered
     # a second save after the resume, and its state continues the first run's
     assert [p.name for p in ckpt.checkpoints(root)] == ["step_1", "step_2", "step_3", "step_4", "step_5"]
     assert ckpt.read_meta(root / "step_5")["async"]["next_group"] == 28
@@ -76,8 +76,8 @@ def test_async_s0_stop_and_resume_equals_uninterrupted(local_ray, tmp_path, mode
     a, b = rows(full), rows(split)
     assert [r["step"] for r in b] == [0, 1, 2, 3]
     for x, y in zip(a, b):
-        assert x["ledger_groups"] == y["ledger_groups"]
-        for key in ("reward_mean", "loss", "grad_norm", "response_len_mean"):
+        assert x["train/ledger_groups"] == y["train/ledger_groups"]
+        for key in ("rollout/reward_mean", "train/loss", "train/grad_norm", "rollout/response_len_mean"):
             assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-7), (x["step"], key)
     wa, wb = final_weights(full, "4"), final_weights(split, "4")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -26,7 +26,7 @@ def _installed():
 def test_help_lists_every_command():
     out = _run("--help")
     assert out.returncode == 0
-    for command in ("train", "rollout", "serve", "config"):
+    for command in ("train", "rollout", "serve", "config", "plot", "analyze"):
         assert command in out.stdout
     train = _run("train", "--help")
     assert train.returncode == 0 and "key.sub=value" in train.stdout and "--debug" in train.stdout

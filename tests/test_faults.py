@@ -24,7 +24,7 @@ def _faults_run(tmp_path, model_cache, name: str, kills: str, *extra):
     summary = run(cfg)
     rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     assert summary["steps"] == 5 and [r["step"] for r in rows] == list(range(5))
-    assert all(r["num_samples"] == 16 for r in rows)
+    assert all(r["rollout/num_samples"] == 16 for r in rows)
     return cfg, rows
 
 
@@ -34,8 +34,8 @@ def test_rollout_engine_killed_mid_run(local_ray, tmp_path, model_cache, tokeniz
     kills = ('[{"role": "rollout", "rank": 0, "step": 1, "delay_s": 0.05}, '
              '{"role": "rollout", "rank": 1, "step": 3, "delay_s": 0.0}]')
     cfg, rows = _faults_run(tmp_path, model_cache, f"faults-{backend}", kills, f"rollout.backend={backend}")
-    assert rows[-1]["recoveries"] >= 2  # both engines came back (refit, their work re-sent)
-    assert all(r["mismatch_abs"] < 1e-4 for r in rows)  # restarted engines served refit weights only
+    assert rows[-1]["fault/recoveries"] >= 2  # both engines came back (refit, their work re-sent)
+    assert all(r["train/mismatch_abs"] < 1e-4 for r in rows)  # restarted engines served refit weights only
     check_run(tmp_path, cfg, tokenizer)  # every step once, no sample lost or trained twice
 
 
@@ -43,7 +43,7 @@ def test_reward_worker_killed_mid_run(local_ray, tmp_path, model_cache, tokenize
     kills = ('[{"role": "reward", "rank": 1, "step": 1, "delay_s": 0.0}, '
              '{"role": "reward", "rank": 0, "step": 3, "delay_s": 0.05}]')
     cfg, rows = _faults_run(tmp_path, model_cache, "faults-reward", kills, "rollout.backend=native")
-    assert rows[-1]["recoveries"] >= 2
+    assert rows[-1]["fault/recoveries"] >= 2
     check_run(tmp_path, cfg, tokenizer)
 
 
@@ -63,9 +63,10 @@ def test_trainer_rank_killed_group_rebuilt_from_checkpoint(local_ray, tmp_path, 
     summary = run(cfg)
     ref = [json.loads(x) for x in open(tmp_path / "ref" / "metrics.jsonl")]
     got = [json.loads(x) for x in open(tmp_path / "kill" / "metrics.jsonl")]
-    assert [r["step"] for r in got] == [0, 1, 2, 3] and got[-1]["recoveries"] >= 1
+    assert [r["step"] for r in got] == [0, 1, 2, 3] and got[-1]["fault/recoveries"] >= 1
     for a, b in zip(ref, got):
-        assert a["reward_mean"] == pytest.approx(b["reward_mean"]) and a["loss"] == pytest.approx(b["loss"], abs=1e-7)
+        assert a["rollout/reward_mean"] == pytest.approx(b["rollout/reward_mean"])
+        assert a["train/loss"] == pytest.approx(b["train/loss"], abs=1e-7)
     wa, wb = final_weights(tmp_path / "ref"), final_weights(tmp_path / "kill")
     assert all(torch.equal(wa[k], wb[k]) for k in wa) and summary["steps"] == 4
     check_run(tmp_path / "kill", cfg, tokenizer)  # the redone steps replaced the lost ones: none twice
@@ -80,7 +81,7 @@ def test_async_engine_and_reward_worker_killed_mid_run(local_ray, tmp_path, mode
              '{"role": "rollout", "rank": 1, "step": 3, "delay_s": 0.1}]')
     cfg, rows = _faults_run(tmp_path, model_cache, "faults-async", kills, "rollout.backend=native",
                             "async_rl.enabled=true", "async_rl.staleness=1")
-    assert rows[-1]["recoveries"] >= 3
+    assert rows[-1]["fault/recoveries"] >= 3
     check_run(tmp_path, cfg, tokenizer)
 
 
@@ -90,7 +91,7 @@ def test_async_trainer_rank_killed_rebuilt_from_checkpoint(local_ray, tmp_path, 
     cfg, rows = _faults_run(tmp_path, model_cache, "faults-async-trainer", '[{"role": "trainer", "rank": 1, "step": 2}]',
                             "rollout.backend=native", "async_rl.enabled=true", "async_rl.staleness=1",
                             "cluster.num_trainers=2", "checkpoint.every=1")
-    assert rows[-1]["recoveries"] >= 1
+    assert rows[-1]["fault/recoveries"] >= 1
     check_run(tmp_path, cfg, tokenizer)
 
 
@@ -99,5 +100,5 @@ def test_critic_rank_killed_groups_rebuilt_from_checkpoint(local_ray, tmp_path, 
     restored from the last checkpoint."""
     cfg, rows = _faults_run(tmp_path, model_cache, "faults-critic", '[{"role": "critic", "rank": 0, "step": 2}]',
                             "rollout.backend=native", "algorithm.advantage=gae", "checkpoint.every=1")
-    assert rows[-1]["recoveries"] >= 1 and all("value_loss" in r for r in rows)
+    assert rows[-1]["fault/recoveries"] >= 1 and all("train/value_loss" in r for r in rows)
     check_run(tmp_path, cfg, tokenizer)

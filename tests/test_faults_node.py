@@ -83,6 +83,6 @@ def test_node_lost_mid_run_engine_rescheduled_on_spare_node(cluster, tmp_path, m
     assert result["summary"]["steps"] == STEPS
     assert f"on nodes ['{spare.node_id}']" in caplog.text or f"on node {spare.node_id}" in caplog.text
     got = rows(out)
-    assert got[-1]["recoveries"] >= 1
-    assert all(r["mismatch_abs"] < 1e-4 for r in got)  # the restarted engine served refit weights only
+    assert got[-1]["fault/recoveries"] >= 1
+    assert all(r["train/mismatch_abs"] < 1e-4 for r in got)  # the restarted engine served refit weights only
     check_run(out, cfg, tokenizer)

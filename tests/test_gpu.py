@@ -66,5 +66,5 @@ def test_colocated_gpu_run_cuda_ipc_with_online_draft(tmp_path, model_cache):
     finally:
         ray.shutdown()
     rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
-    assert summary["steps"] == 4 and all(r["mismatch_abs"] < 1e-3 for r in rows)
-    assert all(r["spec_accept_len"] >= 1.0 and r["draft_loss"] > 0 for r in rows)
+    assert summary["steps"] == 4 and all(r["train/mismatch_abs"] < 1e-3 for r in rows)
+    assert all(r["rollout/spec_accept_len"] >= 1.0 and r["train/draft_loss"] > 0 for r in rows)

@@ -80,4 +80,4 @@ def test_ray_job_submit_runs_training(ray_head, tmp_path):
     assert proc.returncode == 0, log[-3000:]
     assert "succeeded" in log and "done: 3 steps" in log
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1, 2] and all("reward_mean" in r for r in rows)
+    assert [r["step"] for r in rows] == [0, 1, 2] and all("rollout/reward_mean" in r for r in rows)

@@ -3,7 +3,7 @@ import pytest
 
 from miles_ray import versioning
 from miles_ray.async_rl import StalenessController
-from miles_ray.ledger import GroupLedger, check_rows, step_entry
+from miles_ray.ledger import GROUPS_KEY, SIZES_KEY, GroupLedger, check_rows, step_entry
 from miles_ray.sample import Sample
 
 
@@ -19,7 +19,7 @@ def test_step_entry_sorted_with_prompts_and_sizes():
 
 
 def _row(step, groups, sizes):
-    return {"step": step, "ledger_groups": groups, "ledger_sizes": sizes}
+    return {"step": step, GROUPS_KEY: groups, SIZES_KEY: sizes}  # as in metrics.jsonl: train/ledger_*
 
 
 def test_check_rows_clean_run():

@@ -146,9 +146,9 @@ def test_moe_run_end_to_end(local_ray, tmp_path, model_cache, extra):
     assert run(cfg)["steps"] == 2
     rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     if "algorithm.routing_replay=r3" in extra:
-        assert all(r["routing_agreement"] == 1.0 and 0 < r["routing_agreement_own"] <= 1 for r in rows)
+        assert all(r["train/routing_agreement"] == 1.0 and 0 < r["train/routing_agreement_own"] <= 1 for r in rows)
     else:
-        assert all(r["mismatch_max"] == 0.0 for r in rows)
+        assert all(r["train/mismatch_max"] == 0.0 for r in rows)
 
 
 def test_mixtral_routing_is_recorded(model_cache):

@@ -44,4 +44,4 @@ def test_trainers_packed_engines_spread_and_run(two_nodes, tmp_path, model_cache
                                          "weight_sync.transport=broadcast", "run_name=multinode-run"])
     assert run(cfg)["steps"] == 2
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-    assert all(r["mismatch_abs"] < 1e-4 for r in rows)
+    assert all(r["train/mismatch_abs"] < 1e-4 for r in rows)

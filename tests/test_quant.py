@@ -106,7 +106,7 @@ def test_int4_qat_run_end_to_end(local_ray, tmp_path, model_cache):
                              "logging.progress_bar=false", "run_name=int4"])
     assert run(cfg)["steps"] == 2
     rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
-    assert all(r["mismatch_abs"] < 1e-5 for r in rows)  # engines serve exactly what QAT trains on
+    assert all(r["train/mismatch_abs"] < 1e-5 for r in rows)  # engines serve exactly what QAT trains on
 
 
 def test_w4a16_export_decodes_to_the_trained_values(model_cache, tmp_path):

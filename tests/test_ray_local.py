@@ -116,11 +116,11 @@ def test_sync_run_two_ranks_two_engines(local_ray, tmp_path, model_cache, extra)
     summary = run(cfg)
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 1, 2] and summary["steps"] == 3
-    assert all(r["num_samples"] == 16 and 0 <= r["reward_mean"] <= 1 for r in rows)
-    assert [r["weight_version"] for r in rows] == [2, 3, 4]
-    assert all(r["mismatch_abs"] < 1e-4 for r in rows)  # engines served exactly the trainer's weights
+    assert all(r["rollout/num_samples"] == 16 and 0 <= r["rollout/reward_mean"] <= 1 for r in rows)
+    assert [r["train/weight_version"] for r in rows] == [2, 3, 4]
+    assert all(r["train/mismatch_abs"] < 1e-4 for r in rows)  # engines served exactly the trainer's weights
     if "algorithm.advantage=gae" in extra:
-        assert all(r["value_loss"] > 0 and "kl_reward_penalty" in r for r in rows)
+        assert all(r["train/value_loss"] > 0 and "train/kl_reward_penalty" in r for r in rows)
     assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "samples.jsonl").is_file()
 
 
@@ -132,7 +132,7 @@ def test_engines_over_http_behind_router(local_ray, tmp_path, model_cache):
                "rollout.backend=native", "rollout.serve_http=true", "rollout.num_engines=2", "run_name=http")
     assert run(cfg)["steps"] == 2
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-    assert all(r["num_samples"] == 8 and r["mismatch_abs"] < 1e-4 for r in rows)
+    assert all(r["rollout/num_samples"] == 8 and r["train/mismatch_abs"] < 1e-4 for r in rows)
 
 
 def test_rollout_only_then_train_from_dump(local_ray, tmp_path, model_cache):
@@ -150,8 +150,8 @@ def test_rollout_only_then_train_from_dump(local_ray, tmp_path, model_cache):
                "rollout.prompts_per_step=3", "rollout.n_samples_per_prompt=2")
     assert run(cfg)["steps"] == 3
     rows = [json.loads(line) for line in open(tmp_path / "t" / "run" / "metrics.jsonl")]
-    assert [r["num_samples"] for r in rows] == [6, 6, 6]
-    assert rows[0]["reward_mean"] == pytest.approx(sum(x["reward"] for x in lines if x["step"] == 0) / 6)
+    assert [r["rollout/num_samples"] for r in rows] == [6, 6, 6]
+    assert rows[0]["rollout/reward_mean"] == pytest.approx(sum(x["reward"] for x in lines if x["step"] == 0) / 6)
 
 
 ASYNC_BASE = ("total_steps=4", "rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=4", "rollout.backend=native",
@@ -168,9 +168,10 @@ def test_async_s0_equals_sync(local_ray, tmp_path, model_cache):
     asyn = [json.loads(x) for x in open(tmp_path / "async" / "run" / "metrics.jsonl")]
     assert summary["lost"] == 0 and summary["duplicates"] == 0
     for a, b in zip(sync, asyn):
-        for key in ("reward_mean", "response_len_mean", "loss", "pg_loss", "grad_norm", "advantage_abs_mean"):
+        for key in ("rollout/reward_mean", "rollout/response_len_mean", "train/loss", "train/pg_loss", "train/grad_norm",
+                    "train/advantage_abs_mean"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
-        assert b["staleness_max"] == 0
+        assert b["async/staleness_max"] == 0
 
 
 @pytest.mark.parametrize("staleness,extra", [
@@ -187,11 +188,12 @@ def test_async_staleness_bound_no_loss_no_duplicates(local_ray, tmp_path, model_
     rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     assert summary["steps"] == 6 and summary["lost"] == 0 and summary["duplicates"] == 0
     assert summary["consumed"] == 6 * 4
-    assert all(r["staleness_max"] <= staleness for r in rows)
-    assert max(r["staleness_max"] for r in rows) >= 1  # it did run ahead of the trainer
-    assert all("is_weight_mean" in r and "kl_behav_prox" in r for r in rows)
+    assert all(r["async/staleness_max"] <= staleness for r in rows)
+    assert max(r["async/staleness_max"] for r in rows) >= 1  # it did run ahead of the trainer
+    assert all("async/is_weight_mean" in r and "async/kl_behav_prox" in r for r in rows)
     for r in rows:
-        assert r["groups_submitted"] == r["groups_accepted"] + r["groups_filtered"] + r["groups_running"]
+        assert r["async/groups_submitted"] == (r["async/groups_accepted"] + r["async/groups_filtered"]
+                                               + r["async/groups_running"])
 
 
 def test_async_watchdog_names_the_stuck_actor(local_ray, tmp_path, model_cache):

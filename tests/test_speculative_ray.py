@@ -33,17 +33,17 @@ def test_sync_run_with_online_draft(tmp_path, model_cache):
         ray.shutdown()
     assert len(pgs) == 1  # the draft trainer had its own placement group
     for r in online:
-        assert r["spec_accept_len"] >= 1.0 and r["rollout_tokens_per_s"] > 0
-        assert r["mismatch_abs"] < 1e-4  # speculation keeps the target's log-probs
+        assert r["rollout/spec_accept_len"] >= 1.0 and r["perf/rollout_tokens_per_s"] > 0
+        assert r["train/mismatch_abs"] < 1e-4  # speculation keeps the target's log-probs
     # SFT warm-up (20 batches) and every step's rollouts, 2 epochs each
-    assert [r["draft_version"] for r in online] == [40 + 2 * (i + 1) for i in range(3)]
-    assert sum(r["draft_loss_last"] for r in online) < sum(r["draft_loss"] for r in online)
-    assert "draft_loss" not in frozen[0]  # draft.online=false: no draft trainer
+    assert [r["train/draft_version"] for r in online] == [40 + 2 * (i + 1) for i in range(3)]
+    assert sum(r["train/draft_loss_last"] for r in online) < sum(r["train/draft_loss"] for r in online)
+    assert "train/draft_loss" not in frozen[0]  # draft.online=false: no draft trainer
     from miles_ray import checkpoint as ckpt
 
     assert (ckpt.latest(tmp_path / "spec-online" / "checkpoints") / "draft" / ".metadata").is_file()  # resumable
     # the trained draft reached the engines: it accepts far more than the untrained one
-    rate = lambda rows: sum(r["spec_accept_rate"] for r in rows) / len(rows)  # noqa: E731
+    rate = lambda rows: sum(r["rollout/spec_accept_rate"] for r in rows) / len(rows)  # noqa: E731
     assert rate(online) > rate(frozen) + 0.2, (rate(online), rate(frozen))
 
 
@@ -63,7 +63,7 @@ def test_async_run_with_online_draft(tmp_path, model_cache):
         ray.shutdown()
     rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     assert summary["steps"] == 3 and summary["lost"] == 0 and summary["duplicates"] == 0
-    assert [r["draft_version"] for r in rows] == [40 + 2 * (i + 1) for i in range(3)]
-    spec = [r for r in rows if "spec_accept_rate" in r]  # an interval can pass with no verify round
-    assert len(spec) >= 2 and all(r["spec_accept_rate"] > 0.5 for r in spec)
-    assert all(r["rollout_tokens_per_s"] > 0 for r in rows)
+    assert [r["train/draft_version"] for r in rows] == [40 + 2 * (i + 1) for i in range(3)]
+    spec = [r for r in rows if "rollout/spec_accept_rate" in r]  # an interval can pass with no verify round
+    assert len(spec) >= 2 and all(r["rollout/spec_accept_rate"] > 0.5 for r in spec)
+    assert all(r["perf/rollout_tokens_per_s"] > 0 for r in rows)

@@ -9,7 +9,7 @@ from pathlib import Path
 from jobs.checkpointing import load_async_state
 from miles_ray import checkpoint as ckpt
 from miles_ray.data import PromptSampler, load_prompts
-from miles_ray.ledger import check_rows
+from miles_ray.ledger import GROUPS_KEY, PROMPTS_KEY, check_rows
 
 
 def rows(out: Path) -> list:
@@ -32,7 +32,7 @@ def check_run(out: Path, cfg, tokenizer) -> dict:
     got = rows(out)
     steps, b, n = cfg.total_steps, cfg.rollout.prompts_per_step, cfg.rollout.n_samples_per_prompt
     assert [r["step"] for r in got] == list(range(steps))
-    trained = [g for r in got for g in r["ledger_groups"]]
+    trained = [g for r in got for g in r[GROUPS_KEY]]
     if cfg.async_rl.enabled:
         last = ckpt.latest(Path(out) / "checkpoints")
         buffered = [g[0].group_id for g in load_async_state(last)["buffer"]]
@@ -46,7 +46,7 @@ def check_run(out: Path, cfg, tokenizer) -> dict:
     assert counts == {"steps": steps, "lost": 0, "duplicates": 0, "groups": steps * b}, counts
     order = prompt_order(cfg, tokenizer, max(trained) + 1)
     for r in got:
-        assert r["ledger_prompts"] == [order[g] for g in r["ledger_groups"]], f"step {r['step']}: wrong prompts"
+        assert r[PROMPTS_KEY] == [order[g] for g in r[GROUPS_KEY]], f"step {r['step']}: wrong prompts"
     return counts
 
 
