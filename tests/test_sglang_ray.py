@@ -95,7 +95,7 @@ def test_async_partial_rollout_run_against_strict_servers(local_ray, tmp_path, m
     summary = run(_cfg(tmp_path, model_cache, *STRICT, "run_name=strict-async", *ASYNC))
     rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     assert summary["steps"] == len(rows) == 3
-    assert summary["lost"] == 0 and summary["duplicates"] == 0 and all(r["staleness_max"] <= 1 for r in rows)
+    assert summary["lost"] == 0 and summary["duplicates"] == 0 and all(r["async/staleness_max"] <= 1 for r in rows)
 
 
 def test_router_choice_builds_sglang_router_command():
