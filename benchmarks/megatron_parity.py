@@ -1,8 +1,12 @@
 """Megatron backend parity on CPU (fp32, tiny Qwen3), real gloo process groups:
 
 1. log-probs of the megatron GPTModel at TP=2 and at PP=2 vs the HF model's (max abs difference);
-2. one identical GRPO step on the megatron backend (TP=2) and on the FSDP backend (DDP, 1 rank):
-   the gathered megatron parameters, converted to HF names, vs the FSDP ones (max relative diff).
+2. one identical GRPO step (default train.lr, AdamW, clipping active, KL and entropy terms on) on
+   the megatron backend (TP=2) and on the FSDP backend (1 rank): the gathered megatron parameters,
+   converted to HF names, vs the FSDP ones: max over tensors of max|a - b| / max|b|. Also printed:
+   the relative L2 difference of the two updates (AdamW's first step is ~lr * sign(grad), so
+   elements whose gradient is at fp32 noise level (~1e-10) may move differently; it is reported,
+   not hidden).
 
     python benchmarks/megatron_parity.py [--cache runs/_models]
 
@@ -79,6 +83,74 @@ def megatron_logprobs(cache: str, tp: int, pp: int) -> list:
     return ordered
 
 
+TRAIN = dict(packing=False, micro_batch_size=2, grad_clip=1.0)  # train.lr: the default (1e-5)
+ALGO = dict(kl_coef=0.05, eps_low=0.1, eps_high=0.1, entropy_coef=0.01)
+
+
+def step_samples(cache: str) -> list:
+    """Samples with old log-probs perturbed off the current policy (ratios != 1, some clipped)."""
+    batch = samples()
+    for s, lp in zip(batch, hf_logprobs(cache, batch)):
+        s.old_logprobs = [x + 0.15 * ((k % 3) - 1) for k, x in enumerate(lp)]
+    return batch
+
+
+def fsdp_step(cache: str, batch: list) -> dict:
+    import copy
+
+    from miles_ray.config import AlgorithmConfig, TrainConfig
+    from miles_ray.training import PolicyTrainer
+
+    trainer = PolicyTrainer("tiny:qwen3", TrainConfig(**TRAIN), AlgorithmConfig(**ALGO), tiny_cache_dir=cache)
+    mine = copy.deepcopy(batch)
+    trainer.prepare(mine, old=False)
+    metrics = trainer.train_step([mine])
+    return {"state": trainer.export_state(), "metrics": metrics}
+
+
+def _step_worker(rank, world, port, cache, tp, pp, batch, out):
+    from miles_ray.config import AlgorithmConfig, TrainConfig
+    from miles_ray.megatron.trainer import MegatronPolicyTrainer
+    from miles_ray.training.base import init_distributed
+    from miles_ray.training.batching import shard_minibatches
+
+    init_distributed(rank, world, "127.0.0.1", port)
+    trainer = MegatronPolicyTrainer("tiny:qwen3", TrainConfig(**TRAIN), AlgorithmConfig(**ALGO), tiny_cache_dir=cache,
+                                    parallel_cfg={"tensor_parallel": tp, "pipeline_parallel": pp})
+    mine = shard_minibatches([batch], world)[rank]
+    trainer.prepare(mine[0], old=False)
+    metrics = trainer.train_step(mine)
+    state = trainer.full_state_dict()
+    if rank == 0:
+        torch.save({"state": state, "metrics": metrics}, out)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def megatron_step(cache: str, batch: list, tp: int, pp: int) -> dict:
+    world = tp * pp
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "step.pt")
+        mp.spawn(_step_worker, args=(world, _port(), cache, tp, pp, batch, out), nprocs=world, join=True)
+        return torch.load(out)
+
+
+def max_rel(a: dict, b: dict) -> float:
+    """max over tensors of max|a - b| / max|b| (the same HF names on both sides)."""
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)) for k in b)
+
+
+def update_rel(cache: str, mega: dict, fsdp: dict) -> float:
+    """||update_megatron - update_fsdp|| / ||update_fsdp|| over all parameters (L2)."""
+    from miles_ray.models import load_model
+
+    init = load_model("tiny:qwen3", "float32", cache).state_dict()
+    num = sum(float(((mega["state"][k] - fsdp["state"][k]) ** 2).sum()) for k in fsdp["state"])
+    den = sum(float(((fsdp["state"][k] - init[k]) ** 2).sum()) for k in fsdp["state"])
+    return (num / den) ** 0.5
+
+
 def max_abs(a: list, b: list) -> float:
     return max(abs(x - y) for u, v in zip(a, b) for x, y in zip(u, v))
 
@@ -93,7 +165,15 @@ def main(argv=None) -> None:
     print(f"tp2 log-prob max abs diff vs HF: {tp2:.3g}", flush=True)
     pp2 = max_abs(ref, megatron_logprobs(args.cache, 1, 2))
     print(f"pp2 log-prob max abs diff vs HF: {pp2:.3g}", flush=True)
-    print(f"RESULT tp2_logprob_max_abs={tp2:.3g} pp2_logprob_max_abs={pp2:.3g} step_param_max_rel=nan")
+    batch = step_samples(args.cache)
+    fsdp = fsdp_step(args.cache, batch)
+    mega = megatron_step(args.cache, batch, 2, 1)
+    for k in ("loss", "pg_loss", "kl", "entropy", "grad_norm"):
+        print(f"step {k}: fsdp {fsdp['metrics'][k]:.6g} megatron(TP=2) {mega['metrics'][k]:.6g}")
+    rel = max_rel(mega["state"], fsdp["state"])
+    print(f"one GRPO step, TP=2 vs FSDP: update relative L2 diff {update_rel(args.cache, mega, fsdp):.3g}")
+    print(f"one GRPO step, TP=2 vs FSDP: parameter max relative diff {rel:.3g}", flush=True)
+    print(f"RESULT tp2_logprob_max_abs={tp2:.3g} pp2_logprob_max_abs={pp2:.3g} step_param_max_rel={rel:.3g}")
 
 
 if __name__ == "__main__":

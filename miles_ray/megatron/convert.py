@@ -113,6 +113,18 @@ def to_hf(key: str, shards: list, hf_config, layer_offset: int) -> dict:
     return {pre + name: shards[0].clone() if dim is None else torch.cat(shards, dim=dim)}
 
 
+def tp_dim(key: str) -> int | None:
+    """The dim along which megatron parameter ``key`` is split over TP ranks (None: replicated).
+    Taken from this table, not from megatron's ``tensor_model_parallel`` attributes: those are
+    only set when megatron initialises the weights itself (``perform_initialization``)."""
+    if key.startswith(LAYER_PREFIX):
+        sub = key[len(LAYER_PREFIX):].split(".", 1)[1]
+        if sub.startswith(("self_attention.linear_qkv.", "mlp.linear_fc1.")) and "layer_norm" not in sub:
+            return 0
+        return LAYER_PLAIN[sub][1]
+    return TOP_PLAIN[key][1]
+
+
 def exported(key: str, hf_config) -> bool:
     """Whether this stage's parameter ``key`` goes into the HF export (a tied output layer
     does not: it is the embedding)."""

@@ -4,7 +4,9 @@ grad buffers and optimizer wrapper are CUDA-only; see :mod:`miles_ray.megatron.s
 After the schedule's backward each rank holds the gradient of *its* samples' loss (normalised by
 the global token / sequence counts) w.r.t. its shard. :func:`finalize` then
 1. sums over the data-parallel group (the sum over DP ranks is the global mini-batch gradient);
-2. with sequence parallelism, sums the grads of the replicated, sequence-sharded norms over TP;
+2. sums over TP the grads of replicated parameters that each TP rank sees only part of: Qwen3's
+   per-head Q/K norms (a rank holds some heads) and, with sequence parallelism, the
+   sequence-sharded norms (as megatron's ``finalize_model_grads`` does);
 3. with tied embeddings and PP > 1, sums the embedding (first stage) and output layer (last stage)
    grads over megatron's embedding group, so both copies take the same step.
 
@@ -38,6 +40,12 @@ def _tied_copy(model):
     return model.shared_embedding_or_output_weight() if ps.is_pipeline_last_stage() and not model.pre_process else None
 
 
+def _tp_partial(name: str, p, sequence_parallel: bool) -> bool:
+    """Replicated over TP but each TP rank only sees part of its inputs: the per-head Q/K norms
+    (each rank holds some heads) and, with sequence parallelism, the sequence-sharded norms."""
+    return "q_layernorm" in name or "k_layernorm" in name or (sequence_parallel and getattr(p, "sequence_parallel", False))
+
+
 def finalize(model, sequence_parallel: bool) -> None:
     from megatron.core import parallel_state as ps
 
@@ -45,9 +53,9 @@ def finalize(model, sequence_parallel: bool) -> None:
     if ps.get_data_parallel_world_size() > 1:
         for p in _params(model):
             dist.all_reduce(p.grad, group=ps.get_data_parallel_group())
-    if sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1:
-        for p in _params(model):
-            if getattr(p, "sequence_parallel", False):
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        for name, p in model.named_parameters():
+            if p.requires_grad and _tp_partial(name, p, sequence_parallel):
                 dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
     if model.share_embeddings_and_output_weights and ps.get_pipeline_model_parallel_world_size() > 1:
         if ps.is_rank_in_embedding_group():
@@ -57,10 +65,12 @@ def finalize(model, sequence_parallel: bool) -> None:
 def grad_norm(model) -> torch.Tensor:
     from megatron.core import parallel_state as ps
 
+    from miles_ray.megatron.convert import tp_dim
+
     tp_rank, tied = ps.get_tensor_model_parallel_rank(), _tied_copy(model)
     total = torch.zeros((), dtype=torch.float64)
-    for p in _params(model):
-        if p is tied or (tp_rank > 0 and not getattr(p, "tensor_model_parallel", False)):
+    for name, p in model.named_parameters():
+        if not p.requires_grad or p is tied or (tp_rank > 0 and tp_dim(name) is None):
             continue
         total += p.grad.detach().double().pow(2).sum().cpu()
     if dist.get_world_size(ps.get_model_parallel_group()) > 1:

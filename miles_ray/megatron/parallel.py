@@ -74,13 +74,13 @@ def broadcast_from_last_stage(obj):
     return box[0]
 
 
-def gather_tp_shards(param: torch.Tensor) -> list:
-    """The shards of a TP-partitioned parameter on every TP rank (TP-rank order); a replicated
-    parameter as a one-element list."""
+def gather_tp_shards(param: torch.Tensor, sharded: bool) -> list:
+    """The shards of a TP-partitioned (``sharded``) parameter on every TP rank (TP-rank order); a
+    replicated parameter as a one-element list."""
     from megatron.core import parallel_state as ps
 
     tp = ps.get_tensor_model_parallel_world_size()
-    if tp == 1 or not getattr(param, "tensor_model_parallel", False):
+    if tp == 1 or not sharded:
         return [param.detach()]
     shards = [torch.empty_like(param) for _ in range(tp)]
     dist.all_gather(shards, param.detach().contiguous(), group=ps.get_tensor_model_parallel_group())

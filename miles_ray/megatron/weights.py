@@ -59,7 +59,7 @@ def iter_hf(model, hf_config):
                 continue
             hf = None
             if where["pp_rank"] == stage and where["dp_rank"] == 0:
-                shards = gather_tp_shards(params[key])
+                shards = gather_tp_shards(params[key], convert.tp_dim(key) is not None)
                 if where["tp_rank"] == 0:
                     hf = convert.to_hf(key, [s.cpu() for s in shards], hf_config, offset)
             if sender != 0 and me in (0, sender):
