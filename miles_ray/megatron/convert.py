@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from miles_ray.megatron.model import head_dim
+from miles_ray.megatron.model import arch_flags, head_dim
 
 # megatron suffix inside a layer -> (HF suffix inside ``model.layers.<i>.``, TP split dim or None)
 LAYER_PLAIN = {
@@ -111,6 +111,19 @@ def to_hf(key: str, shards: list, hf_config, layer_offset: int) -> dict:
                 f"{pre}mlp.up_proj.weight": torch.cat([h[1] for h in halves])}
     name, dim = LAYER_PLAIN[sub]
     return {pre + name: shards[0].clone() if dim is None else torch.cat(shards, dim=dim)}
+
+
+def stage_names(hf_config, layers: int, first: bool, last: bool) -> list:
+    """Megatron (local spec) parameter names of a stage with ``layers`` decoder layers."""
+    qk_norm, bias = arch_flags(hf_config)
+    per_layer = ["input_layernorm.weight", "self_attention.linear_qkv.weight", "self_attention.linear_proj.weight",
+                 "pre_mlp_layernorm.weight", "mlp.linear_fc1.weight", "mlp.linear_fc2.weight"]
+    per_layer += ["self_attention.linear_qkv.bias"] * bias
+    per_layer += ["self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"] * qk_norm
+    names = ["embedding.word_embeddings.weight"] * first
+    names += [f"{LAYER_PREFIX}{i}.{k}" for i in range(layers) for k in per_layer]
+    untied_or_split = not hf_config.tie_word_embeddings or not first
+    return names + ["decoder.final_layernorm.weight"] * last + ["output_layer.weight"] * (last and untied_or_split)
 
 
 def tp_dim(key: str) -> int | None:

@@ -20,6 +20,8 @@ import logging
 
 import torch
 
+from miles_ray.algorithms import LOSS_AGGREGATIONS
+from miles_ray.algorithms.losses import sft_token_loss
 from miles_ray.megatron import grads, parallel, weights
 from miles_ray.megatron.forward import vocab_parallel_logprobs
 from miles_ray.megatron.model import build_gpt_model, layer_spec, transformer_config
@@ -154,12 +156,37 @@ class MegatronPolicyTrainer(PolicyLossMixin, TorchTrainerBase):
         out = run_micro_batches(self.model, batches, loss_fn, forward_only=False)
         return self._reduce_metrics(out, n_tokens) | self.optimizer_step()
 
-    def _reduce_metrics(self, per_micro: list, n_tokens: float) -> dict:
+    def sft_step(self, samples, lr: float | None = None) -> dict:
+        """As :meth:`miles_ray.training.sft.SFTMixin.sft_step`: token-mean NLL of the responses."""
+        self.set_lr(lr if lr is not None else self.base_lr)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        n_tokens, n_seqs = all_sum([float(sum(len(s.response_ids) for s in samples)), float(len(samples))])
+        group, _ = parallel.gather_model_parallel(samples)
+        batches, micro = self._batches(group)
+        weight = {id(b): w for b, (_, w) in zip(batches, micro)}
+
+        def loss_fn(batch, logits):
+            logp, _ = self._token_logprobs(batch, logits, entropy=False)
+            nll = sft_token_loss(batch.by_sample(logp))
+            loss = LOSS_AGGREGATIONS["token_mean"](nll, batch.sample_mask, n_tokens, n_seqs) * weight[id(batch)]
+            return loss, {"sft_loss": loss.item()}
+
+        out = run_micro_batches(self.model, batches, loss_fn, forward_only=False)
+        metrics = {**self._sum_metrics(out, ["sft_loss"]), **self.optimizer_step(scheduled=False)}
+        self.set_lr(self.base_lr)
+        self.version += 1
+        return metrics
+
+    def _sum_metrics(self, per_micro: list, keys: list) -> dict:
         """Sum over micro-batches, then over DP ranks (one reporter per model-parallel group)."""
-        keys = [k for k in SUMMED_METRICS if self.off_policy is not None or not k.startswith(("is_", "kl_behav"))]
         reporter = self.where["last"] and self.where["tp_rank"] == 0
         local = [sum(m.get(k, 0.0) for m in per_micro) if reporter else 0.0 for k in keys]
-        out = dict(zip(keys, all_sum(local)))
+        return dict(zip(keys, all_sum(local)))
+
+    def _reduce_metrics(self, per_micro: list, n_tokens: float) -> dict:
+        keys = [k for k in SUMMED_METRICS if self.off_policy is not None or not k.startswith(("is_", "kl_behav"))]
+        out = self._sum_metrics(per_micro, keys)
         for k in ("mismatch_abs", "mismatch_k3"):
             out[k] /= max(n_tokens, 1.0)
         out["mismatch_max"] = all_max(float(self.mismatch_max))
@@ -182,6 +209,19 @@ class MegatronPolicyTrainer(PolicyLossMixin, TorchTrainerBase):
             out["lr"] = lr
         self.optimizer.step()
         return out
+
+    # -- checkpoints: megatron distributed checkpointing --------------------------------------------
+    def save_checkpoint(self, folder: str) -> None:
+        """Collective (:mod:`miles_ray.megatron.checkpoint`)."""
+        from miles_ray.megatron import checkpoint
+
+        checkpoint.save(folder, self.model, self.optimizer, self.counters())
+
+    def load_checkpoint(self, folder: str) -> None:
+        from miles_ray.megatron import checkpoint
+
+        counters = checkpoint.load(folder, self.model, self.optimizer)
+        self.version, self.opt_steps = counters["version"], counters["opt_steps"]
 
     # -- weights --------------------------------------------------------------------------------
     def full_state_dict(self, to_cpu: bool = True) -> dict | None:

@@ -9,6 +9,7 @@ failure is a :class:`~miles_ray.errors.UserValueError` that names the numbers an
 from __future__ import annotations
 
 from miles_ray.errors import UserValueError
+from miles_ray.megatron.model import arch_flags
 
 
 def _divisors(n: int) -> list[int]:
@@ -33,15 +34,30 @@ def validate_layout(hf_config, tp: int, pp: int, world_size: int) -> None:
             f"{tp * pp * max(1, world_size // (tp * pp))} (or another multiple of {tp * pp}) or shrink TP/PP")
 
 
+# settings the megatron backend does not implement: (description, is-set test, fix)
+UNSUPPORTED = [
+    ("train.precision other than fp32", lambda c: c.train.precision not in ("auto", "fp32")
+     or (c.train.precision == "auto" and c.model.dtype != "float32"), "set train.precision=fp32 and model.dtype=float32"),
+    ("train.qat=int4", lambda c: c.train.qat != "none", "set train.qat=none"),
+    ("quantized rollout.precision", lambda c: c.rollout.precision != "bf16", "set rollout.precision=bf16"),
+    ("algorithm.true_on_policy", lambda c: bool(c.exact_max_len), "set algorithm.true_on_policy=false"),
+    ("algorithm.routing_replay=r3", lambda c: c.algorithm.routing_replay != "none", "set algorithm.routing_replay=none"),
+]
+
+
 def validate_config(cfg) -> None:
     """Check a run's config before any actor starts (no-op unless ``train.backend=megatron``)."""
     if cfg.train.backend != "megatron":
         return
+    for what, is_set, fix in UNSUPPORTED:
+        if is_set(cfg):
+            raise UserValueError(f"train.backend=megatron does not support {what}; {fix} or use train.backend=fsdp")
     from transformers import AutoConfig
 
     from miles_ray.models import resolve_model_path
 
     where = resolve_model_path(cfg.model.path, cfg.model.tiny_cache_dir)
     m = cfg.megatron
-    validate_layout(AutoConfig.from_pretrained(where["path"]), m.tensor_parallel, m.pipeline_parallel,
-                    cfg.cluster.num_trainers)
+    hf_config = AutoConfig.from_pretrained(where["path"])
+    arch_flags(hf_config)  # a model family the converter knows
+    validate_layout(hf_config, m.tensor_parallel, m.pipeline_parallel, cfg.cluster.num_trainers)
