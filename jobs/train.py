@@ -59,7 +59,9 @@ def run(cfg: Config) -> dict:
     items, report = load_prompts(cfg.data, tokenizer, seed=cfg.seed)
     sampler = PromptSampler(items, seed=cfg.seed, shuffle=cfg.data.shuffle)
     resolve_reward_fn(cfg.reward.fn)  # an unimportable reward function fails here, not in a worker
-    validate_backend(cfg)  # megatron layout vs model and trainer count: fails before any actor starts
+    backend_note = validate_backend(cfg)  # megatron layout vs model and ranks: fails before any actor starts
+    if backend_note:
+        log.info(backend_note)
     resume_from = checkpointing.find(cfg)
     if resume_from is not None:
         checkpointing.truncate_metrics(out_dir, checkpointing.ckpt.read_meta(resume_from)["step"])

@@ -59,21 +59,22 @@ def reference(model_cache):
             "metrics": metrics}
 
 
-def _worker(rank, world, port, cache, tp, pp, ref, out, ckpt):
+def _worker(rank, world, port, cache, tp, pp, ref, out, ckpt, sp):
     from miles_ray.megatron.trainer import MegatronPolicyTrainer
     from miles_ray.training.base import init_distributed
     from miles_ray.training.batching import shard_minibatches
 
     torch.set_num_threads(1)
     init_distributed(rank, world, "127.0.0.1", port)
-    par = {"tensor_parallel": tp, "pipeline_parallel": pp}
+    par = {"tensor_parallel": tp, "pipeline_parallel": pp, "sequence_parallel": sp}
 
     def build():
         return MegatronPolicyTrainer("tiny:qwen3", TrainConfig(**TRAIN), AlgorithmConfig(**ALGO), tiny_cache_dir=cache,
                                      parallel_cfg=par)
 
     trainer = build()
-    found = {"roundtrip": trainer.full_state_dict()}
+    found = {"roundtrip": trainer.full_state_dict(), "sp": trainer.mconfig.sequence_parallel,
+             "norm": type(trainer.model.decoder.layers[0].input_layernorm).__name__}
     parts = [None] * world
     torch.distributed.all_gather_object(parts, trainer.compute_logprobs(_samples()[rank::world]))
     found["logprobs"] = parts
@@ -96,10 +97,10 @@ def _worker(rank, world, port, cache, tp, pp, ref, out, ckpt):
     torch.distributed.destroy_process_group()
 
 
-def _run(tmp_path, model_cache, reference, tp, pp, world, ckpt=False):
+def _run(tmp_path, model_cache, reference, tp, pp, world, ckpt=False, sp=False):
     out = str(tmp_path / f"found_tp{tp}_pp{pp}.pt")
     folder = str(tmp_path / "ckpt") if ckpt else None
-    mp.spawn(_worker, args=(world, _port(), model_cache, tp, pp, reference, out, folder), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, _port(), model_cache, tp, pp, reference, out, folder, sp), nprocs=world, join=True)
     return torch.load(out, weights_only=False)
 
 
@@ -125,8 +126,10 @@ def _check(found, reference, world):
     assert _max_rel(found["stepped"], reference["stepped"]) <= 1e-4
 
 
-def test_tp2_logprobs_step_and_resume(tmp_path, model_cache, reference):
-    found = _run(tmp_path, model_cache, reference, tp=2, pp=1, world=2, ckpt=True)
+def test_tp2_sequence_parallel_logprobs_step_and_resume(tmp_path, model_cache, reference):
+    """TP=2 with sequence parallelism (TP=2 without it: benchmarks/megatron_parity.py)."""
+    found = _run(tmp_path, model_cache, reference, tp=2, pp=1, world=2, ckpt=True, sp=True)
+    assert found["sp"] and found["norm"] == "SequenceParallelRMSNorm"
     _check(found, reference, 2)
     assert found["resumed_version"] == 1
     assert all(torch.equal(found["resumed_second"][k], v) for k, v in found["second"].items())
@@ -175,6 +178,19 @@ def test_bad_layout_fails_with_numbers_and_fix(tp, pp, world, needle):
     with pytest.raises(UserValueError) as err:
         validate_layout(cfg, tp, pp, world)
     assert needle in str(err.value)
+
+
+def test_run_with_a_bad_layout_fails_before_any_actor(tmp_path, model_cache):
+    from jobs.train import run
+    from miles_ray.config import load_config
+
+    cfg = load_config("examples/grpo_arith_tiny_megatron.yaml", [
+        f"output_dir={tmp_path}", f"model.tiny_cache_dir={model_cache}", "cluster.num_trainers=3"])
+    with pytest.raises(UserValueError, match="cluster.num_trainers=3 is not a multiple of"):
+        run(cfg)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"qat": "int4"})})
+    with pytest.raises(UserValueError, match="does not support train.qat=int4; set train.qat=none"):
+        run(cfg)
 
 
 def test_shims_document_what_they_replace():

@@ -65,20 +65,54 @@ def transformer_config(hf_config, tp: int = 1, pp: int = 1, sequence_parallel: b
         calculate_per_token_loss=True)
 
 
-def layer_spec(choice: str, hf_config) -> tuple[object, str]:
-    """(spec, name): ``te`` needs transformer_engine; ``auto`` takes it where it imports."""
+def spec_name(choice: str) -> str:
+    """``te`` or ``local`` for ``megatron.layer_spec``: ``te`` needs transformer_engine; ``auto``
+    takes it where it is installed (no megatron import: the driver calls this too)."""
     te = importlib.util.find_spec("transformer_engine") is not None
     if choice == "te" and not te:
         raise UserValueError("megatron.layer_spec=te but transformer_engine does not import here; "
                              "use megatron.layer_spec=auto or local")
+    return "te" if te and choice in ("te", "auto") else "local"
+
+
+class SequenceParallelRMSNorm(torch.nn.RMSNorm):
+    """``torch.nn.RMSNorm`` for megatron's local spec under sequence parallelism (its
+    ``WrappedTorchNorm`` refuses SP; TE's norms support it). The same math on each sequence shard;
+    the weight is marked ``sequence_parallel`` so :mod:`miles_ray.megatron.grads` sums its
+    gradient over TP."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def layer_spec(choice: str, hf_config, sequence_parallel: bool = False) -> tuple[object, str]:
+    """(spec, name) of the decoder layer (see :func:`spec_name`)."""
     qk_norm, _ = arch_flags(hf_config)
-    if te and choice in ("te", "auto"):
+    if spec_name(choice) == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm), "te"
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    return get_gpt_layer_local_spec(qk_layernorm=qk_norm, normalization="RMSNorm"), "local"
+    spec = get_gpt_layer_local_spec(qk_layernorm=qk_norm, normalization="RMSNorm")
+    if sequence_parallel:
+        sub = spec.submodules
+        sub.input_layernorm = sub.pre_mlp_layernorm = SequenceParallelRMSNorm
+        if qk_norm:
+            sub.self_attention.submodules.q_layernorm = SequenceParallelRMSNorm
+            sub.self_attention.submodules.k_layernorm = SequenceParallelRMSNorm
+    return spec, "local"
+
+
+def _block(config, spec):
+    """A local layer spec under SP as a block whose final norm is SP-capable too."""
+    if not config.sequence_parallel or getattr(spec.submodules, "input_layernorm", None) is not SequenceParallelRMSNorm:
+        return spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
+                                      layer_norm=SequenceParallelRMSNorm)
 
 
 def build_gpt_model(hf_config, config, spec, pre_process: bool = True, post_process: bool = True):
@@ -86,7 +120,7 @@ def build_gpt_model(hf_config, config, spec, pre_process: bool = True, post_proc
     ``post_process``: the final norm and output layer)."""
     from megatron.core.models.gpt import GPTModel
 
-    model = GPTModel(config, spec, vocab_size=hf_config.vocab_size,
+    model = GPTModel(config, _block(config, spec), vocab_size=hf_config.vocab_size,
                      max_sequence_length=hf_config.max_position_embeddings, pre_process=pre_process,
                      post_process=post_process, parallel_output=True,
                      share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),

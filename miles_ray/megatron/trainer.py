@@ -40,7 +40,7 @@ def _parallel(cfg) -> dict:
         return {"tensor_parallel": 1, "pipeline_parallel": 1, "sequence_parallel": False, "layer_spec": "auto"}
     get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
     return {"tensor_parallel": get("tensor_parallel", 1), "pipeline_parallel": get("pipeline_parallel", 1),
-            "sequence_parallel": get("sequence_parallel", False), "layer_spec": get("layer_spec", "auto")}
+            "sequence_parallel": bool(get("sequence_parallel", False)), "layer_spec": get("layer_spec", "auto")}
 
 
 class MegatronPolicyTrainer(PolicyLossMixin, TorchTrainerBase):
@@ -70,7 +70,7 @@ class MegatronPolicyTrainer(PolicyLossMixin, TorchTrainerBase):
         self.sequence_parallel = par["sequence_parallel"] and par["tensor_parallel"] > 1
         self.mconfig = transformer_config(hf.config, par["tensor_parallel"], par["pipeline_parallel"],
                                           self.sequence_parallel)
-        self.spec, self.spec_name = layer_spec(par["layer_spec"], hf.config)
+        self.spec, self.spec_name = layer_spec(par["layer_spec"], hf.config, self.sequence_parallel)
         log.info("megatron backend: %s layer spec, TP=%d PP=%d DP=%d SP=%s", self.spec_name, self.where["tp"],
                  self.where["pp"], self.where["dp"], self.sequence_parallel)
         hf_state = hf.state_dict()
@@ -90,7 +90,8 @@ class MegatronPolicyTrainer(PolicyLossMixin, TorchTrainerBase):
     # -- forward --------------------------------------------------------------------------------
     def _batches(self, samples: list) -> tuple[list, list]:
         micro = padded_micro_batches(samples, self.cfg)
-        return [pack(c, self.pad_id, self.device, packed=False) for c, _ in micro], micro
+        multiple = self.where["tp"] if self.sequence_parallel else 1  # SP shards the sequence over TP
+        return [pack(c, self.pad_id, self.device, packed=False, length_multiple=multiple) for c, _ in micro], micro
 
     def _token_logprobs(self, batch, logits, entropy: bool):
         logp, ent = vocab_parallel_logprobs(logits, batch.targets, self.temperature, entropy)

@@ -9,7 +9,7 @@ failure is a :class:`~miles_ray.errors.UserValueError` that names the numbers an
 from __future__ import annotations
 
 from miles_ray.errors import UserValueError
-from miles_ray.megatron.model import arch_flags
+from miles_ray.megatron.model import arch_flags, spec_name
 
 
 def _divisors(n: int) -> list[int]:
@@ -45,10 +45,11 @@ UNSUPPORTED = [
 ]
 
 
-def validate_config(cfg) -> None:
-    """Check a run's config before any actor starts (no-op unless ``train.backend=megatron``)."""
+def validate_config(cfg) -> str | None:
+    """Check a run's config before any actor starts; returns the line the run log shows (None
+    unless ``train.backend=megatron``): the layout and which layer spec the ranks build."""
     if cfg.train.backend != "megatron":
-        return
+        return None
     for what, is_set, fix in UNSUPPORTED:
         if is_set(cfg):
             raise UserValueError(f"train.backend=megatron does not support {what}; {fix} or use train.backend=fsdp")
@@ -61,3 +62,8 @@ def validate_config(cfg) -> None:
     hf_config = AutoConfig.from_pretrained(where["path"])
     arch_flags(hf_config)  # a model family the converter knows
     validate_layout(hf_config, m.tensor_parallel, m.pipeline_parallel, cfg.cluster.num_trainers)
+    spec = spec_name(m.layer_spec)
+    dp = cfg.cluster.num_trainers // (m.tensor_parallel * m.pipeline_parallel)
+    return (f"train.backend=megatron: TP={m.tensor_parallel} PP={m.pipeline_parallel} DP={dp} "
+            f"sequence_parallel={m.sequence_parallel and m.tensor_parallel > 1}, {spec} layer spec "
+            f"({'Transformer Engine' if spec == 'te' else 'megatron-core local: transformer_engine does not import'})")
