@@ -63,6 +63,7 @@ def _worker(rank, world, port, cache, tp, pp, ref, out, ckpt, sp):
     from miles_ray.megatron.trainer import MegatronPolicyTrainer
     from miles_ray.training.base import init_distributed
     from miles_ray.training.batching import shard_minibatches
+    from miles_ray.weights.buckets import iter_tensors
 
     torch.set_num_threads(1)
     init_distributed(rank, world, "127.0.0.1", port)
@@ -75,6 +76,8 @@ def _worker(rank, world, port, cache, tp, pp, ref, out, ckpt, sp):
     trainer = build()
     found = {"roundtrip": trainer.full_state_dict(), "sp": trainer.mconfig.sequence_parallel,
              "norm": type(trainer.model.decoder.layers[0].input_layernorm).__name__}
+    buckets = list(trainer.iter_export(trainer.engine_state(), 1, 16 << 10))  # weight sync: many small buckets
+    found["buckets"] = [(b.index, b.count, dict(iter_tensors(b))) for b in buckets]
     parts = [None] * world
     torch.distributed.all_gather_object(parts, trainer.compute_logprobs(_samples()[rank::world]))
     found["logprobs"] = parts
@@ -113,6 +116,12 @@ def _check(found, reference, world):
     # HF -> Megatron (sharded) -> HF: bit for bit
     assert found["roundtrip"].keys() == reference["initial"].keys()
     assert all(torch.equal(found["roundtrip"][k], v) for k, v in reference["initial"].items())
+    # the bucketed export (packed one bucket at a time from the shards) carries the same tensors
+    buckets = found["buckets"]
+    assert len(buckets) > 3 and [b[0] for b in buckets] == list(range(buckets[0][1]))
+    exported = {k: v for _, _, tensors in buckets for k, v in tensors.items()}
+    assert exported.keys() == reference["initial"].keys()
+    assert all(torch.equal(exported[k], v) for k, v in reference["initial"].items())
     # log-probs from the vocab-parallel logits equal HF's (fp32)
     got = [None] * len(reference["logprobs"])
     for rank, part in enumerate(found["logprobs"]):

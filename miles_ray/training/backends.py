@@ -25,7 +25,8 @@ def _fsdp(c):
 def _megatron(c):
     from miles_ray.megatron.trainer import MegatronPolicyTrainer
 
-    return MegatronPolicyTrainer(c.model.path, c.train, c.algorithm, parallel_cfg=c.megatron, **_common(c))
+    return MegatronPolicyTrainer(c.model.path, c.train, c.algorithm, parallel_cfg=c.megatron, **_common(c),
+                                 keep_export_buffers=c.weight_sync.transport in ("shm", "cuda_ipc"))
 
 
 def build_policy_trainer(cfg):
