@@ -4,6 +4,7 @@ HF <-> Megatron conversion round trip; distributed checkpoint save / resume; sta
 checks. (Ray: a run on the megatron backend with a trainer-rank death is in
 test_megatron_ray.py.)"""
 import copy
+import importlib.util
 import os
 import random
 import socket
@@ -200,6 +201,17 @@ def test_run_with_a_bad_layout_fails_before_any_actor(tmp_path, model_cache):
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"qat": "int4"})})
     with pytest.raises(UserValueError, match="does not support train.qat=int4; set train.qat=none"):
         run(cfg)
+
+
+def test_run_log_line_names_layout_and_layer_spec(model_cache):
+    from miles_ray.config import load_config
+    from miles_ray.megatron.validate import validate_config
+
+    cfg = load_config("examples/grpo_arith_tiny_megatron.yaml", [f"model.tiny_cache_dir={model_cache}"])
+    line = validate_config(cfg)
+    assert line.startswith("train.backend=megatron: TP=2 PP=1 DP=1 sequence_parallel=False")
+    assert ("te layer spec" in line) == (importlib.util.find_spec("transformer_engine") is not None)
+    assert validate_config(load_config(None, [f"model.tiny_cache_dir={model_cache}"])) is None  # fsdp
 
 
 def test_shims_document_what_they_replace():

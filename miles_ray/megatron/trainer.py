@@ -111,9 +111,8 @@ class MegatronPolicyTrainer(PolicyLossMixin, TorchTrainerBase):
             return logits.sum() * 0.0, {"logp": unpack(logp, batch)}
 
         out = run_micro_batches(core, batches, loss_fn, forward_only=True) if batches else []
-        found = [lp for (chunk, w), o in zip(micro, out) if w for lp in o["logp"]] if out else None
-        found = parallel.broadcast_from_last_stage(found)
-        return found[mine]
+        found = _by_position(group, micro, [o["logp"] for o in out]) if out else None
+        return parallel.broadcast_from_last_stage(found)[mine]
 
     def prepare(self, samples, old: bool = True) -> list:
         if old:
@@ -267,3 +266,14 @@ class MegatronPolicyTrainer(PolicyLossMixin, TorchTrainerBase):
             hf.tie_weights()
             hf.save_pretrained(folder)
             self.tokenizer.save_pretrained(folder)
+
+
+def _by_position(group: list, micro: list, per_micro: list) -> list:
+    """Per-sample results in ``group`` order from per-micro-batch lists (padding micro-batches
+    dropped; whatever order the micro-batch planner chose)."""
+    where = {id(s): i for i, s in enumerate(group)}
+    out = [None] * len(group)
+    for (chunk, weight), results in zip(micro, per_micro):
+        for s, r in zip(chunk if weight else [], results):
+            out[where[id(s)]] = r
+    return out
