@@ -153,9 +153,10 @@ def test_tp1_data_parallel_2(tmp_path, model_cache, reference):
     _check(_run(tmp_path, model_cache, reference, tp=1, pp=1, world=2), reference, 2)
 
 
-@pytest.mark.parametrize("arch,tied", [("qwen3", True), ("qwen2", False), ("llama", True)])
+@pytest.mark.parametrize("arch,tied", [("qwen3", True), ("qwen2", False), ("llama", True), ("qwen3_moe", False)])
 def test_conversion_round_trip_bit_identical(arch, tied):
-    """HF -> Megatron (every TP rank of every PP stage at TP=2, PP=2) -> HF reproduces each tensor."""
+    """HF -> Megatron (every TP rank of every PP stage at TP=2, PP=2) -> HF reproduces each tensor
+    (Qwen3-MoE: HF's fused experts split per expert and TP rank, then stacked again)."""
     from transformers import AutoModelForCausalLM
 
     cfg = tiny_model_config(arch, 512, 1, 2, hidden=64, layers=4)
@@ -164,14 +165,16 @@ def test_conversion_round_trip_bit_identical(arch, tied):
     hf = AutoModelForCausalLM.from_config(cfg).state_dict()
     if tied:
         hf.pop("lm_head.weight", None)
-    back = {}
-    for stage, (first, last) in enumerate([(True, False), (False, True)]):
-        names = convert.stage_names(cfg, 2, first, last)
-        shards = [convert.to_megatron(hf, names, cfg, r, 2, 2 * stage) for r in range(2)]
-        for key in names:
-            if convert.exported(key, cfg):
-                parts = [s[key] for s in shards] if convert.tp_dim(key) is not None else [shards[0][key]]
-                back.update(convert.to_hf(key, parts, cfg, 2 * stage))
+    def parts():
+        for stage, (first, last) in enumerate([(True, False), (False, True)]):
+            names = convert.stage_names(cfg, 2, first, last)
+            shards = [convert.to_megatron(hf, names, cfg, r, 2, 2 * stage) for r in range(2)]
+            for key in names:
+                if convert.exported(key, cfg):
+                    split = [s[key] for s in shards] if convert.tp_dim(key) is not None else [shards[0][key]]
+                    yield from convert.to_hf(key, split, cfg, 2 * stage).items()
+
+    back = dict(convert.fuse_experts(parts(), cfg))
     assert back.keys() == hf.keys()
     assert all(torch.equal(back[k], v) for k, v in hf.items())
 

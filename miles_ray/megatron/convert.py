@@ -16,6 +16,8 @@ functions only slice, view and concatenate.
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
 from miles_ray.megatron.model import arch_flags, head_dim
@@ -31,7 +33,12 @@ LAYER_PLAIN = {
     # the TE spec fuses the norms into the following linear layer
     "self_attention.linear_qkv.layer_norm_weight": ("input_layernorm.weight", None),
     "mlp.linear_fc1.layer_norm_weight": ("post_attention_layernorm.weight", None),
+    "mlp.router.weight": ("mlp.gate.weight", None),  # Qwen3-MoE
 }
+# Qwen3-MoE experts (EP=1, megatron's SequentialMLP): HF fuses all experts of a layer in one tensor
+# ([E, 2I, H] gate then up; [E, H, I]); megatron holds one fc1 / fc2 per expert
+EXPERT = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.linear_fc([12])\.weight$")
+HF_EXPERTS = {"1": "mlp.experts.gate_up_proj", "2": "mlp.experts.down_proj"}
 TOP_PLAIN = {
     "embedding.word_embeddings.weight": ("model.embed_tokens.weight", 0),
     "decoder.final_layernorm.weight": ("model.norm.weight", None),
@@ -68,6 +75,13 @@ def _layer_to_megatron(hf: dict, pre: str, key: str, hf_config, tp_rank: int, tp
         return _qkv_to_megatron(q, k, v, hf_config, tp_rank, tp)
     if key == "mlp.linear_fc1.weight":
         gate, up = hf[f"{pre}mlp.gate_proj.weight"], hf[f"{pre}mlp.up_proj.weight"]
+        return torch.cat([gate.chunk(tp)[tp_rank], up.chunk(tp)[tp_rank]]).clone()
+    expert = EXPERT.match(key)
+    if expert:
+        t = hf[pre + HF_EXPERTS[expert[2]]][int(expert[1])]
+        if expert[2] == "2":
+            return t.chunk(tp, dim=1)[tp_rank].clone()
+        gate, up = t.chunk(2)
         return torch.cat([gate.chunk(tp)[tp_rank], up.chunk(tp)[tp_rank]]).clone()
     name, dim = LAYER_PLAIN[key]
     return _split(hf[pre + name], dim, tp_rank, tp)
@@ -109,15 +123,40 @@ def to_hf(key: str, shards: list, hf_config, layer_offset: int) -> dict:
         halves = [s.chunk(2) for s in shards]
         return {f"{pre}mlp.gate_proj.weight": torch.cat([h[0] for h in halves]),
                 f"{pre}mlp.up_proj.weight": torch.cat([h[1] for h in halves])}
+    expert = EXPERT.match(sub)
+    if expert:  # one expert's slice of the fused HF tensor: "<name>@<expert>", see fuse_experts
+        halves = [s.chunk(2) for s in shards]
+        full = (torch.cat([h[0] for h in halves] + [h[1] for h in halves]) if expert[2] == "1"
+                else torch.cat(shards, dim=1))
+        return {f"{pre}{HF_EXPERTS[expert[2]]}@{expert[1]}": full}
     name, dim = LAYER_PLAIN[sub]
     return {pre + name: shards[0].clone() if dim is None else torch.cat(shards, dim=dim)}
+
+
+def fuse_experts(items, hf_config):
+    """Pass ``(hf_name, tensor)`` pairs through, stacking the per-expert slices ``<name>@<e>`` of a
+    layer into HF's fused tensor once all ``num_experts`` have arrived."""
+    waiting: dict = {}
+    for name, tensor in items:
+        if "@" not in name:
+            yield name, tensor
+            continue
+        base, e = name.rsplit("@", 1)
+        got = waiting.setdefault(base, {})
+        got[int(e)] = tensor
+        if len(got) == hf_config.num_experts:
+            yield base, torch.stack([got[i] for i in range(hf_config.num_experts)])
+            del waiting[base]
 
 
 def stage_names(hf_config, layers: int, first: bool, last: bool) -> list:
     """Megatron (local spec) parameter names of a stage with ``layers`` decoder layers."""
     qk_norm, bias = arch_flags(hf_config)
+    experts = getattr(hf_config, "num_experts", 0) or 0
+    mlp = ["mlp.router.weight", *(f"mlp.experts.local_experts.{e}.linear_fc{k}.weight" for e in range(experts)
+                                  for k in (1, 2))] if experts else ["mlp.linear_fc1.weight", "mlp.linear_fc2.weight"]
     per_layer = ["input_layernorm.weight", "self_attention.linear_qkv.weight", "self_attention.linear_proj.weight",
-                 "pre_mlp_layernorm.weight", "mlp.linear_fc1.weight", "mlp.linear_fc2.weight"]
+                 "pre_mlp_layernorm.weight", *mlp]
     per_layer += ["self_attention.linear_qkv.bias"] * bias
     per_layer += ["self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"] * qk_norm
     names = ["embedding.word_embeddings.weight"] * first
@@ -134,6 +173,8 @@ def tp_dim(key: str) -> int | None:
         sub = key[len(LAYER_PREFIX):].split(".", 1)[1]
         if sub.startswith(("self_attention.linear_qkv.", "mlp.linear_fc1.")) and "layer_norm" not in sub:
             return 0
+        if EXPERT.match(sub):
+            return 0 if EXPERT.match(sub)[2] == "1" else 1
         return LAYER_PLAIN[sub][1]
     return TOP_PLAIN[key][1]
 

@@ -21,14 +21,16 @@ from miles_ray.weights.buckets import Bucket, plan_buckets
 
 def _stage_entries(model, hf_config) -> list:
     """(HF name, shape, dtype) of this stage's export, from meta tensors shaped like the shards."""
-    tp, offset, out = layout()["tp"], layer_offset(model), []
-    for key, p in model.named_parameters():
-        if not convert.exported(key, hf_config):
-            continue
-        n = tp if convert.tp_dim(key) is not None else 1
-        shards = [torch.empty(p.shape, dtype=p.dtype, device="meta") for _ in range(n)]
-        out += [(name, tuple(t.shape), t.dtype) for name, t in convert.to_hf(key, shards, hf_config, offset).items()]
-    return out
+    tp, offset = layout()["tp"], layer_offset(model)
+
+    def meta():
+        for key, p in model.named_parameters():
+            if convert.exported(key, hf_config):
+                n = tp if convert.tp_dim(key) is not None else 1
+                shards = [torch.empty(p.shape, dtype=p.dtype, device="meta") for _ in range(n)]
+                yield from convert.to_hf(key, shards, hf_config, offset).items()
+
+    return [(name, tuple(t.shape), t.dtype) for name, t in convert.fuse_experts(meta(), hf_config)]
 
 
 class HFStream:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from miles_ray.errors import UserValueError
 
 # model_type -> (qk_layernorm, qkv_bias): qkv_bias None = the config's ``attention_bias``
-ARCHS = {"qwen3": (True, False), "qwen2": (False, True), "llama": (False, None)}
+ARCHS = {"qwen3": (True, False), "qwen2": (False, True), "llama": (False, None), "qwen3_moe": (True, False)}
 
 
 def arch_flags(hf_config) -> tuple[bool, bool]:
@@ -61,8 +61,21 @@ def transformer_config(hf_config, tp: int = 1, pp: int = 1, sequence_parallel: b
         bf16=dtype == torch.bfloat16, use_cpu_initialization=not cuda, perform_initialization=False,
         gradient_accumulation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
         masked_softmax_fusion=False, persist_layer_norm=False, batch_p2p_comm=False,
-        variable_seq_lengths=True, moe_token_dispatcher_type="alltoall", deallocate_pipeline_outputs=False,
-        calculate_per_token_loss=True)
+        deallocate_pipeline_outputs=False, calculate_per_token_loss=True,
+        **(moe_fields(hf_config) or dict(variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")))
+
+
+def moe_fields(hf_config) -> dict:
+    """Qwen3-MoE: every layer sparse, softmax router over the top-k logits (= HF's softmax over all
+    experts renormalised over the top-k when ``norm_topk_prob``), no auxiliary loss (the RL loss
+    is the FSDP backend's), the allgather token dispatcher (alltoall creates CUDA streams), and
+    fixed-shape pipeline p2p (allgather refuses variable sequence lengths)."""
+    if not getattr(hf_config, "num_experts", None):
+        return {}
+    return dict(num_moe_experts=hf_config.num_experts, moe_router_topk=hf_config.num_experts_per_tok,
+                moe_ffn_hidden_size=hf_config.moe_intermediate_size, moe_router_load_balancing_type="none",
+                moe_aux_loss_coeff=0.0, moe_token_dispatcher_type="allgather", variable_seq_lengths=False,
+                moe_router_pre_softmax=not hf_config.norm_topk_prob, moe_router_score_function="softmax")
 
 
 def spec_name(choice: str) -> str:
@@ -92,10 +105,12 @@ def layer_spec(choice: str, hf_config, sequence_parallel: bool = False) -> tuple
     if spec_name(choice) == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm), "te"
+        experts = getattr(hf_config, "num_experts", None) or None
+        return get_gpt_layer_with_transformer_engine_spec(num_experts=experts, qk_layernorm=qk_norm), "te"
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    spec = get_gpt_layer_local_spec(qk_layernorm=qk_norm, normalization="RMSNorm")
+    experts = getattr(hf_config, "num_experts", None) or None
+    spec = get_gpt_layer_local_spec(num_experts=experts, qk_layernorm=qk_norm, normalization="RMSNorm")
     if sequence_parallel:
         sub = spec.submodules
         sub.input_layernorm = sub.pre_mlp_layernorm = SequenceParallelRMSNorm

@@ -19,6 +19,9 @@ CUDA device. On a torch without CUDA, :func:`apply` replaces exactly these (and 
 5. ``torch.Tensor.cuda`` -> the tensor itself: ``language_module.py`` moves the tied output-layer
    copy of the last pipeline stage with ``weight.data.cuda()`` before all-reducing it over the
    embedding group (PP > 1 with tied embeddings). Without CUDA the call could only raise.
+6. ``moe/moe_utils.py`` reads a module global ``te_general_gemm`` that is only defined when
+   Transformer Engine imports (``NameError`` in the MoE router otherwise) -> set to ``None``, the
+   value megatron's own code tests for (MoE models only).
 
 Not shimmed (kept out of the way instead): megatron's optimizer wrapper (``optimizer.py``
 hard-codes ``device='cuda'``) - :mod:`miles_ray.megatron.trainer` uses a plain ``torch.optim``
@@ -66,5 +69,9 @@ def apply() -> bool:
     import megatron.core.pipeline_parallel.schedules as schedules
 
     schedules.torch = _CpuZerosTorch()
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
     _APPLIED = True
     return True

@@ -4,7 +4,8 @@ failure is a :class:`~miles_ray.errors.UserValueError` that names the numbers an
 - TP divides the attention heads, the KV heads (megatron shards whole query groups) and the
   vocabulary (the embedding and output layer are vocab-parallel);
 - PP divides the decoder layers (every stage gets the same number);
-- the number of trainer ranks is a multiple of TP x PP (DP = ranks / (TP x PP)).
+- the number of trainer ranks is a multiple of TP x PP (DP = ranks / (TP x PP));
+- MoE (Qwen3-MoE): PP = 1 (expert parallelism is 1: every rank holds all experts, TP-sharded).
 """
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ def validate_layout(hf_config, tp: int, pp: int, world_size: int) -> None:
     _check(hf_config.num_key_value_heads, tp, "KV heads", "megatron.tensor_parallel")
     _check(hf_config.vocab_size, tp, "vocabulary entries", "megatron.tensor_parallel")
     _check(hf_config.num_hidden_layers, pp, "layers", "megatron.pipeline_parallel")
+    if getattr(hf_config, "num_experts", None) and pp > 1:
+        raise UserValueError(f"megatron.pipeline_parallel={pp} with a MoE model: the MoE token dispatcher here needs "
+                             "fixed-shape pipeline transfers, which are not implemented; use "
+                             "megatron.pipeline_parallel=1 (tensor and data parallelism work)")
     if world_size % (tp * pp):
         raise UserValueError(
             f"cluster.num_trainers={world_size} is not a multiple of megatron.tensor_parallel x "

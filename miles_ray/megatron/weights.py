@@ -45,10 +45,15 @@ def _stage_owner_keys(model) -> list:
     return out
 
 
-@torch.no_grad()
 def iter_hf(model, hf_config):
     """Collective on every rank; yields ``(hf_name, tensor)`` on global rank 0 (nothing elsewhere)
-    in pipeline-stage order; tied output layers are skipped (HF ties them)."""
+    in pipeline-stage order; tied output layers are skipped (HF ties them); MoE experts come as
+    HF's fused per-layer tensors."""
+    yield from convert.fuse_experts(_iter_parts(model, hf_config), hf_config)
+
+
+@torch.no_grad()
+def _iter_parts(model, hf_config):
     where, me = layout(), dist.get_rank()
     table = _stage_owner_keys(model)
     params, offset = dict(model.named_parameters()), layer_offset(model)
