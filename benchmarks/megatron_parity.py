@@ -10,6 +10,8 @@
 
     python benchmarks/megatron_parity.py [--cache runs/_models]
 
+Also printed (not in RESULT): tiny Qwen3-MoE log-probs at TP=2 vs HF.
+
 Last line: ``RESULT tp2_logprob_max_abs=<x> pp2_logprob_max_abs=<x> step_param_max_rel=<x>``.
 """
 from __future__ import annotations
@@ -44,21 +46,21 @@ def samples(n: int = 6, seed: int = 0) -> list:
     return out
 
 
-def hf_logprobs(cache: str, batch_samples: list) -> list:
+def hf_logprobs(cache: str, batch_samples: list, spec: str = "tiny:qwen3") -> list:
     from miles_ray.config import AlgorithmConfig, TrainConfig
     from miles_ray.training import PolicyTrainer
 
-    trainer = PolicyTrainer("tiny:qwen3", TrainConfig(packing=False), AlgorithmConfig(), tiny_cache_dir=cache)
+    trainer = PolicyTrainer(spec, TrainConfig(packing=False), AlgorithmConfig(), tiny_cache_dir=cache)
     return trainer.compute_logprobs(batch_samples)
 
 
-def _logprob_worker(rank, world, port, cache, tp, pp, out):
+def _logprob_worker(rank, world, port, cache, tp, pp, out, spec):
     from miles_ray.config import AlgorithmConfig, TrainConfig
     from miles_ray.megatron.trainer import MegatronPolicyTrainer
     from miles_ray.training.base import init_distributed
 
     init_distributed(rank, world, "127.0.0.1", port)
-    trainer = MegatronPolicyTrainer("tiny:qwen3", TrainConfig(packing=False), AlgorithmConfig(), tiny_cache_dir=cache,
+    trainer = MegatronPolicyTrainer(spec, TrainConfig(packing=False), AlgorithmConfig(), tiny_cache_dir=cache,
                                     parallel_cfg={"tensor_parallel": tp, "pipeline_parallel": pp})
     mine = samples()[rank::world]
     got = trainer.compute_logprobs(mine)
@@ -70,11 +72,11 @@ def _logprob_worker(rank, world, port, cache, tp, pp, out):
     torch.distributed.destroy_process_group()
 
 
-def megatron_logprobs(cache: str, tp: int, pp: int) -> list:
+def megatron_logprobs(cache: str, tp: int, pp: int, spec: str = "tiny:qwen3") -> list:
     world = tp * pp
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "lp.pt")
-        mp.spawn(_logprob_worker, args=(world, _port(), cache, tp, pp, out), nprocs=world, join=True)
+        mp.spawn(_logprob_worker, args=(world, _port(), cache, tp, pp, out, spec), nprocs=world, join=True)
         box = torch.load(out)
     ordered = [None] * len(samples())
     for rank, part in enumerate(box):
@@ -173,6 +175,9 @@ def main(argv=None) -> None:
     rel = max_rel(mega["state"], fsdp["state"])
     print(f"one GRPO step, TP=2 vs FSDP: update relative L2 diff {update_rel(args.cache, mega, fsdp):.3g}")
     print(f"one GRPO step, TP=2 vs FSDP: parameter max relative diff {rel:.3g}", flush=True)
+    moe = max_abs(hf_logprobs(args.cache, samples(), "tiny:qwen3_moe"),
+                  megatron_logprobs(args.cache, 2, 1, "tiny:qwen3_moe"))
+    print(f"Qwen3-MoE (8 experts, top-2) TP=2 log-prob max abs diff vs HF: {moe:.3g}", flush=True)
     print(f"RESULT tp2_logprob_max_abs={tp2:.3g} pp2_logprob_max_abs={pp2:.3g} step_param_max_rel={rel:.3g}")
 
 

@@ -67,7 +67,8 @@ class MegatronPolicyTrainer(PolicyLossMixin, TorchTrainerBase):
         validate_layout(hf.config, par["tensor_parallel"], par["pipeline_parallel"], self.world_size)
         parallel.initialize(par["tensor_parallel"], par["pipeline_parallel"], seed)
         self.where = parallel.layout()
-        self.sequence_parallel = par["sequence_parallel"] and par["tensor_parallel"] > 1
+        moe = bool(getattr(hf.config, "num_experts", None))  # megatron trains MoE under TP only with SP
+        self.sequence_parallel = (par["sequence_parallel"] or moe) and par["tensor_parallel"] > 1
         self.mconfig = transformer_config(hf.config, par["tensor_parallel"], par["pipeline_parallel"],
                                           self.sequence_parallel)
         self.spec, self.spec_name = layer_spec(par["layer_spec"], hf.config, self.sequence_parallel)

@@ -69,6 +69,7 @@ def validate_config(cfg) -> str | None:
     validate_layout(hf_config, m.tensor_parallel, m.pipeline_parallel, cfg.cluster.num_trainers)
     spec = spec_name(m.layer_spec)
     dp = cfg.cluster.num_trainers // (m.tensor_parallel * m.pipeline_parallel)
+    moe = bool(getattr(hf_config, "num_experts", None))  # the trainer turns SP on for MoE under TP
     return (f"train.backend=megatron: TP={m.tensor_parallel} PP={m.pipeline_parallel} DP={dp} "
-            f"sequence_parallel={m.sequence_parallel and m.tensor_parallel > 1}, {spec} layer spec "
+            f"sequence_parallel={(m.sequence_parallel or moe) and m.tensor_parallel > 1}, {spec} layer spec "
             f"({'Transformer Engine' if spec == 'te' else 'megatron-core local: transformer_engine does not import'})")
