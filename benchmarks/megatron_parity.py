@@ -10,7 +10,7 @@
 
     python benchmarks/megatron_parity.py [--cache runs/_models]
 
-Also printed (not in RESULT): tiny Qwen3-MoE log-probs at TP=2 vs HF.
+Also printed (not in RESULT): tiny Qwen3-MoE log-probs and one GRPO step at TP=2 vs HF / FSDP.
 
 Last line: ``RESULT tp2_logprob_max_abs=<x> pp2_logprob_max_abs=<x> step_param_max_rel=<x>``.
 """
@@ -89,35 +89,35 @@ TRAIN = dict(packing=False, micro_batch_size=2, grad_clip=1.0)  # train.lr: the 
 ALGO = dict(kl_coef=0.05, eps_low=0.1, eps_high=0.1, entropy_coef=0.01)
 
 
-def step_samples(cache: str) -> list:
+def step_samples(cache: str, spec: str = "tiny:qwen3") -> list:
     """Samples with old log-probs perturbed off the current policy (ratios != 1, some clipped)."""
     batch = samples()
-    for s, lp in zip(batch, hf_logprobs(cache, batch)):
+    for s, lp in zip(batch, hf_logprobs(cache, batch, spec)):
         s.old_logprobs = [x + 0.15 * ((k % 3) - 1) for k, x in enumerate(lp)]
     return batch
 
 
-def fsdp_step(cache: str, batch: list) -> dict:
+def fsdp_step(cache: str, batch: list, spec: str = "tiny:qwen3") -> dict:
     import copy
 
     from miles_ray.config import AlgorithmConfig, TrainConfig
     from miles_ray.training import PolicyTrainer
 
-    trainer = PolicyTrainer("tiny:qwen3", TrainConfig(**TRAIN), AlgorithmConfig(**ALGO), tiny_cache_dir=cache)
+    trainer = PolicyTrainer(spec, TrainConfig(**TRAIN), AlgorithmConfig(**ALGO), tiny_cache_dir=cache)
     mine = copy.deepcopy(batch)
     trainer.prepare(mine, old=False)
     metrics = trainer.train_step([mine])
     return {"state": trainer.export_state(), "metrics": metrics}
 
 
-def _step_worker(rank, world, port, cache, tp, pp, batch, out):
+def _step_worker(rank, world, port, cache, tp, pp, batch, out, spec):
     from miles_ray.config import AlgorithmConfig, TrainConfig
     from miles_ray.megatron.trainer import MegatronPolicyTrainer
     from miles_ray.training.base import init_distributed
     from miles_ray.training.batching import shard_minibatches
 
     init_distributed(rank, world, "127.0.0.1", port)
-    trainer = MegatronPolicyTrainer("tiny:qwen3", TrainConfig(**TRAIN), AlgorithmConfig(**ALGO), tiny_cache_dir=cache,
+    trainer = MegatronPolicyTrainer(spec, TrainConfig(**TRAIN), AlgorithmConfig(**ALGO), tiny_cache_dir=cache,
                                     parallel_cfg={"tensor_parallel": tp, "pipeline_parallel": pp})
     mine = shard_minibatches([batch], world)[rank]
     trainer.prepare(mine[0], old=False)
@@ -129,11 +129,11 @@ def _step_worker(rank, world, port, cache, tp, pp, batch, out):
     torch.distributed.destroy_process_group()
 
 
-def megatron_step(cache: str, batch: list, tp: int, pp: int) -> dict:
+def megatron_step(cache: str, batch: list, tp: int, pp: int, spec: str = "tiny:qwen3") -> dict:
     world = tp * pp
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "step.pt")
-        mp.spawn(_step_worker, args=(world, _port(), cache, tp, pp, batch, out), nprocs=world, join=True)
+        mp.spawn(_step_worker, args=(world, _port(), cache, tp, pp, batch, out, spec), nprocs=world, join=True)
         return torch.load(out)
 
 
@@ -178,6 +178,10 @@ def main(argv=None) -> None:
     moe = max_abs(hf_logprobs(args.cache, samples(), "tiny:qwen3_moe"),
                   megatron_logprobs(args.cache, 2, 1, "tiny:qwen3_moe"))
     print(f"Qwen3-MoE (8 experts, top-2) TP=2 log-prob max abs diff vs HF: {moe:.3g}", flush=True)
+    moe_batch = step_samples(args.cache, "tiny:qwen3_moe")
+    moe_rel = max_rel(megatron_step(args.cache, moe_batch, 2, 1, "tiny:qwen3_moe")["state"],
+                      fsdp_step(args.cache, moe_batch, "tiny:qwen3_moe")["state"])
+    print(f"Qwen3-MoE one GRPO step, TP=2 (+SP) vs FSDP: parameter max relative diff {moe_rel:.3g}", flush=True)
     print(f"RESULT tp2_logprob_max_abs={tp2:.3g} pp2_logprob_max_abs={pp2:.3g} step_param_max_rel={rel:.3g}")
 
 
