@@ -61,6 +61,7 @@ def reference(model_cache):
 
 
 def _worker(rank, world, port, cache, tp, pp, ref, out, ckpt, sp):
+    from miles_ray.megatron import parallel
     from miles_ray.megatron.trainer import MegatronPolicyTrainer
     from miles_ray.training.base import init_distributed
     from miles_ray.training.batching import shard_minibatches
@@ -95,6 +96,11 @@ def _worker(rank, world, port, cache, tp, pp, ref, out, ckpt, sp):
         found["resumed_version"] = resumed.version
         resumed.train_step(copy.deepcopy(mine))
         found["resumed_second"] = resumed.full_state_dict()
+        parallel.destroy()  # the same checkpoint at another layout: TP=1 x DP=2
+        par = {"tensor_parallel": 1, "pipeline_parallel": 1}
+        resharded = build()
+        resharded.load_checkpoint(ckpt)
+        found["resharded"] = resharded.full_state_dict()
     if rank == 0:
         torch.save(found, out)
     torch.distributed.barrier()
@@ -143,6 +149,7 @@ def test_tp2_sequence_parallel_logprobs_step_and_resume(tmp_path, model_cache, r
     _check(found, reference, 2)
     assert found["resumed_version"] == 1
     assert all(torch.equal(found["resumed_second"][k], v) for k, v in found["second"].items())
+    assert all(torch.equal(found["resharded"][k], v) for k, v in found["stepped"].items())  # TP=2 -> TP=1
 
 
 def test_pp2_logprobs_and_step(tmp_path, model_cache, reference):
