@@ -56,14 +56,9 @@ class _RankActor(ActorBase):
 @ray.remote
 class TrainerActor(_RankActor):
     def build(self):
-        from miles_ray.training import PolicyTrainer
+        from miles_ray.training.backends import build_policy_trainer
 
-        c = self.cfg
-        return PolicyTrainer(c.model.path, c.train, c.algorithm, dtype=c.model.dtype,
-                             tiny_cache_dir=c.model.tiny_cache_dir, temperature=c.rollout.temperature, seed=c.seed,
-                             off_policy=c.async_rl.off_policy, schedule_steps=c.optimizer_steps,
-                             exact_max_len=c.exact_max_len,
-                             engine_quant=c.rollout.precision if c.rollout.precision != "bf16" else None)
+        return build_policy_trainer(self.cfg)  # train.backend: fsdp | megatron
 
     def prepare(self, samples: list, old: bool = True) -> list:
         return self.trainer.prepare(samples, old)

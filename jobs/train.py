@@ -23,6 +23,7 @@ from jobs.ray_metrics import telemetry
 from jobs.sync_driver import train_loop
 from miles_ray.config import Config
 from miles_ray.data import PromptSampler, load_prompts
+from miles_ray.megatron.validate import validate_config as validate_backend
 from miles_ray.models import load_tokenizer
 from miles_ray.rewards.registry import resolve_reward_fn
 from miles_ray.utils.tracking import MetricsLogger
@@ -59,6 +60,9 @@ def run(cfg: Config) -> dict:
     items, report = load_prompts(cfg.data, tokenizer, seed=cfg.seed)
     sampler = PromptSampler(items, seed=cfg.seed, shuffle=cfg.data.shuffle)
     resolve_reward_fn(cfg.reward.fn)  # an unimportable reward function fails here, not in a worker
+    backend_note = validate_backend(cfg)  # megatron layout vs model and ranks: fails before any actor starts
+    if backend_note:
+        log.info(backend_note)
     resume_from = checkpointing.find(cfg)
     if resume_from is not None:
         checkpointing.truncate_metrics(out_dir, checkpointing.ckpt.read_meta(resume_from)["step"])

@@ -86,12 +86,14 @@ def _layout(samples, packed: bool) -> list[tuple[int, int]]:
     return out
 
 
-def pack(samples, pad_id: int = 0, device=None, packed: bool = False) -> TokenBatch:
-    """A :class:`TokenBatch` of ``samples`` (packed into one row when ``packed``)."""
+def pack(samples, pad_id: int = 0, device=None, packed: bool = False, length_multiple: int = 1) -> TokenBatch:
+    """A :class:`TokenBatch` of ``samples`` (packed into one row when ``packed``); the row length is
+    padded up to a multiple of ``length_multiple`` (sequence parallelism shards it)."""
     seqs = [list(s.prompt_ids) + list(s.response_ids) for s in samples]
     where = _layout(samples, packed)
     rows = 1 if packed else len(samples)
     length = max(2, sum(map(len, seqs)) if packed else max(len(x) for x in seqs))
+    length = -(-length // length_multiple) * length_multiple
     input_ids = torch.full((rows, length), pad_id, dtype=torch.long)
     position_ids = torch.zeros((rows, length), dtype=torch.long)
     targets = torch.zeros((rows, length), dtype=torch.long)

@@ -1,0 +1,71 @@
+"""Weight export of the megatron backend, bucket by bucket: the engines get HF-named buckets that
+are gathered and converted from the TP/PP shards as they are packed, so trainer rank 0 holds one
+bucket (plus one parameter in flight) at a time, never the whole model.
+
+:class:`HFStream` is what ``engine_state`` returns on *every* rank: the HF names, shapes and dtypes
+of the export (known from meta-tensor conversion, no data moved). :func:`iter_buckets` is
+collective: every rank drives the gathers of :func:`~miles_ray.megatron.weights.iter_hf` in the
+same order; rank 0 packs and yields the buckets, the others yield nothing. The existing transports
+(object store streaming, broadcast, shm) then move the buckets as for the FSDP backend.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from miles_ray.megatron import convert
+from miles_ray.megatron.parallel import layout
+from miles_ray.megatron.weights import iter_hf, layer_offset
+from miles_ray.weights.buckets import Bucket, plan_buckets
+
+
+def _stage_entries(model, hf_config) -> list:
+    """(HF name, shape, dtype) of this stage's export, from meta tensors shaped like the shards."""
+    tp, offset = layout()["tp"], layer_offset(model)
+
+    def meta():
+        for key, p in model.named_parameters():
+            if convert.exported(key, hf_config):
+                n = tp if convert.tp_dim(key) is not None else 1
+                shards = [torch.empty(p.shape, dtype=p.dtype, device="meta") for _ in range(n)]
+                yield from convert.to_hf(key, shards, hf_config, offset).items()
+
+    return [(name, tuple(t.shape), t.dtype) for name, t in convert.fuse_experts(meta(), hf_config)]
+
+
+class HFStream:
+    """The export's layout on every rank (collective to build); data comes from :func:`iter_buckets`."""
+
+    def __init__(self, model, hf_config):
+        self.model, self.hf_config = model, hf_config
+        where = layout()
+        mine = (where["pp_rank"], where["tp_rank"] == 0 and where["dp_rank"] == 0, _stage_entries(model, hf_config))
+        table = [mine]
+        if dist.get_world_size() > 1:
+            table = [None] * dist.get_world_size()
+            dist.all_gather_object(table, mine)
+        self.entries = [e for _, _, entries in sorted((t for t in table if t[1]), key=lambda t: t[0]) for e in entries]
+
+
+def iter_buckets(stream: HFStream, version: int, bucket_bytes: int):
+    """Yield the export's buckets on rank 0 (collective; other ranks yield nothing)."""
+    tensors = iter_hf(stream.model, stream.hf_config)
+    if dist.get_rank() != 0:
+        for _ in tensors:  # drives this rank's part of the gathers
+            pass
+        return
+    plans, pending = plan_buckets(stream.entries, bucket_bytes), {}
+    for i, items in enumerate(plans):
+        flat = torch.empty(sum(torch.Size(s).numel() for _, s, _ in items), dtype=items[0][2])
+        entries, offset = [], 0
+        for name, shape, _ in items:
+            while name not in pending:
+                got, tensor = next(tensors)
+                pending[got] = tensor
+            n = torch.Size(shape).numel()
+            flat[offset:offset + n].copy_(pending.pop(name).reshape(-1))
+            entries.append((name, shape, offset, n))
+            offset += n
+        yield Bucket(version, i, len(plans), items[0][2], flat, entries)
+    for _ in tensors:  # finish the generator (no tensors left; closes the collectives' loop)
+        pass

@@ -1,0 +1,280 @@
+"""Policy trainer rank on megatron-core (``train.backend: megatron``): the same interface as
+:class:`miles_ray.training.PolicyTrainer` (the FSDP backend) to the actor and driver.
+
+- Model: this rank's TP x PP stage of a ``GPTModel`` built from the HF config
+  (:mod:`miles_ray.megatron.model`), loaded from the HF weights (:mod:`~miles_ray.megatron.convert`).
+- Data: the driver scatters samples over all ranks; the ranks of one model-parallel group train on
+  the union of their parts (:func:`~miles_ray.megatron.parallel.gather_model_parallel`), and
+  :meth:`compute_logprobs` returns each rank its own part. Loss normalisation uses the global
+  token / sequence counts, as on the FSDP backend, so gradients do not depend on the layout.
+- Loss: :class:`~miles_ray.training.policy_loss.PolicyLossMixin` (the registry functions, one copy)
+  on log-probs from the vocab-parallel logits, through megatron's pipeline schedules.
+- Optimizer: plain ``torch.optim.AdamW`` over the local shard (elementwise: identical to AdamW on
+  the whole model), gradients reduced and clipped by :mod:`~miles_ray.megatron.grads`.
+- Rows are right-padded (``train.packing`` is off here: megatron's RoPE takes positions 0..L-1 per
+  row, which packed rows would break).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from miles_ray.algorithms import LOSS_AGGREGATIONS
+from miles_ray.algorithms.losses import sft_token_loss
+from miles_ray.megatron import grads, parallel, weights
+from miles_ray.megatron.forward import vocab_parallel_logprobs
+from miles_ray.megatron.model import build_gpt_model, layer_spec, transformer_config
+from miles_ray.megatron.schedule import run_micro_batches
+from miles_ray.models import load_model, load_tokenizer
+from miles_ray.training.base import TorchTrainerBase, all_max, all_sum, device, padded_micro_batches, world
+from miles_ray.training.batching import pack, unpack
+from miles_ray.training.policy_loss import SUMMED_METRICS, PolicyLossMixin
+from miles_ray.training.schedule import lr_factor
+
+log = logging.getLogger("miles_ray.megatron")
+
+
+def _parallel(cfg) -> dict:
+    if cfg is None:
+        return {"tensor_parallel": 1, "pipeline_parallel": 1, "sequence_parallel": False, "layer_spec": "auto"}
+    get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+    return {"tensor_parallel": get("tensor_parallel", 1), "pipeline_parallel": get("pipeline_parallel", 1),
+            "sequence_parallel": bool(get("sequence_parallel", False)), "layer_spec": get("layer_spec", "auto")}
+
+
+class MegatronPolicyTrainer(PolicyLossMixin, TorchTrainerBase):
+    """Inherits the backend-neutral parts of :class:`TorchTrainerBase` (learning-rate setting,
+    optimizer offload, bucketed export, counters) but not its ``__init__`` (no DDP/FSDP here)."""
+
+    def __init__(self, model_spec: str, train_cfg, algo_cfg, dtype: str = "float32",
+                 tiny_cache_dir: str = "runs/_models", temperature: float = 1.0, seed: int = 0, off_policy=None,
+                 schedule_steps: int = 0, parallel_cfg=None, keep_export_buffers: bool = False):
+        from miles_ray.megatron.validate import validate_layout
+
+        torch.manual_seed(seed)
+        self.algo, self.temperature = algo_cfg, temperature or 1.0
+        self.off_policy = off_policy if off_policy is not None and off_policy.mode != "none" else None
+        self.tokenizer = load_tokenizer(model_spec, tiny_cache_dir)
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        self.cfg = train_cfg.model_copy(update={"packing": False})
+        self.precision, self.strategy = "fp32", "megatron"
+        self.rank, self.world_size = world()
+        self.device = device()
+        par = _parallel(parallel_cfg)
+        hf = load_model(model_spec, "float32", tiny_cache_dir)
+        self.hf_config = hf.config
+        validate_layout(hf.config, par["tensor_parallel"], par["pipeline_parallel"], self.world_size)
+        parallel.initialize(par["tensor_parallel"], par["pipeline_parallel"], seed)
+        self.where = parallel.layout()
+        moe = bool(getattr(hf.config, "num_experts", None))  # megatron trains MoE under TP only with SP
+        self.sequence_parallel = (par["sequence_parallel"] or moe) and par["tensor_parallel"] > 1
+        self.mconfig = transformer_config(hf.config, par["tensor_parallel"], par["pipeline_parallel"],
+                                          self.sequence_parallel)
+        self.spec, self.spec_name = layer_spec(par["layer_spec"], hf.config, self.sequence_parallel)
+        log.info("megatron backend: %s layer spec, TP=%d PP=%d DP=%d SP=%s", self.spec_name, self.where["tp"],
+                 self.where["pp"], self.where["dp"], self.sequence_parallel)
+        hf_state = hf.state_dict()
+        self.model = self._stage(hf_state)
+        self.module = self.core = self.model
+        self.ref = self._stage(hf_state).eval().requires_grad_(False) if algo_cfg.kl_coef > 0 else None
+        del hf, hf_state
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        self.base_lr, self.schedule_steps, self.opt_steps = train_cfg.lr, schedule_steps, 0
+        self.offloaded, self.version, self.mismatch_max = False, 0, 0.0
+        self.keep_export_buffers, self.kept_buckets = keep_export_buffers, []
+
+    def _stage(self, hf_state: dict):
+        model = build_gpt_model(self.hf_config, self.mconfig, self.spec, self.where["first"], self.where["last"])
+        weights.load_hf(model, hf_state, self.hf_config)
+        return model
+
+    # -- forward --------------------------------------------------------------------------------
+    def _batches(self, samples: list) -> tuple[list, list]:
+        micro = padded_micro_batches(samples, self.cfg)
+        multiple = self.where["tp"] if self.sequence_parallel else 1  # SP shards the sequence over TP
+        return [pack(c, self.pad_id, self.device, packed=False, length_multiple=multiple) for c, _ in micro], micro
+
+    def _token_logprobs(self, batch, logits, entropy: bool):
+        logp, ent = vocab_parallel_logprobs(logits, batch.targets, self.temperature, entropy)
+        return logp * batch.mask, (ent * batch.mask if ent is not None else None)
+
+    @torch.no_grad()
+    def compute_logprobs(self, samples, core=None) -> list[list[float]]:
+        """Per-sample response log-probs of this rank's ``samples`` (collective over the world)."""
+        core = core or self.model
+        core.eval()
+        group, mine = parallel.gather_model_parallel(samples)
+        batches, micro = self._batches(group)
+
+        def loss_fn(batch, logits):
+            logp, _ = self._token_logprobs(batch, logits, entropy=False)
+            return logits.sum() * 0.0, {"logp": unpack(logp, batch)}
+
+        out = run_micro_batches(core, batches, loss_fn, forward_only=True) if batches else []
+        found = _by_position(group, micro, [o["logp"] for o in out]) if out else None
+        return parallel.broadcast_from_last_stage(found)[mine]
+
+    def prepare(self, samples, old: bool = True) -> list:
+        if old:
+            for s, lp in zip(samples, self.compute_logprobs(samples)):
+                s.old_logprobs = lp
+        if self.ref is not None:
+            for s, lp in zip(samples, self.compute_logprobs(samples, self.ref)):
+                s.ref_logprobs = lp
+        return samples
+
+    # -- RL step --------------------------------------------------------------------------------
+    def train_step(self, minibatches: list[list]) -> dict:
+        """As :meth:`miles_ray.training.PolicyTrainer.train_step`."""
+        single = len(minibatches) == 1 and self.cfg.ppo_epochs == 1
+        for mb in [] if single else minibatches:
+            missing = [s for s in mb if s.old_logprobs is None]
+            for s, lp in zip(missing, self.compute_logprobs(missing) if missing else []):
+                s.old_logprobs = lp
+        steps = [self._minibatch_step(mb) for _ in range(self.cfg.ppo_epochs) for mb in minibatches]
+        metrics = {k: sum(m[k] for m in steps) / len(steps) for k in steps[0]}
+        self.version += 1
+        return metrics
+
+    def _minibatch_step(self, samples) -> dict:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.mismatch_max = 0.0
+        n_tokens, n_seqs = all_sum([float(sum(len(s.response_ids) for s in samples)), float(len(samples))])
+        group, _ = parallel.gather_model_parallel(samples)
+        batches, micro = self._batches(group)
+        weight = {id(b): w for b, (_, w) in zip(batches, micro)}
+        entropy = "loss" if self.algo.entropy_coef else "log"
+
+        def loss_fn(batch, logits):
+            logp, ent = self._token_logprobs(batch, logits, entropy=True)
+            if entropy == "log":
+                ent = ent.detach()
+            loss, metrics = self.policy_loss(batch, logp, ent, n_tokens, n_seqs)
+            w = weight[id(batch)]
+            return loss * w, {k: v * w for k, v in metrics.items()}
+
+        out = run_micro_batches(self.model, batches, loss_fn, forward_only=False)
+        return self._reduce_metrics(out, n_tokens) | self.optimizer_step()
+
+    def sft_step(self, samples, lr: float | None = None) -> dict:
+        """As :meth:`miles_ray.training.sft.SFTMixin.sft_step`: token-mean NLL of the responses."""
+        self.set_lr(lr if lr is not None else self.base_lr)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        n_tokens, n_seqs = all_sum([float(sum(len(s.response_ids) for s in samples)), float(len(samples))])
+        group, _ = parallel.gather_model_parallel(samples)
+        batches, micro = self._batches(group)
+        weight = {id(b): w for b, (_, w) in zip(batches, micro)}
+
+        def loss_fn(batch, logits):
+            logp, _ = self._token_logprobs(batch, logits, entropy=False)
+            nll = sft_token_loss(batch.by_sample(logp))
+            loss = LOSS_AGGREGATIONS["token_mean"](nll, batch.sample_mask, n_tokens, n_seqs) * weight[id(batch)]
+            return loss, {"sft_loss": loss.item()}
+
+        out = run_micro_batches(self.model, batches, loss_fn, forward_only=False)
+        metrics = {**self._sum_metrics(out, ["sft_loss"]), **self.optimizer_step(scheduled=False)}
+        self.set_lr(self.base_lr)
+        self.version += 1
+        return metrics
+
+    def _sum_metrics(self, per_micro: list, keys: list) -> dict:
+        """Sum over micro-batches, then over DP ranks (one reporter per model-parallel group)."""
+        reporter = self.where["last"] and self.where["tp_rank"] == 0
+        local = [sum(m.get(k, 0.0) for m in per_micro) if reporter else 0.0 for k in keys]
+        return dict(zip(keys, all_sum(local)))
+
+    def _reduce_metrics(self, per_micro: list, n_tokens: float) -> dict:
+        keys = [k for k in SUMMED_METRICS if self.off_policy is not None or not k.startswith(("is_", "kl_behav"))]
+        out = self._sum_metrics(per_micro, keys)
+        for k in ("mismatch_abs", "mismatch_k3"):
+            out[k] /= max(n_tokens, 1.0)
+        out["mismatch_max"] = all_max(float(self.mismatch_max))
+        return out
+
+    def optimizer_step(self, scheduled: bool = True) -> dict:
+        """Reduce and clip the gradients (:mod:`miles_ray.megatron.grads`), then AdamW."""
+        grads.finalize(self.model, self.sequence_parallel)
+        norm = grads.clip(self.model, self.cfg.grad_clip)
+        if not torch.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return {"grad_norm": float("nan"), "skipped_step": 1.0}
+        out = {"grad_norm": float(norm), "skipped_step": 0.0}
+        if scheduled:
+            c = self.cfg
+            lr = self.base_lr * lr_factor(c.lr_schedule, self.opt_steps, self.schedule_steps, c.warmup_steps,
+                                          c.min_lr_ratio)
+            self.set_lr(lr)
+            self.opt_steps += 1
+            out["lr"] = lr
+        self.optimizer.step()
+        return out
+
+    # -- checkpoints: megatron distributed checkpointing --------------------------------------------
+    def save_checkpoint(self, folder: str) -> None:
+        """Collective (:mod:`miles_ray.megatron.checkpoint`)."""
+        from miles_ray.megatron import checkpoint
+
+        checkpoint.save(folder, self.model, self.optimizer, self.counters())
+
+    def load_checkpoint(self, folder: str) -> None:
+        from miles_ray.megatron import checkpoint
+
+        counters = checkpoint.load(folder, self.model, self.optimizer)
+        self.version, self.opt_steps = counters["version"], counters["opt_steps"]
+
+    # -- weights --------------------------------------------------------------------------------
+    def full_state_dict(self, to_cpu: bool = True) -> dict | None:
+        """The HF-named full state dict on rank 0 (None elsewhere); collective."""
+        return weights.gather_hf_state(self.model, self.hf_config)
+
+    def engine_state(self, to_cpu: bool = True):
+        """What engines load: an :class:`~miles_ray.megatron.export.HFStream` on every rank (its
+        buckets are gathered and converted as :meth:`iter_export` packs them)."""
+        from miles_ray.megatron.export import HFStream
+
+        return HFStream(self.model, self.hf_config)
+
+    def iter_export(self, state, version: int, bucket_bytes: int):
+        """Buckets on rank 0, one at a time (collective). Kept after the export only for the
+        shm / cuda_ipc transports, whose handles must outlive the engines' load."""
+        from miles_ray.megatron.export import iter_buckets
+
+        kept = []
+        for bucket in iter_buckets(state, version, bucket_bytes):
+            if self.keep_export_buffers:
+                kept.append(bucket)
+            yield bucket
+        self.kept_buckets = kept
+
+    def export_state(self) -> dict | None:
+        return self.full_state_dict()
+
+    def get_weights(self) -> dict | None:
+        return self.full_state_dict()
+
+    def save_hf(self, folder: str) -> None:
+        """The policy as an HF folder (gathered to rank 0, which writes)."""
+        state = self.full_state_dict()
+        if state is not None:
+            from transformers import AutoModelForCausalLM
+
+            with torch.device("meta"):
+                hf = AutoModelForCausalLM.from_config(self.hf_config)
+            hf.load_state_dict(state, strict=False, assign=True)
+            hf.tie_weights()
+            hf.save_pretrained(folder)
+            self.tokenizer.save_pretrained(folder)
+
+
+def _by_position(group: list, micro: list, per_micro: list) -> list:
+    """Per-sample results in ``group`` order from per-micro-batch lists (padding micro-batches
+    dropped; whatever order the micro-batch planner chose)."""
+    where = {id(s): i for i, s in enumerate(group)}
+    out = [None] * len(group)
+    for (chunk, weight), results in zip(micro, per_micro):
+        for s, r in zip(chunk if weight else [], results):
+            out[where[id(s)]] = r
+    return out
