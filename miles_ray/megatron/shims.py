@@ -28,7 +28,9 @@ hard-codes ``device='cuda'``) - :mod:`miles_ray.megatron.trainer` uses a plain `
 optimizer behind the same interface as the FSDP backend; megatron's DDP grad buffers - gradients
 are reduced by :mod:`miles_ray.megatron.grads`.
 
-Idempotent; a no-op where ``torch.cuda.is_available()``.
+Idempotent; a no-op where ``torch.cuda.is_available()``, except 6, which :func:`apply_te_absent`
+applies wherever Transformer Engine is absent (found on an H100 without TE: the MoE router's
+``NameError`` is not a CPU matter).
 """
 from __future__ import annotations
 
@@ -50,9 +52,18 @@ class _CpuZerosTorch(types.SimpleNamespace):
         return torch.zeros(*args, device="cpu" if str(device).startswith("cuda") else device, **kwargs)
 
 
+def apply_te_absent() -> None:
+    """Shim 6: ``te_general_gemm = None`` in megatron's MoE utilities when TE did not define it."""
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def apply() -> bool:
     """Install the shims when CUDA is absent; returns whether they are (now) installed."""
     global _APPLIED
+    apply_te_absent()
     if torch.cuda.is_available():
         return False
     if _APPLIED:
@@ -69,9 +80,5 @@ def apply() -> bool:
     import megatron.core.pipeline_parallel.schedules as schedules
 
     schedules.torch = _CpuZerosTorch()
-    import megatron.core.transformer.moe.moe_utils as moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
     _APPLIED = True
     return True

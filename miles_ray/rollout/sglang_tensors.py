@@ -62,6 +62,9 @@ class _Marker:
 
 
 _TENSOR, _PARAMETER, _UNTYPED = _Marker("Tensor"), _Marker("Parameter"), _Marker("UntypedStorage")
+# torch >= 2.6 reduce_tensor names type(tensor._typed_storage()) in CUDA rebuilds (found on an H100,
+# torch 2.11): a marker too, never the class itself, so a payload cannot construct storages with it
+_TYPED = _Marker("TypedStorage")
 
 
 def _int(x, what: str, low: int = 0, high: int = MAX_STORAGE_BYTES) -> int:
@@ -128,7 +131,7 @@ def _rebuild_cuda_tensor(cls, size, stride, offset, storage_cls, dtype, device, 
     opened by its IPC handle (zero copy)."""
     if not torch.cuda.is_available():
         raise RefusedPayload("the payload holds CUDA IPC handles but this server has no CUDA device")
-    ok = (cls in (_TENSOR, _PARAMETER) and storage_cls is _UNTYPED and isinstance(dtype, torch.dtype)
+    ok = (cls in (_TENSOR, _PARAMETER) and storage_cls in (_UNTYPED, _TYPED) and isinstance(dtype, torch.dtype)
           and isinstance(size, torch.Size) and isinstance(stride, tuple) and type(offset) is int
           and all(isinstance(x, (int, bytes, bool)) for x in rest))
     if not ok:
@@ -148,6 +151,7 @@ _ALLOWED = {
     ("torch", "Tensor"): _TENSOR,
     ("torch.nn.parameter", "Parameter"): _PARAMETER,
     ("torch.storage", "UntypedStorage"): _UNTYPED,
+    ("torch.storage", "TypedStorage"): _TYPED,
     ("torch", "Size"): _size,
 }
 
