@@ -94,7 +94,7 @@ def start_actors(cfg: Config, trainers: bool = True, engines: bool = True) -> Ru
     plan = plan_placement(cluster, n_engines, cfg.reward.num_workers, n_critics, router=http, draft_trainer=online_draft)
     init_ray(cfg, plan.total_resources().get("CPU", 1))
     prefix = cfg.run_name
-    groups = create_groups(plan, prefix)
+    groups = create_groups(plan, prefix, cfg.cluster.pg_timeout_s)
     cfg_dict = cfg.model_dump()
 
     def opts(a, suffix: str = ""):
