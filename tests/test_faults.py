@@ -101,3 +101,38 @@ def test_critic_rank_killed_groups_rebuilt_from_checkpoint(local_ray, tmp_path, 
                             "rollout.backend=native", "algorithm.advantage=gae", "checkpoint.every=1")
     assert rows[-1]["recoveries"] >= 1 and all("value_loss" in r for r in rows)
     check_run(tmp_path, cfg, tokenizer)
+
+
+def test_same_trainer_failure_twice_stops_the_run(local_ray, tmp_path, model_cache):
+    """Rank 1 of 2 raises in step 1 (a bug) while rank 0 waits in the gradient all-reduce: it looks
+    like a lost rank, so the group is rebuilt once from the step-0 checkpoint (checkpoint.every
+    keeps its default); the same error again in the redone step 1 stops the run with it."""
+    from jobs.recovery import RepeatedFailure
+    from jobs.train import run
+
+    cfg = load_config(None, [f"output_dir={tmp_path}", f"model.tiny_cache_dir={model_cache}", "total_steps=3",
+                             "rollout.prompts_per_step=2", "rollout.n_samples_per_prompt=2", "cluster.num_trainers=2",
+                             "rollout.backend=native", "run_name=repeat", "checkpoint.export_hf=false",
+                             'faults.kills=[{"role": "trainer", "rank": 1, "step": 1, "kind": "raise"}]',
+                             "logging.progress_bar=false", "logging.wandb=false"])
+    assert cfg.checkpoint.every == 10 and cfg.faults.max_same_failure == 2
+    with pytest.raises(RepeatedFailure, match="2 times in a row at step 1 .*InjectedFault: injected fault: rank 1"):
+        run(cfg)
+    got = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in got] == [0] and got[0]["recoveries"] == 1  # step 0 redone after the one rebuild
+
+
+def test_hung_engine_times_out_and_dead_engine_work_moves(local_ray, tmp_path, model_cache, tokenizer):
+    """Engine 0 hangs in step 1 (its generate sleeps 600 s): past rollout.request_timeout_s its
+    prompts move to engine 1 and it is restarted; engine 1 is killed in step 3: its prompts move to
+    engine 0 at once. Every step once, nothing lost, restarted engines refit before serving."""
+    kills = ('[{"role": "rollout", "rank": 0, "step": 1, "kind": "hang", "seconds": 600}, '
+             '{"role": "rollout", "rank": 1, "step": 3, "delay_s": 0.0}]')
+    cfg, rows = _faults_run(tmp_path, model_cache, "faults-hang", kills, "rollout.backend=native",
+                            "rollout.request_timeout_s=4")
+    assert rows[1]["fault/generate_timeouts"] == 1 and rows[1]["fault/generate_moved"] == 1
+    assert 4 <= rows[1]["time_rollout_s"] < 60  # not the 600 s hang
+    assert rows[3]["fault/generate_moved"] >= 1 and rows[3]["fault/generate_timeouts"] == 0
+    assert rows[-1]["fault/fired"] == rows[-1]["fault/recovered"] == 2 and rows[-1]["recoveries"] >= 2
+    assert all(r["mismatch_abs"] < 1e-4 for r in rows)
+    check_run(tmp_path, cfg, tokenizer)
