@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import ray
 
 from jobs.context import Run
-from jobs.recovery import is_actor_failure
+from jobs.recovery import is_actor_failure, node_of
 
 log = logging.getLogger("miles_ray.generation")
 POLL_S = 0.5  # how often the limits of running calls are checked
@@ -64,6 +64,8 @@ class Dispatch:
         self.run.recovery.restore("rollout", engine)
         self.run.recovery.record(time.time() - t0, "rollout", engine)
         self.failed.discard(engine)
+        log.warning("rollout-%d back (restarted, refit) in %.1fs on node %s", engine, time.time() - t0,
+                    node_of(self.run.actors.engines[engine]))
 
     def collect(self, ref, out: list) -> None:
         engine, chunk, _ = self.pending.pop(ref)

@@ -228,9 +228,15 @@ class Recovery:
         path = checkpointing.ckpt.latest(checkpointing.root(cfg))
         if path is None:
             raise RuntimeError("a trainer rank died and there is no checkpoint to restore; set checkpoint.every")
-        self.actors.respawn_trainers()
+        self.actors.respawn_trainers(self.wait_ranks)
         self.weights.reset()  # the broadcast group belonged to the old rank 0
         return path
+
+    def wait_ranks(self, ranks: list) -> None:
+        """New trainer ranks up (their placement group may wait for a node: logged)."""
+        for i, rank in enumerate(ranks):
+            wait_alive(rank, name=f"trainer rank {i}", groups=self.actors.groups)
+        log.warning("new trainer ranks on nodes %s", [node_of(r) for r in ranks])
 
     def rebuild_trainers(self, cfg: Config, sampler, logger) -> int:
         """Replace every trainer rank, restore the latest checkpoint, refit the engines and rewind
