@@ -56,11 +56,28 @@ class FaultInjector:
 
     def counts(self, recoveries: list[dict]) -> dict:
         """``fault/requested`` (faults planned), ``fault/fired`` (those that hit their actor; a
-        repeated ``raise`` counts once) and ``fault/recovered`` (fired faults matched to a later
-        recovery of their actor, :func:`recovered`), for every metrics row."""
+        repeated ``raise`` counts once) and ``fault/recovered``: fired faults matched to a later
+        recovery of their actor (:func:`recovered`), or restartable actors killed while idle that
+        are back in service without the driver noticing (:meth:`back_in_service`)."""
         fired = [f for f in self.plan if f.get("fired")]
+        matched = recovered(self.killed, recoveries)
+        back = [f for i, f in enumerate(self.killed) if i not in matched and self.back_in_service(f)]
         return {"fault/requested": len(self.plan), "fault/fired": len(fired),
-                "fault/recovered": recovered(self.killed, recoveries)}
+                "fault/recovered": len(matched) + len(back)}
+
+    def back_in_service(self, fault: dict, timeout_s: float = 10.0) -> bool:
+        """A killed engine or reward worker answers again (an engine: READY, refit); remembered."""
+        if fault["kind"] != "kill" or fault["role"] not in RESTARTABLE:
+            return False
+        if not fault.get("back"):
+            actor = self.actor(fault["role"], fault["rank"])
+            try:
+                probe = actor.health.remote() if fault["role"] == "rollout" else actor.ready.remote()
+                answer = ray.get(probe, timeout=timeout_s)
+                fault["back"] = answer is True or (isinstance(answer, dict) and answer.get("state") == "ready")
+            except Exception:  # noqa: BLE001 - not back (yet)
+                return False
+        return fault["back"]
 
     def kill_later(self, fault: dict) -> None:
         threading.Timer(fault.get("delay_s", 0.0), self._kill, args=(fault,)).start()
@@ -87,13 +104,13 @@ def _matches(fault: dict, event: dict) -> bool:
             and (event["index"] is None or role == "trainer" or event["index"] == fault["rank"]))
 
 
-def recovered(fired: list[dict], events: list[dict]) -> int:
-    """Fired faults followed by a recovery of the same actor (:attr:`jobs.recovery.Recovery.events`);
-    each recovery event accounts for at most one fault, the earliest first."""
-    used, count = set(), 0
-    for fault in sorted(fired, key=lambda f: f["time"]):
+def recovered(fired: list[dict], events: list[dict]) -> set[int]:
+    """Indexes of ``fired`` faults followed by a recovery of the same actor
+    (:attr:`jobs.recovery.Recovery.events`); each event accounts for at most one fault, earliest first."""
+    used, matched = set(), set()
+    for i, fault in sorted(enumerate(fired), key=lambda x: x[1]["time"]):
         match = next((k for k, e in enumerate(events) if k not in used and _matches(fault, e)), None)
         if match is not None:
             used.add(match)
-            count += 1
-    return count
+            matched.add(i)
+    return matched

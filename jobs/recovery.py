@@ -227,7 +227,8 @@ class Recovery:
         (the caller restores it: the async driver also refills its pump from it)."""
         path = checkpointing.ckpt.latest(checkpointing.root(cfg))
         if path is None:
-            raise RuntimeError("a trainer rank died and there is no checkpoint to restore; set checkpoint.every")
+            raise RuntimeError("a trainer rank died and there is no checkpoint to restore (checkpoint.every=0); set "
+                               "checkpoint.every > 0 (a fresh run then also checkpoints step 0)")
         self.actors.respawn_trainers(self.wait_ranks)
         self.weights.reset()  # the broadcast group belonged to the old rank 0
         return path

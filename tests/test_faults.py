@@ -49,14 +49,15 @@ def test_reward_worker_killed_mid_run(local_ray, tmp_path, model_cache, tokenize
 
 def test_trainer_rank_killed_group_rebuilt_from_checkpoint(local_ray, tmp_path, model_cache, tokenizer):
     """Rank 1 of 2 dies in step 2: the group is rebuilt on the same bundles, the last checkpoint
-    (every step) restored, and the run ends exactly as an uninterrupted one."""
+    restored (checkpoint.every keeps its default: the step-0 checkpoint, steps 0-1 redone), and the
+    run ends exactly as an uninterrupted one."""
     import torch
 
     from jobs.train import run
 
     base = [f"model.tiny_cache_dir={model_cache}", "total_steps=4", "rollout.prompts_per_step=4",
-            "rollout.n_samples_per_prompt=4", "cluster.num_trainers=2", "checkpoint.every=1",
-            "logging.progress_bar=false", "logging.wandb=false"]
+            "rollout.n_samples_per_prompt=4", "cluster.num_trainers=2", "logging.progress_bar=false",
+            "logging.wandb=false"]
     run(load_config(None, base + [f"output_dir={tmp_path / 'ref'}", "run_name=tref"]))
     cfg = load_config(None, base + [f"output_dir={tmp_path / 'kill'}", "run_name=tkill",
                                     'faults.kills=[{"role": "trainer", "rank": 1, "step": 2}]'])
