@@ -152,6 +152,7 @@ def train_one(run: Run, pump: RolloutPump, step: int, t_prev: float) -> tuple[di
         pump.set_version(new)
     metrics.update(time_wait_s=t1 - t0, time_train_s=t2 - t1, time_step_s=time.time() - t0, _t1=t1,
                    weight_version=new, **{f"groups_{k}": v for k, v in pump.ctrl.state().items()},
+                   **{"fault/generate_timeouts_total": pump.timeouts},
                    **run.recovery.metrics())
     return metrics, state
 

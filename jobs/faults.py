@@ -91,7 +91,12 @@ class FaultInjector:
         """Synchronous: armed before the step's work is sent to the actor."""
         log.warning("fault injection: %s-%d will %s at step %d", fault["role"], fault["rank"], fault["kind"],
                     fault["step"])
-        ray.get(self.actor(fault["role"], fault["rank"]).arm_fault.remote(fault["kind"], fault.get("seconds", 0.0)))
+        try:
+            ray.get(self.actor(fault["role"], fault["rank"]).arm_fault.remote(fault["kind"], fault.get("seconds", 0.0)))
+        except ray.exceptions.RayError as err:  # the actor is down (restarting): this fault does not fire
+            log.warning("fault injection: could not arm %s-%d: %r", fault["role"], fault["rank"], err)
+            fault["fired"] = False
+            return
         self.killed.append({**fault, "time": time.time()})
 
 

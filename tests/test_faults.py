@@ -74,14 +74,17 @@ def test_trainer_rank_killed_group_rebuilt_from_checkpoint(local_ray, tmp_path, 
 
 def test_async_engine_and_reward_worker_killed_mid_run(local_ray, tmp_path, model_cache, tokenizer):
     """Async (S=1, partial rollout): the rollout thread recovers a dead engine (waits, refits it under
-    the lock the main thread's weight sync also holds, regenerates its chunk) and a dead reward
-    worker; the run ends with every step once and every submitted group trained or buffered."""
+    the lock the main thread's weight sync also holds, regenerates its chunk), a dead reward
+    worker and a hung engine (past rollout.request_timeout_s: restarted, its chunk regenerated); the
+    run ends with every step once and every submitted group trained or buffered."""
     kills = ('[{"role": "rollout", "rank": 0, "step": 1, "delay_s": 0.05}, '
              '{"role": "reward", "rank": 1, "step": 2, "delay_s": 0.0}, '
-             '{"role": "rollout", "rank": 1, "step": 3, "delay_s": 0.1}]')
+             '{"role": "rollout", "rank": 1, "step": 2, "kind": "hang", "seconds": 600}]')
     cfg, rows = _faults_run(tmp_path, model_cache, "faults-async", kills, "rollout.backend=native",
-                            "async_rl.enabled=true", "async_rl.staleness=1")
+                            "async_rl.enabled=true", "async_rl.staleness=1", "rollout.request_timeout_s=20")
     assert rows[-1]["recoveries"] >= 3
+    assert rows[-1]["fault/generate_timeouts_total"] == 1  # engine 1's next call hung: restarted, regenerated
+    assert rows[-1]["fault/fired"] == rows[-1]["fault/recovered"] == 3
     check_run(tmp_path, cfg, tokenizer)
 
 
