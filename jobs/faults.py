@@ -65,7 +65,7 @@ class FaultInjector:
         return {"fault/requested": len(self.plan), "fault/fired": len(fired),
                 "fault/recovered": len(matched) + len(back)}
 
-    def back_in_service(self, fault: dict, timeout_s: float = 10.0) -> bool:
+    def back_in_service(self, fault: dict, timeout_s: float = 5.0) -> bool:
         """A killed engine or reward worker answers again (an engine: READY, refit); remembered."""
         if fault["kind"] != "kill" or fault["role"] not in RESTARTABLE:
             return False

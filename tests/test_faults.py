@@ -72,7 +72,7 @@ def test_trainer_rank_killed_group_rebuilt_from_checkpoint(local_ray, tmp_path, 
     check_run(tmp_path / "kill", cfg, tokenizer)  # the redone steps replaced the lost ones: none twice
 
 
-def test_async_engine_and_reward_worker_killed_mid_run(local_ray, tmp_path, model_cache, tokenizer):
+def test_async_engine_and_reward_worker_killed_mid_run(local_ray, tmp_path, model_cache, tokenizer, caplog):
     """Async (S=1, partial rollout): the rollout thread recovers a dead engine (waits, refits it under
     the lock the main thread's weight sync also holds, regenerates its chunk), a dead reward
     worker and a hung engine (past rollout.request_timeout_s: restarted, its chunk regenerated); the
@@ -83,8 +83,9 @@ def test_async_engine_and_reward_worker_killed_mid_run(local_ray, tmp_path, mode
     cfg, rows = _faults_run(tmp_path, model_cache, "faults-async", kills, "rollout.backend=native",
                             "async_rl.enabled=true", "async_rl.staleness=1", "rollout.request_timeout_s=20")
     assert rows[-1]["recoveries"] >= 3
-    assert rows[-1]["fault/generate_timeouts_total"] == 1  # engine 1's next call hung: restarted, regenerated
-    assert rows[-1]["fault/fired"] == rows[-1]["fault/recovered"] == 3
+    # engine 1's next call hangs: restarted and regenerated (maybe while the run drains: after the last row)
+    assert "rollout-1 did not answer within rollout.request_timeout_s=20s (hung): restarting it" in caplog.text
+    assert rows[-1]["fault/fired"] == 3 and rows[-1]["fault/generate_timeouts_total"] <= 1
     check_run(tmp_path, cfg, tokenizer)
 
 
