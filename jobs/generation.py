@@ -32,7 +32,7 @@ class Dispatch:
     run: Run
     pending: dict = field(default_factory=dict)
     failed: set = field(default_factory=set)  # engines that died or hung during this step
-    moved: int = 0  # calls moved to another engine
+    moved: int = 0  # calls moved to another engine (not counted: re-sent to their restored engine)
     timeouts: int = 0  # calls past rollout.request_timeout_s
 
     def send(self, engine: int, chunk: list) -> None:
@@ -55,8 +55,8 @@ class Dispatch:
         if target is None:
             self.restore(engine)
             target = engine
-        log.warning("rollout-%d %s; its %d prompt groups move to rollout-%d", engine, why, len(chunk), target)
-        self.moved += 1
+        log.warning("rollout-%d %s; its %d prompt groups go to rollout-%d", engine, why, len(chunk), target)
+        self.moved += int(target != engine)
         self.send(target, chunk)
 
     def restore(self, engine: int) -> None:
