@@ -69,11 +69,16 @@ def _actors(env: dict, dashboard: str) -> list[dict]:
     return json.loads(out.stdout)
 
 
-def _kill_9(env: dict, dashboard: str, name: str) -> int:
-    """kill -9 the process of the live actor ``name``, found through the state API; its pid."""
-    [actor] = [a for a in _actors(env, dashboard) if a.get("name") == name and a["state"] == "ALIVE"]
-    os.kill(actor["pid"], signal.SIGKILL)
-    return actor["pid"]
+def _pids(env: dict, dashboard: str, names: list, proc, timeout_s: float = 300) -> dict:
+    """The pids of the live actors ``names``, found through the state API once they are all up."""
+    deadline = time.time() + timeout_s
+    while True:
+        alive = {a["name"]: a["pid"] for a in _actors(env, dashboard) if a.get("name") in names and a["state"] == "ALIVE"}
+        if len(alive) == len(names):
+            return alive
+        assert proc.poll() is None, "the job ended early"
+        assert time.time() < deadline, f"only {sorted(alive)} of {names} alive after {timeout_s}s"
+        time.sleep(1)
 
 
 def _wait_rows(metrics: Path, count: int, proc, timeout_s: float = 300) -> None:
@@ -111,25 +116,27 @@ def test_ray_job_submit_runs_training_through_external_kills(ray_head, tmp_path,
         urllib.request.urlopen(f"{dashboard}/api/version", timeout=10)
     assert err.value.code == 401
     out = tmp_path / "run"
-    args = ["total_steps=5", "train.sft_warmup_steps=2", "rollout.prompts_per_step=4", "logging.progress_bar=false",
-            "checkpoint.every=2", "checkpoint.export_hf=false", f"output_dir={out}",
+    args = ["total_steps=8", "train.sft_warmup_steps=2", "rollout.prompts_per_step=4", "rollout.max_new_tokens=32",
+            "rollout.ignore_eos=true", "logging.progress_bar=false", "checkpoint.every=2", "checkpoint.export_hf=false",
+            f"output_dir={out}",
             f"model.tiny_cache_dir={tmp_path / 'models'}", "run_name=jobsubmit"]
     cmd = [RAY, "job", "submit", "--address", dashboard, "--working-dir", str(ROOT), "--",
            "python", "-m", "jobs.train", "examples/grpo_arith_tiny.yaml", *args]
     proc, metrics = _submit(cmd, env), out / "metrics.jsonl"
-    try:
+    try:  # pids looked up first: a kill lands at once when its step comes (steps are short)
+        pids = _pids(env, dashboard, [f"jobsubmit-{a}-0" for a in ("rollout", "reward", "trainer")], proc)
         _wait_rows(metrics, 1, proc)
-        _kill_9(env, dashboard, "jobsubmit-rollout-0")
-        _kill_9(env, dashboard, "jobsubmit-reward-0")
+        os.kill(pids["jobsubmit-rollout-0"], signal.SIGKILL)
+        os.kill(pids["jobsubmit-reward-0"], signal.SIGKILL)
         _wait_rows(metrics, 3, proc)  # past the step-2 checkpoint
-        _kill_9(env, dashboard, "jobsubmit-trainer-0")
+        os.kill(pids["jobsubmit-trainer-0"], signal.SIGKILL)
         log = proc.communicate(timeout=600)[0]
     finally:
         proc.kill()
     assert proc.returncode == 0, log[-3000:]
-    assert "succeeded" in log and "done: 5 steps" in log
+    assert "succeeded" in log and "done: 8 steps" in log
     cfg = load_config(str(ROOT / "examples/grpo_arith_tiny.yaml"), args)
-    check_run(out, cfg, tokenizer)  # steps 0..4 once each, no group lost or trained twice
+    check_run(out, cfg, tokenizer)  # steps 0..7 once each, no group lost or trained twice
     actors = {a["name"]: a for a in _actors(env, dashboard) if a.get("name", "").startswith("jobsubmit-")}
     assert actors["jobsubmit-rollout-0"]["num_restarts"] >= 1 and actors["jobsubmit-reward-0"]["num_restarts"] >= 1
     assert "jobsubmit-trainer-0-g1" in actors  # the rebuilt trainer group
