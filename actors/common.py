@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 
 def setup_worker_process(seed: int, cfg=None, role: str = "") -> None:
@@ -31,11 +32,42 @@ def dist_backend(cfg) -> str:
     return "nccl" if cfg.cluster.use_gpu and torch.cuda.is_available() else "gloo"
 
 
+class InjectedFault(RuntimeError):
+    """Raised by an armed ``raise`` fault (:mod:`jobs.faults`): stands for a deterministic bug."""
+
+
+def _raise(seconds: float, what: str) -> None:
+    raise InjectedFault(f"injected fault: {what} raises (faults.kills kind=raise)")
+
+
+def _hang(seconds: float, what: str) -> None:
+    time.sleep(seconds)
+
+
+FAULT_ACTIONS = {"raise": _raise, "hang": _hang}  # kind -> what the next work call does
+
+
 class ActorBase:
-    """Methods every actor shares: readiness and where it runs (for tests and the dashboard)."""
+    """Methods every actor shares: readiness, where it runs (for tests and the dashboard) and the
+    fault hook of :mod:`jobs.faults` (:meth:`arm_fault`; work methods call :meth:`fault_point`)."""
+
+    armed: tuple | None = None
 
     def ready(self) -> bool:
         return True
+
+    def arm_fault(self, kind: str, seconds: float = 0.0) -> bool:
+        """The next work call (a trainer's ``train_step``, an engine's ``generate``) raises
+        (``raise``) or sleeps ``seconds`` first (``hang``)."""
+        if kind not in FAULT_ACTIONS:
+            raise ValueError(f"unknown fault kind {kind!r}; one of {sorted(FAULT_ACTIONS)}")
+        self.armed = (kind, seconds)
+        return True
+
+    def fault_point(self, what: str) -> None:
+        armed, self.armed = self.armed, None
+        if armed is not None:
+            FAULT_ACTIONS[armed[0]](armed[1], what)
 
     def where(self) -> dict:
         import ray

@@ -34,6 +34,7 @@ class RolloutEngineActor(ActorBase):
 
     @ray.method(concurrency_group="gen")
     def generate(self, requests: list, n: int, params) -> list:
+        self.fault_point(f"engine {self.rank}'s generate")
         return self.engine.generate(requests, n, params)
 
     def abort(self, rid: str) -> bool:

@@ -35,6 +35,7 @@ class _RankActor(ActorBase):
         return True
 
     def train_step(self, minibatches: list) -> dict:
+        self.fault_point(f"rank {self.rank}'s train_step")
         return self.trainer.train_step(minibatches)
 
     def save_state(self, folder: str, role: str) -> str:

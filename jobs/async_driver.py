@@ -126,7 +126,7 @@ def rebuild(run: Run, pump: RolloutPump) -> tuple[RolloutPump, int]:
     ray.get(run.actors.buffer.clear.remote())
     pump, step = start_pump(run, path)
     run.logger.rewind(step)
-    run.recovery.record(time.time() - t0)
+    run.recovery.record(time.time() - t0, "trainer")
     return pump, step
 
 
@@ -152,6 +152,7 @@ def train_one(run: Run, pump: RolloutPump, step: int, t_prev: float) -> tuple[di
         pump.set_version(new)
     metrics.update(time_wait_s=t1 - t0, time_train_s=t2 - t1, time_step_s=time.time() - t0, _t1=t1,
                    weight_version=new, **{f"groups_{k}": v for k, v in pump.ctrl.state().items()},
+                   **{"fault/generate_timeouts_total": pump.timeouts},
                    **run.recovery.metrics())
     return metrics, state
 
@@ -162,6 +163,9 @@ def async_train_loop(run: Run, on_step=None) -> tuple[list, dict]:
     cfg = run.cfg
     injector = FaultInjector(cfg, run.actors)
     pump, start = start_pump(run)
+    if cfg.checkpoint.every and start == 0:  # what a trainer rank lost before the first interval restores
+        state = snapshot(run, pump)
+        steps.save_checkpoint(run, 0, state["sampler"], async_state=state)
     rewards, step, t_prev = [], start, time.time()
     try:
         while step < cfg.total_steps:
@@ -171,10 +175,13 @@ def async_train_loop(run: Run, on_step=None) -> tuple[list, dict]:
             except Exception as err:  # noqa: BLE001 - a dead trainer rank: rebuild, restore, redo
                 if not run.recovery.trainer_failed(err):
                     raise
+                run.recovery.streak.failed(err, step)  # the same failure again: stop with it
                 pump, step = rebuild(run, pump)
                 del rewards[step - start:]
                 continue
             t_prev = metrics.pop("_t1")
+            metrics.update(injector.counts(run.recovery.events))
+            run.recovery.streak.completed(step)
             run.logger.log(step, metrics)
             rewards.append(metrics["reward_mean"])
             if on_step:

@@ -91,16 +91,19 @@ class RunActors:
         draft = [self.draft] if self.draft else []
         return [*self.trainer_ranks(), *self.engines, *self.rewards, self.buffer, *router, *draft]
 
-    def respawn_trainers(self) -> None:
+    def respawn_trainers(self, wait: Callable[[list], None] = lambda ranks: None) -> None:
         """Kill every policy (and critic) rank (survivors are stuck in a collective with the dead
-        one) and start new groups on the same bundles, with fresh names (``-g<generation>``)."""
+        one) and start new groups on the same bundles, with fresh names (``-g<generation>``);
+        ``wait(ranks)`` before they join a group (their bundles may wait for a node)."""
         for rank in self.trainer_ranks():
             ray.kill(rank)
         self.generation += 1
         self.policy = RankGroup(self.spawn_policy(self.generation))
-        self.policy.setup()
         if self.critic is not None:
             self.critic = RankGroup(self.spawn_critic(self.generation))
+        wait(self.trainer_ranks())
+        self.policy.setup()
+        if self.critic is not None:
             self.critic.setup()
 
 
@@ -128,7 +131,7 @@ def start_actors(cfg: Config, trainers: bool = True, engines: bool = True) -> Ru
     plan = plan_placement(cluster, n_engines, cfg.reward.num_workers, n_critics, router=http, draft_trainer=online_draft)
     init_ray(cfg, plan.total_resources().get("CPU", 1))
     prefix = cfg.run_name
-    groups = create_groups(plan, prefix)
+    groups = create_groups(plan, prefix, cfg.cluster.pg_timeout_s)
     cfg_dict = cfg.model_dump()
 
     def opts(a, suffix: str = ""):

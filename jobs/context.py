@@ -27,5 +27,5 @@ class Run:
     @classmethod
     def create(cls, cfg: Config, actors: RunActors, sampler: PromptSampler, tokenizer, logger: MetricsLogger) -> "Run":
         weights = WeightSync(actors, cfg.weight_sync.transport)
-        return cls(cfg, actors, weights, Recovery(actors, weights), sampler, tokenizer, logger,
+        return cls(cfg, actors, weights, Recovery(actors, weights, cfg.faults.max_same_failure), sampler, tokenizer, logger,
                    SamplingParams.from_config(cfg.rollout))

@@ -10,7 +10,13 @@
 
 Recovery waits for a restarted actor as long as ``WAIT_S``; while its placement group has no node
 (node lost, no spare resources) it logs every ``STATUS_EVERY_S`` which group waits for what.
-Counters: ``recoveries`` (each recovered failure once) and their durations, in every metrics row.
+Counters: ``recoveries`` (each recovered failure once) and their durations, in every metrics row;
+:attr:`Recovery.events` says which actor each one was (``fault/recovered`` matches them to faults).
+
+A trainer failure is not always a dead rank: a rank that raises (a bug, an OOM) while the others
+wait in a collective looks the same. :class:`FailureStreak`: the same failure again before the run
+got past the step it happened at is "in a row"; ``faults.max_same_failure`` in a row stop the run
+with that error (:class:`RepeatedFailure`) instead of rebuilding forever.
 """
 from __future__ import annotations
 
@@ -32,6 +38,44 @@ from miles_ray.config import Config
 log = logging.getLogger("miles_ray.recovery")
 WAIT_S = 900.0  # a restarted actor may wait this long for a node with its resources
 STATUS_EVERY_S = 5.0
+
+
+class RepeatedFailure(RuntimeError):
+    """The same trainer failure ``faults.max_same_failure`` times in a row: not a dead rank."""
+
+
+def failure_signature(err: BaseException) -> str:
+    """What failed, without what changes between attempts (actor ids, pids, tracebacks): the
+    application error's type and first line, or the kind of actor death."""
+    cause = getattr(err, "cause", None) if isinstance(err, ray.exceptions.RayTaskError) else None
+    if cause is not None and not isinstance(cause, ray.exceptions.RayActorError):
+        lines = str(cause).strip().splitlines() or [""]
+        return f"{type(cause).__name__}: {lines[0]}"
+    return type(err).__name__
+
+
+class FailureStreak:
+    """Consecutive trainer failures with one signature. Invariant: ``count`` failures of
+    ``signature`` happened since the run last completed the step ``step`` they happened at."""
+
+    def __init__(self, limit: int):
+        self.limit, self.signature, self.step, self.count = limit, None, -1, 0
+
+    def failed(self, err: BaseException, step: int) -> None:
+        """Record a failure at ``step``; raises :class:`RepeatedFailure` (from ``err``) at the limit."""
+        signature = failure_signature(err)
+        self.count = self.count + 1 if signature == self.signature else 1
+        self.signature, self.step = signature, max(step, self.step)
+        if self.count >= self.limit:
+            raise RepeatedFailure(
+                f"the trainer failed {self.count} times in a row at step {step} with the same error, so it is not a "
+                f"lost rank but a failure that repeats (a bug, an out-of-memory): {signature}. Fix it, or raise "
+                f"faults.max_same_failure={self.limit} to rebuild more often") from err
+
+    def completed(self, step: int) -> None:
+        """``step`` completed: a failure at or before it is behind the run."""
+        if step >= self.step:
+            self.signature, self.step, self.count = None, -1, 0
 
 
 def is_actor_failure(err: BaseException) -> bool:
@@ -90,17 +134,20 @@ class Recovery:
     """Thread-safe for the async driver's rollout thread: every weight load into engines (syncs,
     refits) holds :attr:`sync_lock`."""
 
-    def __init__(self, actors: RunActors, weights: WeightSync):
+    def __init__(self, actors: RunActors, weights: WeightSync, max_same_failure: int = 2):
         self.actors, self.weights = actors, weights
         self.version = versioning.INITIAL  # what the engines serve; a restarted engine is refit to it
         self.count = 0
         self.seconds: list[float] = []
+        self.events: list[dict] = []  # {role, index (None: every actor of the role), time}
         self.sync_lock = threading.Lock()
+        self.streak = FailureStreak(max_same_failure)
 
-    def record(self, seconds: float) -> None:
-        """One recovered failure that took ``seconds``."""
+    def record(self, seconds: float, role: str, index: int | None = None) -> None:
+        """One recovered failure of ``role``-``index`` that took ``seconds``."""
         self.count += 1
         self.seconds.append(seconds)
+        self.events.append({"role": role, "index": index, "time": time.time()})
 
     def metrics(self) -> dict:
         return {"recoveries": self.count, "recovery_s_max": max(self.seconds, default=0.0),
@@ -117,13 +164,14 @@ class Recovery:
                 if not is_actor_failure(err) or attempt == attempts - 1:
                     raise
                 t0 = time.time()
-                self._restore(role, index)
-                self.record(time.time() - t0)
+                self.restore(role, index)
+                self.record(time.time() - t0, role, index)
                 log.warning("%s-%d recovered in %.1fs on node %s; re-sending its work", role, index, self.seconds[-1],
                             node_of(self._actor(role, index)))
                 ref = resubmit()
 
-    def _restore(self, role: str, index: int) -> None:
+    def restore(self, role: str, index: int) -> None:
+        """Wait for a restarted engine or reward worker; refit an engine to :attr:`version`."""
         actor = self._actor(role, index)
         wait_alive(actor, name=f"{role}-{index}", groups=self.actors.groups)
         if role == "rollout":
@@ -155,7 +203,7 @@ class Recovery:
                 self.weights.refit(self.actors.engines, version)
                 self.weights.reset()  # a restarted engine lost its broadcast / shm state
                 seconds = time.time() - t0
-                self.record(seconds)
+                self.record(seconds, "rollout")
                 log.warning("weight sync recovered after an engine restart in %.1fs; engines on nodes %s", seconds,
                             [node_of(e) for e in self.actors.engines])
             self.version = version
@@ -179,10 +227,17 @@ class Recovery:
         (the caller restores it: the async driver also refills its pump from it)."""
         path = checkpointing.ckpt.latest(checkpointing.root(cfg))
         if path is None:
-            raise RuntimeError("a trainer rank died and there is no checkpoint to restore; set checkpoint.every")
-        self.actors.respawn_trainers()
+            raise RuntimeError("a trainer rank died and there is no checkpoint to restore (checkpoint.every=0); set "
+                               "checkpoint.every > 0 (a fresh run then also checkpoints step 0)")
+        self.actors.respawn_trainers(self.wait_ranks)
         self.weights.reset()  # the broadcast group belonged to the old rank 0
         return path
+
+    def wait_ranks(self, ranks: list) -> None:
+        """New trainer ranks up (their placement group may wait for a node: logged)."""
+        for i, rank in enumerate(ranks):
+            wait_alive(rank, name=f"trainer rank {i}", groups=self.actors.groups)
+        log.warning("new trainer ranks on nodes %s", [node_of(r) for r in ranks])
 
     def rebuild_trainers(self, cfg: Config, sampler, logger) -> int:
         """Replace every trainer rank, restore the latest checkpoint, refit the engines and rewind
@@ -192,6 +247,6 @@ class Recovery:
         meta = checkpointing.restore(cfg, self.actors, sampler, path)
         self.sync(meta["version"])
         logger.rewind(meta["step"])
-        self.record(time.time() - t0)
+        self.record(time.time() - t0, "trainer")
         log.warning("trainer group rebuilt from %s in %.1fs", path, time.time() - t0)
         return meta["step"]

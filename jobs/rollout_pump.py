@@ -3,7 +3,8 @@
 While the :class:`StalenessController` has capacity, it takes prompts, sends one chunk per engine,
 scores finished chunks on the reward workers, keeps or filters each group (dynamic sampling; a
 filtered group gives its slot back, so the pump refills) and puts kept groups in the BufferActor.
-A dead engine or reward worker is recovered in place (:meth:`Recovery.get`).
+A dead engine or reward worker is recovered in place (:meth:`Recovery.get`); an engine whose call
+runs past ``rollout.request_timeout_s`` is hung: it is restarted and the call regenerated.
 
 Invariant (checked by :class:`GroupLedger` and the controller):
 ``submitted = consumed + filtered + buffered + running``.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import threading
 import time
 
@@ -22,6 +24,8 @@ from jobs.context import Run
 from miles_ray import versioning
 from miles_ray.async_rl import GROUP_FILTERS, StalenessController
 from miles_ray.ledger import GroupLedger
+
+log = logging.getLogger("miles_ray.rollout_pump")
 
 
 class RolloutPump(threading.Thread):
@@ -35,6 +39,8 @@ class RolloutPump(threading.Thread):
         self.served = versioning.INITIAL  # weight version the engines serve (admission counts its steps)
         self.next_group = 0
         self.inflight: dict = {}  # ref -> (engine index, requests, start time)
+        self.expired: set = set()  # in-flight refs past rollout.request_timeout_s (their engine was killed)
+        self.timeouts = 0  # calls that ran past it, since the pump started
         self.resend: list = []  # requests of a checkpoint's in-flight groups: sent before new prompts
         self.submitting = True  # False: drain (finish in-flight groups, take no new prompts)
         self.ledger = GroupLedger()
@@ -85,7 +91,21 @@ class RolloutPump(threading.Thread):
         ready, _ = ray.wait(refs, num_returns=1, timeout=0.05)
         for ref in ready:
             self._collect(ref)
+        self._expire()
         return True
+
+    def _expire(self) -> None:
+        """A call past ``rollout.request_timeout_s``: its engine is hung. It is killed once (Ray
+        restarts it); :meth:`_collect` then sees the call fail and regenerates the chunk on the
+        restarted, refit engine (:meth:`Recovery.get`)."""
+        limit, now = self.ctx.cfg.rollout.request_timeout_s, time.time()
+        for ref, (i, chunk, t0) in self.inflight.items():
+            if now - t0 > limit and ref not in self.expired:
+                log.warning("rollout-%d did not answer within rollout.request_timeout_s=%gs (hung): restarting it; "
+                            "its %d groups are generated again", i, limit, len(chunk))
+                self.expired.add(ref)
+                self.timeouts += 1
+                ray.kill(self.ctx.actors.engines[i], no_restart=False)
 
     def submit_admitted(self) -> None:
         """Submit as many new groups as the staleness bound admits (at most one batch). Called by
@@ -113,6 +133,7 @@ class RolloutPump(threading.Thread):
 
     def _collect(self, ref) -> None:
         i, chunk, _ = self.inflight.pop(ref)
+        self.expired.discard(ref)
         run = self.ctx
         n, engines = run.cfg.rollout.n_samples_per_prompt, run.actors.engines
         generated = run.recovery.get(ref, lambda: engines[i].generate.remote(chunk, n, run.params), "rollout", i)

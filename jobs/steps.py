@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import ray
 
-from jobs import checkpointing
+from jobs import checkpointing, generation
 from jobs.context import Run
 from miles_ray.algorithms import assign_advantages
 from miles_ray.data import PromptItem
@@ -44,9 +44,11 @@ def requests_for(prompts: list[PromptItem], first_group: int) -> list[dict]:
             for j, p in enumerate(prompts)]
 
 
-def rollout(run: Run, step: int) -> list:
+def rollout(run: Run, step: int, stats: dict | None = None) -> list:
     """Generate ``n_samples_per_prompt`` samples for the next ``prompts_per_step`` prompts; group
-    ``g`` goes to engine ``g % num_engines`` (or through the router when engines serve HTTP)."""
+    ``g`` goes to engine ``g % num_engines`` (or through the router when engines serve HTTP). A
+    dead or hung engine's groups move to a healthy engine (:mod:`jobs.generation`); its ``fault/``
+    counters go into ``stats``. Samples come back ordered by group."""
     cfg, actors = run.cfg, run.actors
     reqs = requests_for(run.sampler.next_batch(cfg.rollout.prompts_per_step), step * cfg.rollout.prompts_per_step)
     if actors.router_url:
@@ -54,13 +56,10 @@ def rollout(run: Run, step: int) -> list:
     per_engine = [[] for _ in actors.engines]
     for r in reqs:
         per_engine[r["group_id"] % len(actors.engines)].append(r)
-    n, out = cfg.rollout.n_samples_per_prompt, []
-    calls = [(i, chunk, actors.engines[i].generate.remote(chunk, n, run.params))
-             for i, chunk in enumerate(per_engine) if chunk]
-    for i, chunk, ref in calls:
-        out.extend(run.recovery.get(ref, lambda i=i, chunk=chunk: actors.engines[i].generate.remote(chunk, n, run.params),
-                                    "rollout", i))
-    return out
+    out, counters = generation.generate(run, per_engine)
+    if stats is not None:
+        stats.update(counters)
+    return sorted(out, key=lambda s: s.group_id)
 
 
 def _rollout_http(run: Run, reqs: list[dict]) -> list:

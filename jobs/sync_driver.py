@@ -26,9 +26,10 @@ def train_step(run: Run, step: int, replay=None) -> tuple[list, dict]:
         samples, reward_stats = replay.next_step(), {}
         t1 = time.time()
     else:
-        samples = steps.rollout(run, step)
+        faults: dict = {}
+        samples = steps.rollout(run, step, faults)
         t1 = time.time()
-        reward_stats = steps.speculation_metrics(run, samples, t1 - t0)
+        reward_stats = {**steps.speculation_metrics(run, samples, t1 - t0), **faults}
         steps.colocate_phase(run, "train")
         samples, more = steps.score(run, samples)
         reward_stats.update(more)
@@ -51,7 +52,9 @@ def _log_samples(sample_log, step: int, samples: list) -> None:
 
 def train_loop(run: Run, resume_from: Path | None = None) -> list[float]:
     """Train ``total_steps`` steps (from a checkpoint when given); returns each step's mean reward.
-    A trainer-rank death rebuilds the group from the latest checkpoint and redoes the steps since."""
+    A trainer-rank death rebuilds the group from the latest checkpoint and redoes the steps since
+    (with ``checkpoint.every`` a fresh run checkpoints step 0 too, so there always is one); the same
+    failure ``faults.max_same_failure`` times in a row stops the run with it."""
     from miles_ray.rollout.dump import DumpReader
 
     cfg = run.cfg
@@ -65,6 +68,8 @@ def train_loop(run: Run, resume_from: Path | None = None) -> list[float]:
     rewards, bar = [], steps.progress(cfg.total_steps, "GRPO", cfg.logging.progress_bar)
     bar.update(start)
     every, saved, step = cfg.checkpoint.every, start, start
+    if every and start == 0 and run.actors.policy.actors:
+        steps.save_checkpoint(run, 0)  # what a trainer rank lost before the first interval restores
     with (Path(cfg.output_dir) / "samples.jsonl").open("a") as sample_log:
         while step < cfg.total_steps:
             t0 = time.time()
@@ -75,12 +80,15 @@ def train_loop(run: Run, resume_from: Path | None = None) -> list[float]:
             except Exception as err:  # noqa: BLE001 - a dead trainer rank: rebuild, restore, redo
                 if not run.recovery.trainer_failed(err):
                     raise
+                run.recovery.streak.failed(err, step)  # the same failure again: stop with it
                 step = run.recovery.rebuild_trainers(cfg, run.sampler, run.logger)
                 del rewards[step - start:]
                 bar.n = step
                 continue
             metrics.update(weight_version=versioning.after_steps(step + 1), time_sync_s=sync_s,
-                           time_step_s=time.time() - t0, **run.recovery.metrics(), **step_entry(samples))
+                           time_step_s=time.time() - t0, **run.recovery.metrics(), **step_entry(samples),
+                           **injector.counts(run.recovery.events))
+            run.recovery.streak.completed(step)
             run.logger.log(step, metrics)
             _log_samples(sample_log, step, samples)
             rewards.append(metrics["reward_mean"])

@@ -211,7 +211,8 @@ class CheckpointConfig(Section):
 
 
 class FaultConfig(Section):
-    kills: list = Field(default_factory=list, description="[{role: rollout|reward|trainer, rank, step, delay_s}]")
+    kills: list = Field(default_factory=list, description="[{role: rollout|reward|trainer|critic, rank, step, delay_s, "
+                        "kind: kill|raise|hang, seconds}] (jobs.faults)")
     random_kills: int = Field(0, ge=0, description="extra kills of random engines / reward workers")
     seed: int = 0
     max_same_failure: int = Field(2, ge=1, description="the same trainer failure this many times in a row (a bug, "

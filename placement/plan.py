@@ -106,11 +106,19 @@ def plan_placement(cluster, num_engines: int, num_reward_workers: int, num_criti
     return PlacementPlan(groups, assign)
 
 
-def check_fits(plan: PlacementPlan, available: dict) -> None:
-    """Raise a clear error when the cluster lacks the resources the plan asks for."""
-    need = plan.total_resources()
+def shortfall(need: dict, available: dict) -> str:
+    """What ``available`` lacks of ``need`` (resource dicts), as ``"GPU: needs 4, cluster has 0"``
+    parts; empty when it fits."""
     short = {k: (v, available.get(k, 0)) for k, v in need.items() if available.get(k, 0) + 1e-9 < v}
-    if short:
-        parts = ", ".join(f"{k}: needs {v:g}, cluster has {have:g}" for k, (v, have) in short.items())
-        hint = " Set cluster.use_gpu=false to run on CPUs." if "GPU" in short else ""
-        raise RuntimeError(f"The cluster cannot hold this placement plan ({parts}).{hint}")
+    return ", ".join(f"{k}: needs {v:g}, cluster has {have:g}" for k, (v, have) in short.items())
+
+
+def check_fits(plan: PlacementPlan, available: dict) -> str:
+    """A warning when the cluster lacks (today) the resources the plan asks for, else ``""``. Not
+    an error: on an autoscaling cluster (KubeRay) the pending placement groups make nodes come."""
+    parts = shortfall(plan.total_resources(), available)
+    if not parts:
+        return ""
+    hint = " Set cluster.use_gpu=false to run on CPUs." if "GPU:" in parts else ""
+    return (f"The cluster cannot hold this placement plan yet ({parts}); waiting up to cluster.pg_timeout_s for "
+            f"an autoscaler to add nodes.{hint}")

@@ -39,7 +39,7 @@ def test_stop_and_resume_equals_uninterrupted(local_ray, tmp_path, model_cache, 
     wa, wb = _final_weights(full), _final_weights(split)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     # second save after resume happened; the HF export is only in the final one, and loads
-    assert [p.name for p in ckpt.checkpoints(split / "checkpoints")] == ["step_3", "step_6"]
+    assert [p.name for p in ckpt.checkpoints(split / "checkpoints")] == ["step_0", "step_3", "step_6"]  # step 0: for recovery
     assert (split / "checkpoints" / "step_3" / "policy" / ".metadata").is_file()  # sharded (DCP) policy state
     from transformers import AutoModelForCausalLM
 
