@@ -23,7 +23,7 @@ def test_megatron_tp2_run_survives_trainer_rank_death(local_ray, tmp_path, model
     rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     assert summary["steps"] == 3 and [r["step"] for r in rows] == [0, 1, 2]
     assert rows[-1]["fault/recoveries"] >= 1  # the group was rebuilt
-    assert all(r["mismatch_abs"] < 1e-4 for r in rows)  # engines serve exactly the synced megatron weights
+    assert all(r["train/mismatch_abs"] < 1e-4 for r in rows)  # engines serve exactly the synced megatron weights
     weights = final_weights(tmp_path)  # the HF export of the gathered TP shards
     assert "model.layers.1.mlp.gate_proj.weight" in weights
     check_run(tmp_path, cfg, tokenizer)  # every step once, no sample lost or trained twice
