@@ -23,24 +23,26 @@ log = logging.getLogger("miles_ray.cluster")
 Spawner = Callable[[int], list]  # generation -> new rank actors on the same bundles
 
 
-def init_ray(cfg: Config, needed_cpus: float) -> None:
+def init_ray(cfg: Config, needed_cpus: float) -> bool:
     """Join RAY_ADDRESS's cluster or start a local one, in the namespace ``cluster.namespace`` (named
     actors ``<run_name>-<role>-<rank>`` can be found from another driver in that namespace). A
     local Ray serves its dashboard (``cluster.dashboard``) and its URL is printed. A Ray that is
-    already initialized (tests, a user's own session) is used as it is."""
+    already initialized (tests, a user's own session) is used as it is. Returns whether the
+    cluster may grow (False only for the private local Ray started here: no autoscaler)."""
     if ray.is_initialized():
-        return
+        return True
     common = {"runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
               "log_to_driver": True, "namespace": cfg.cluster.namespace}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**common)
-        return
+        return True
     cpus = cfg.cluster.local_num_cpus or max(int(needed_cpus + 0.999), os.cpu_count() or 1)
     # address="local": never join some other cluster by accident (set RAY_ADDRESS=auto for that)
     ctx = ray.init(address="local", num_cpus=cpus, num_gpus=cfg.cluster.local_num_gpus, **dashboard_args(cfg.cluster),
                    **common)
     if ctx.dashboard_url:
         print(f"Ray dashboard (the run's actors, role by role): http://{ctx.dashboard_url}", flush=True)
+    return False
 
 
 def dashboard_args(cluster) -> dict:
@@ -129,9 +131,9 @@ def start_actors(cfg: Config, trainers: bool = True, engines: bool = True) -> Ru
     cluster = cfg.cluster.model_copy(update={"num_trainers": world})
     online_draft = cfg.draft.enabled and cfg.draft.online and bool(world) and bool(n_engines)
     plan = plan_placement(cluster, n_engines, cfg.reward.num_workers, n_critics, router=http, draft_trainer=online_draft)
-    init_ray(cfg, plan.total_resources().get("CPU", 1))
+    can_grow = init_ray(cfg, plan.total_resources().get("CPU", 1))
     prefix = cfg.run_name
-    groups = create_groups(plan, prefix, cfg.cluster.pg_timeout_s)
+    groups = create_groups(plan, prefix, cfg.cluster.pg_timeout_s, can_grow)
     cfg_dict = cfg.model_dump()
 
     def opts(a, suffix: str = ""):

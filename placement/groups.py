@@ -44,9 +44,14 @@ def missing(plan: PlacementPlan, prefix: str, pending: list) -> str:
     return f"placement groups {names} wait for {need}; missing free: {free}" + (f"; missing in all: {total}" if total else "")
 
 
-def create_groups(plan: PlacementPlan, prefix: str, timeout_s: float = 600.0) -> dict:
-    """Create and wait for every group; names are ``<prefix>-<group>`` (shown on the dashboard)."""
+def create_groups(plan: PlacementPlan, prefix: str, timeout_s: float = 600.0, can_grow: bool = True) -> dict:
+    """Create and wait for every group; names are ``<prefix>-<group>`` (shown on the dashboard).
+    ``can_grow=False`` (the private local Ray a run starts itself: nothing adds nodes): a plan
+    larger than the cluster fails at once instead of waiting."""
     warning = check_fits(plan, ray.cluster_resources())
+    if warning and not can_grow:
+        raise PlacementTimeout(warning.split(";")[0] + " and this local Ray cannot grow. Raise cluster.local_num_cpus"
+                               " / cluster.local_num_gpus, ask for fewer actors, or join a cluster (RAY_ADDRESS)")
     if warning:
         log.warning(warning)
     groups = {spec.name: placement_group(spec.bundles, strategy=spec.strategy, name=f"{prefix}-{spec.name}")

@@ -45,6 +45,8 @@ def test_mistyped_command_is_a_usage_error():
     ("model.path=/nonexistent/model", "model.path='/nonexistent/model' is not a model folder"),
     ("reward.fn=no_such_pkg.rewards:score", "reward.fn='no_such_pkg.rewards:score': cannot import module"),
     ("train.lrr=1", "Unknown config key 'train.lrr' (command line). Did you mean 'train.lr'?"),
+    # a private local Ray cannot grow: no waiting cluster.pg_timeout_s for nodes that never come
+    ("cluster.use_gpu=true", "(GPU: needs 2, cluster has 0) and this local Ray cannot grow"),
 ])
 def test_user_errors_at_start_are_one_line(tmp_path, override, message):
     out = _run("train", "examples/grpo_arith_tiny.yaml", override, f"output_dir={tmp_path}", "logging.wandb=false")
