@@ -30,7 +30,6 @@ from miles_ray.models import load_model, load_tokenizer
 from miles_ray.training.base import TorchTrainerBase, all_max, all_sum, device, padded_micro_batches, world
 from miles_ray.training.batching import pack, unpack
 from miles_ray.training.policy_loss import SUMMED_METRICS, PolicyLossMixin
-from miles_ray.training.schedule import lr_factor
 
 log = logging.getLogger("miles_ray.megatron")
 
@@ -115,15 +114,6 @@ class MegatronPolicyTrainer(PolicyLossMixin, TorchTrainerBase):
         found = _by_position(group, micro, [o["logp"] for o in out]) if out else None
         return parallel.broadcast_from_last_stage(found)[mine]
 
-    def prepare(self, samples, old: bool = True) -> list:
-        if old:
-            for s, lp in zip(samples, self.compute_logprobs(samples)):
-                s.old_logprobs = lp
-        if self.ref is not None:
-            for s, lp in zip(samples, self.compute_logprobs(samples, self.ref)):
-                s.ref_logprobs = lp
-        return samples
-
     # -- RL step --------------------------------------------------------------------------------
     def train_step(self, minibatches: list[list]) -> dict:
         """As :meth:`miles_ray.training.PolicyTrainer.train_step`."""
@@ -194,23 +184,11 @@ class MegatronPolicyTrainer(PolicyLossMixin, TorchTrainerBase):
         out["mismatch_max"] = all_max(float(self.mismatch_max))
         return out
 
-    def optimizer_step(self, scheduled: bool = True) -> dict:
-        """Reduce and clip the gradients (:mod:`miles_ray.megatron.grads`), then AdamW."""
+    def clip_gradients(self) -> torch.Tensor:
+        """Reduce the gradients over DP (and SP), then clip (:mod:`miles_ray.megatron.grads`); the
+        base class's :meth:`optimizer_step` does the rest (AdamW at the scheduled learning rate)."""
         grads.finalize(self.model, self.sequence_parallel)
-        norm = grads.clip(self.model, self.cfg.grad_clip)
-        if not torch.isfinite(norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            return {"grad_norm": float("nan"), "skipped_step": 1.0}
-        out = {"grad_norm": float(norm), "skipped_step": 0.0}
-        if scheduled:
-            c = self.cfg
-            lr = self.base_lr * lr_factor(c.lr_schedule, self.opt_steps, self.schedule_steps, c.warmup_steps,
-                                          c.min_lr_ratio)
-            self.set_lr(lr)
-            self.opt_steps += 1
-            out["lr"] = lr
-        self.optimizer.step()
-        return out
+        return grads.clip(self.model, self.cfg.grad_clip)
 
     # -- checkpoints: megatron distributed checkpointing --------------------------------------------
     def save_checkpoint(self, folder: str) -> None:

@@ -174,11 +174,14 @@ class TorchTrainerBase:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
+    def clip_gradients(self) -> torch.Tensor:
+        """Clip to ``train.grad_clip``; the total norm before clipping (a backend may reduce first)."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+
     def optimizer_step(self, scheduled: bool = True) -> dict:
         """Clip, then step at the scheduled learning rate (``scheduled=False``: the current one)."""
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = self.clip_gradients()
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)  # never let NaN/inf reach the weights
             return {"grad_norm": float("nan"), "skipped_step": 1.0}

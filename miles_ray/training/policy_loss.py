@@ -2,7 +2,7 @@
 policy loss, off-policy importance weights, KL-as-loss and the entropy bonus all come from the
 :mod:`miles_ray.algorithms` registries; a backend only supplies per-token log-probs and entropy.
 
-Uses ``self.algo``, ``self.off_policy``, ``self.ref`` and ``self.mismatch_max`` of the trainer.
+Uses ``self.algo``, ``self.off_policy``, ``self.ref``, ``self.mismatch_max`` and ``compute_logprobs`` of the trainer.
 """
 from __future__ import annotations
 
@@ -16,6 +16,17 @@ SUMMED_METRICS = ("loss", "pg_loss", "kl", "entropy", "clipfrac", "is_weight_mea
 
 
 class PolicyLossMixin:
+    def prepare(self, samples, old: bool = True) -> list:
+        """Fill ``old_logprobs`` (unless ``old=False``: see ``train_step``) and ``ref_logprobs``
+        when a reference model is used, with the backend's ``compute_logprobs``."""
+        if old:
+            for s, lp in zip(samples, self.compute_logprobs(samples)):
+                s.old_logprobs = lp
+        if self.ref is not None:
+            for s, lp in zip(samples, self.compute_logprobs(samples, self.ref)):
+                s.ref_logprobs = lp
+        return samples
+
     def policy_loss(self, batch, logp_tok: torch.Tensor, ent_tok: torch.Tensor | None, n_tokens: float,
                     n_seqs: float):
         """(loss, metrics) of one micro-batch from its per-token log-probs / entropy ``[R, L]``."""

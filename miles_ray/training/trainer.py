@@ -82,17 +82,6 @@ class PolicyTrainer(PolicyLossMixin, SFTMixin, TorchTrainerBase):
                 found.update({id(s): lp for s, lp in zip(chunk, unpack(logp, batch))})
         return [found[id(s)] for s in samples]
 
-    def prepare(self, samples, old: bool = True) -> list:
-        """Fill ``old_logprobs`` (unless ``old=False``: see :meth:`train_step`) and ``ref_logprobs``
-        when a reference model is used."""
-        if old:
-            for s, lp in zip(samples, self.compute_logprobs(samples)):
-                s.old_logprobs = lp
-        if self.ref is not None:
-            for s, lp in zip(samples, self.compute_logprobs(samples, self.ref)):
-                s.ref_logprobs = lp
-        return samples
-
     # -- RL step --------------------------------------------------------------------------------
     def train_step(self, minibatches: list[list]) -> dict:
         """``train.ppo_epochs`` passes, one optimizer step per mini-batch (this rank's part of each
