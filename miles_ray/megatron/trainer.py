@@ -114,20 +114,9 @@ class MegatronPolicyTrainer(PolicyLossMixin, TorchTrainerBase):
         found = _by_position(group, micro, [o["logp"] for o in out]) if out else None
         return parallel.broadcast_from_last_stage(found)[mine]
 
-    # -- RL step --------------------------------------------------------------------------------
-    def train_step(self, minibatches: list[list]) -> dict:
-        """As :meth:`miles_ray.training.PolicyTrainer.train_step`."""
-        single = len(minibatches) == 1 and self.cfg.ppo_epochs == 1
-        for mb in [] if single else minibatches:
-            missing = [s for s in mb if s.old_logprobs is None]
-            for s, lp in zip(missing, self.compute_logprobs(missing) if missing else []):
-                s.old_logprobs = lp
-        steps = [self._minibatch_step(mb) for _ in range(self.cfg.ppo_epochs) for mb in minibatches]
-        metrics = {k: sum(m[k] for m in steps) / len(steps) for k in steps[0]}
-        self.version += 1
-        return metrics
-
-    def _minibatch_step(self, samples) -> dict:
+    # -- RL step (train_step: PolicyLossMixin) ----------------------------------------------------
+    def minibatch_step(self, samples) -> dict:
+        """One optimizer step on this rank's part of a global mini-batch."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         self.mismatch_max = 0.0

@@ -27,6 +27,22 @@ class PolicyLossMixin:
                 s.ref_logprobs = lp
         return samples
 
+    def train_step(self, minibatches: list[list]) -> dict:
+        """``train.ppo_epochs`` passes, one optimizer step per mini-batch (this rank's part of each
+        global mini-batch; the backend's ``minibatch_step``). Samples carry per-token advantages and
+        old log-probs; without old log-probs and with one optimizer step in all, the training
+        forward's own log-probs are the old ones (exactly on-policy: ratio 1, no second forward
+        pass), else they are computed."""
+        single = len(minibatches) == 1 and self.cfg.ppo_epochs == 1
+        for mb in [] if single else minibatches:
+            missing = [s for s in mb if s.old_logprobs is None]
+            for s, lp in zip(missing, self.compute_logprobs(missing) if missing else []):
+                s.old_logprobs = lp
+        steps = [self.minibatch_step(mb) for _ in range(self.cfg.ppo_epochs) for mb in minibatches]
+        metrics = {k: sum(m[k] for m in steps) / len(steps) for k in steps[0]}
+        self.version += 1
+        return metrics
+
     def policy_loss(self, batch, logp_tok: torch.Tensor, ent_tok: torch.Tensor | None, n_tokens: float,
                     n_seqs: float):
         """(loss, metrics) of one micro-batch from its per-token log-probs / entropy ``[R, L]``."""

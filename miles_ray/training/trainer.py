@@ -82,27 +82,12 @@ class PolicyTrainer(PolicyLossMixin, SFTMixin, TorchTrainerBase):
                 found.update({id(s): lp for s, lp in zip(chunk, unpack(logp, batch))})
         return [found[id(s)] for s in samples]
 
-    # -- RL step --------------------------------------------------------------------------------
-    def train_step(self, minibatches: list[list]) -> dict:
-        """``train.ppo_epochs`` passes, one optimizer step per mini-batch (this rank's part of each
-        global mini-batch). Samples carry per-token advantages and old log-probs; without old
-        log-probs and with one optimizer step in all, the training forward's own log-probs are the
-        old ones (exactly on-policy: ratio 1, no second forward pass), else they are computed."""
-        single = len(minibatches) == 1 and self.cfg.ppo_epochs == 1
-        for mb in [] if single else minibatches:
-            missing = [s for s in mb if s.old_logprobs is None]
-            for s, lp in zip(missing, self.compute_logprobs(missing) if missing else []):
-                s.old_logprobs = lp
-        steps = [self._minibatch_step(mb) for _ in range(self.cfg.ppo_epochs) for mb in minibatches]
-        metrics = {k: sum(m[k] for m in steps) / len(steps) for k in steps[0]}
-        self.version += 1
-        return metrics
-
+    # -- RL step (train_step: PolicyLossMixin) ----------------------------------------------------
     def _loss(self, batch, n_tokens: float, n_seqs: float):
         logp_tok, ent_tok = self.model(batch, self.temperature, "loss" if self.algo.entropy_coef else "log")
         return self.policy_loss(batch, logp_tok, ent_tok, n_tokens, n_seqs)
 
-    def _minibatch_step(self, samples) -> dict:
+    def minibatch_step(self, samples) -> dict:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         routing, self.mismatch_max = self.core.routing, 0.0
