@@ -102,6 +102,8 @@ def test_strict_request_rules_and_response_shapes(strict):
         r = post(body)
         assert r.status_code == status and words in r.text, (body, r.text)
     assert c.http.post(f"{c.url}/generate", content=b"{nope").status_code == 400
+    # the engine is paused so the first "dup" is still in flight (not finished) when the second comes
+    assert c.http.post(f"{c.url}/pause_generation", json={}).status_code == 200
     long = threading.Thread(target=lambda: post({"input_ids": [5], "rid": "dup", "sampling_params": {
         "max_new_tokens": 400, "ignore_eos": True}}))
     long.start()
@@ -109,7 +111,9 @@ def test_strict_request_rules_and_response_shapes(strict):
     r = post({"input_ids": [5], "rid": "dup"})
     assert r.status_code == 409 and "dup" in r.text  # the running request is untouched
     assert c.abort("dup")["aborted"] is True
+    assert c.http.post(f"{c.url}/continue_generation", json={}).status_code == 200
     long.join(30)
+    assert not long.is_alive()
     assert c.health()["status"] == 200
 
 
