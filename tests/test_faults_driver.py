@@ -22,10 +22,10 @@ from tests.helpers.ledger import check_run, rows
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 10
+STEPS = 6
 COMMON = [f"total_steps={STEPS}", "rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=2",
           "rollout.backend=native", "rollout.max_new_tokens=32", "rollout.ignore_eos=true", "checkpoint.every=1", "checkpoint.export_hf=false",
-          "logging.progress_bar=false", "logging.wandb=false"]
+          "logging.progress_bar=false", "logging.wandb=false", "cluster.dashboard=false"]
 MODES = {"sync": [], "async": ["async_rl.enabled=true", "async_rl.staleness=1", "async_rl.off_policy.mode=tis"]}
 
 

@@ -32,11 +32,40 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def smollm2_folder(cache_dir: Path) -> Path:
+    """SmolLM2-135M-Instruct as a plain HF folder (fp32 safetensors + tokenizer) in ``cache_dir``,
+    dequantized from the package's GGUF once: later loads (every rank and engine, every test) read
+    safetensors instead of dequantizing again. Written aside and renamed, so concurrent first
+    loads cannot leave a partial folder."""
+    import os
+    import shutil
+    import tempfile
+
+    folder = cache_dir / "smollm2-135m-instruct"
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # dequantised: a plain fp model from here on
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=cache_dir))
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process finished first: its folder is as good
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def resolve_model_path(spec: str, tiny_cache_dir: str = "runs/_models") -> dict:
     """Map a spec to ``from_pretrained`` arguments: {'path': folder, 'gguf_file': name or None}."""
     if spec == "smollm2":
-        gguf = smollm2_gguf_path()
-        return {"path": str(gguf.parent), "gguf_file": gguf.name}
+        return {"path": str(smollm2_folder(Path(tiny_cache_dir)).resolve()), "gguf_file": None}
     if spec.startswith("tiny:"):
         from miles_ray.models.tiny import write_tiny_model
 
