@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import ray
@@ -124,6 +125,21 @@ def truncate_metrics(out_dir: Path, step: int) -> None:
         if path.is_file():
             rows = [line for line in path.read_text().splitlines() if _row_step(line) < step]
             path.write_text("".join(r + "\n" for r in rows))
+
+
+def set_aside_logs(out_dir: Path) -> list:
+    """A fresh run (no resume) in a folder that holds an earlier run's ``metrics.jsonl`` /
+    ``samples.jsonl``: those are renamed ``<name>.<mtime>.jsonl`` (kept, not appended to), so the
+    new files hold this run's steps only and its ledger checks out. Returns the new names."""
+    moved = []
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = Path(out_dir) / name
+        if path.is_file() and path.stat().st_size:
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+            target = path.with_name(f"{path.stem}.{stamp}.jsonl")
+            path.rename(target)
+            moved.append(target.name)
+    return moved
 
 
 def _row_step(line: str) -> float:

@@ -66,6 +66,8 @@ def run(cfg: Config) -> dict:
     resume_from = checkpointing.find(cfg)
     if resume_from is not None:
         checkpointing.truncate_metrics(out_dir, checkpointing.ckpt.read_meta(resume_from)["step"])
+    for name in checkpointing.set_aside_logs(out_dir) if resume_from is None else []:
+        log.warning("%s already held an earlier run's log: kept as %s (this run starts a new one)", out_dir, name)
     t0 = time.time()
     actors = start_actors(cfg, engines=not cfg.rollout.replay_dump)
     log.info("actors ready in %.1fs", time.time() - t0)

@@ -109,3 +109,16 @@ def test_resume_drops_rows_written_after_the_checkpoint(tmp_path):
     truncate_metrics(tmp_path, 2)
     assert [r["step"] for r in _rows(tmp_path)] == [0, 1]
     assert [json.loads(x)["step"] for x in open(tmp_path / "samples.jsonl")] == [0, 0, 1, 1]
+
+
+def test_fresh_run_sets_an_earlier_runs_logs_aside(tmp_path):
+    """A fresh run in a folder with an earlier run's metrics/samples starts new files (the ledger
+    of one run must not count another's steps as duplicates); the earlier ones are kept."""
+    from jobs.checkpointing import set_aside_logs
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n')
+    (tmp_path / "samples.jsonl").write_text('{"step": 0}\n')
+    moved = set_aside_logs(tmp_path)
+    assert len(moved) == 2 and not (tmp_path / "metrics.jsonl").exists()
+    assert sorted(p.read_text() for p in tmp_path.glob("*.jsonl")) == ['{"step": 0}\n'] * 2
+    assert set_aside_logs(tmp_path) == []  # nothing left to move
