@@ -77,7 +77,7 @@ def megatron_logprobs(cache: str, tp: int, pp: int, spec: str = "tiny:qwen3") ->
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "lp.pt")
         mp.spawn(_logprob_worker, args=(world, _port(), cache, tp, pp, out, spec), nprocs=world, join=True)
-        box = torch.load(out)
+        box = torch.load(out, weights_only=True)
     ordered = [None] * len(samples())
     for rank, part in enumerate(box):
         for i, lp in zip(range(rank, len(ordered), world), part):
@@ -134,7 +134,7 @@ def megatron_step(cache: str, batch: list, tp: int, pp: int, spec: str = "tiny:q
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "step.pt")
         mp.spawn(_step_worker, args=(world, _port(), cache, tp, pp, batch, out, spec), nprocs=world, join=True)
-        return torch.load(out)
+        return torch.load(out, weights_only=True)
 
 
 def max_rel(a: dict, b: dict) -> float:

@@ -68,7 +68,7 @@ def test_dp1_equals_dp2(model_cache, tiny_dir, tmp_path, strategy, agg):
     ref_metrics, ref_grads = _run(_trainer(model_cache, strategy, agg, 0), make_minibatches(_samples(), 1))
     out = tmp_path / "rank0.pt"
     mp.spawn(_worker, args=(2, _free_port(), model_cache, strategy, agg, str(out)), nprocs=2, join=True)
-    got = torch.load(out)
+    got = torch.load(out, weights_only=True)
     for key in ("loss", "pg_loss", "kl", "entropy", "clipfrac"):
         assert got["metrics"][key] == pytest.approx(ref_metrics[key], abs=1e-5), key
     assert ref_metrics["clipfrac"] > 0  # the clipped branch is exercised
@@ -115,12 +115,12 @@ def test_checkpoint_of_two_ranks_resumes_on_one_and_two(model_cache, tiny_dir, t
     folder = str(tmp_path / "ck")
     mp.spawn(_ckpt_worker, args=(2, _free_port(), model_cache, strategy, folder, "save", str(tmp_path / "saved.pt")),
              nprocs=2, join=True)
-    saved = torch.load(tmp_path / "saved.pt")
+    saved = torch.load(tmp_path / "saved.pt", weights_only=True)
     _ckpt_worker(0, 1, 0, model_cache, strategy, folder, "load", str(tmp_path / "one.pt"))
     mp.spawn(_ckpt_worker, args=(2, _free_port(), model_cache, strategy, folder, "load", str(tmp_path / "two.pt")),
              nprocs=2, join=True)
     for name in ("one.pt", "two.pt"):
-        got = torch.load(tmp_path / name)
+        got = torch.load(tmp_path / name, weights_only=True)
         assert got["version"] == saved["version"] == 1
         assert all(torch.equal(saved["weights"][k], got["weights"][k]) for k in saved["weights"]), name
         assert sorted(got["moments"]) == sorted(saved["moments"])
