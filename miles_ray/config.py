@@ -17,7 +17,8 @@ from miles_ray.config_sections import (  # noqa: F401  (re-exported: the section
     RolloutConfig, RewardConfig, AlgorithmConfig, TrainConfig,
     WeightSyncConfig, ClusterConfig, OffPolicyConfig, AsyncConfig,
     CheckpointConfig, FaultConfig, DraftConfig, LoggingConfig,
-    MegatronConfig,
+    MegatronConfig, AgentConfig, ServeConfig, EvalConfig, EvalDataset,
+    RewardServiceConfig, SandboxConfig,
 )
 
 
@@ -39,6 +40,9 @@ class Config(Section):
     faults: FaultConfig = FaultConfig()
     draft: DraftConfig = DraftConfig()
     megatron: MegatronConfig = MegatronConfig()
+    agent: AgentConfig = AgentConfig()
+    serve: ServeConfig = ServeConfig()
+    eval: EvalConfig = EvalConfig()
     resume: str = Field("none", description="none | auto (latest checkpoint, if any) | a checkpoint folder")
     logging: LoggingConfig = LoggingConfig()
 

@@ -72,6 +72,9 @@ class RolloutConfig(Section):
     mem_fraction_static: Optional[float] = Field(None, gt=0, lt=1, description="SGLang --mem-fraction-static for "
                                                  "colocated engines (None: 0.5 when colocated, SGLang's default else)")
     max_request_mb: float = Field(2048.0, gt=0, description="largest request body an engine server accepts (413)")
+    fn: Optional[str] = Field(None, description="custom generate function 'pkg.module:function' (or 'multi_turn': "
+                              "the built-in agent loop over agent.env); it runs in the engine actors with a "
+                              "conversation context and returns a Sample of several turns (miles_ray.agents)")
 
     @property
     def over_http(self) -> bool:
@@ -83,12 +86,88 @@ class RolloutConfig(Section):
         return self.backend == "sglang" or self.strict_sglang
 
 
+class RewardServiceConfig(Section):
+    """Ray Serve deployment of a reward service (reward.fn = reward_model | llm_judge)."""
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(4.0, gt=0, description="Serve autoscaling: requests per replica it aims for")
+    upscale_delay_s: float = Field(1.0, ge=0)
+    downscale_delay_s: float = Field(30.0, ge=0)
+    max_batch_size: int = Field(16, ge=1, description="requests batched into one forward (serve.batch)")
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per replica")
+
+
+class SandboxConfig(Section):
+    """Limits of the code-execution reward's sandbox (reward.fn = code_exec)."""
+    cpu_s: float = Field(5.0, gt=0, description="CPU seconds (RLIMIT_CPU)")
+    wall_s: float = Field(10.0, gt=0, description="wall-clock limit; the process group is killed past it")
+    memory_mb: int = Field(512, ge=16, description="address space (RLIMIT_AS)")
+    output_kb: int = Field(64, ge=1, description="stdout+stderr kept; more fails the run")
+    max_processes: int = Field(32, ge=1, description="processes the sandbox may hold (fork bombs)")
+
+
 class RewardConfig(Section):
-    fn: str = Field("math", description="registered name or 'pkg.module:function'")
+    fn: str = Field("math", description="registered name (math, code_exec, reward_model, llm_judge) or "
+                    "'pkg.module:function'")
     num_workers: int = Field(1, ge=1)
     timeout_s: float = Field(10.0, gt=0)
     failure_score: float = 0.0
     isolate: bool = Field(True, description="run reward functions in a child process (kills hung calls)")
+    concurrency: int = Field(16, ge=1, description="requests a reward worker keeps in flight to a reward service")
+    model_path: Optional[str] = Field(None, description="reward_model: an HF AutoModelForSequenceClassification "
+                                      "folder, or 'tiny' (a random one written offline)")
+    judge_template: str = Field("Question: {prompt}\nAnswer: {response}\nReference: {label}\nIs the answer correct? "
+                                "Reply yes or no.", description="llm_judge: prompt sent to the OpenAI endpoint")
+    service: RewardServiceConfig = RewardServiceConfig()
+    sandbox: SandboxConfig = SandboxConfig()
+
+
+class AgentConfig(Section):
+    """Multi-turn rollout (rollout.fn): the environment and the conversation's limits."""
+    env: Optional[str] = Field(None, description="environment: a registered name (calculator) or "
+                               "'pkg.module:Class' implementing reset/step (miles_ray.agents.env)")
+    max_turns: int = Field(4, ge=1, description="model turns per conversation")
+    max_tokens: int = Field(512, ge=1, description="token budget of a conversation's response (model and tool tokens)")
+    timeout_s: float = Field(120.0, gt=0, description="a conversation past this gets the reward failure score")
+    tool_parser: Literal["hermes"] = Field("hermes", description="how tool calls are read from model text "
+                                           "(<tool_call>{json}</tool_call>, Qwen / Hermes)")
+    concurrency: int = Field(64, ge=1, description="conversations an engine actor runs at once")
+
+
+class ServeConfig(Section):
+    """OpenAI-compatible endpoint (/v1/chat/completions, /v1/completions) on Ray Serve, in front of
+    the run's engines."""
+    enabled: bool = False
+    host: str = Field("127.0.0.1", description="bind address; beyond loopback an api_key is required")
+    port: int = Field(8000, ge=0)
+    model_name: str = Field("miles-ray", description="the model id clients pass")
+    api_key: Optional[str] = Field(None, description="bearer key clients send (generated when host is not "
+                                   "loopback and none is given; printed once)")
+    max_tokens: int = Field(256, ge=1, description="default max_tokens of a request")
+
+
+class EvalDataset(Section):
+    name: str
+    source: str = Field(description="jsonl/parquet path or synthetic:arithmetic")
+    n_samples: int = Field(1, ge=1, description="samples per prompt (pass@k for k <= n_samples)")
+    greedy: bool = Field(True, description="also one greedy sample per prompt (pass@1 greedy)")
+    temperature: float = Field(1.0, gt=0, description="temperature of the sampled ones")
+    max_prompts: int = Field(64, ge=1)
+    max_new_tokens: Optional[int] = Field(None, ge=1, description="default: rollout.max_new_tokens")
+    reward_fn: Optional[str] = Field(None, description="default: reward.fn")
+    prompt_key: str = "prompt"
+    label_key: str = "label"
+    num_synthetic: int = Field(200, ge=1)
+    synthetic_max_operand: int = Field(9, ge=1)
+
+
+class EvalConfig(Section):
+    every: int = Field(0, ge=0, description="evaluate every N steps (0: only at step 0 and at the end)")
+    at_start: bool = True
+    at_end: bool = True
+    datasets: list[EvalDataset] = Field(default_factory=list)
+    dedicated_engine: bool = Field(True, description="async runs evaluate on an engine of their own")
 
 
 class AlgorithmConfig(Section):

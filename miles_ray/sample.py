@@ -18,6 +18,11 @@ class Sample:
     finish_reason: str = ""  # "stop" (eos / stop token) or "length"
     weight_version: int = 0  # version of the weights that produced the response
     reward: float = 0.0
+    # multi-turn (rollout.fn): 1 on model tokens, 0 on tool / environment tokens; None: all model tokens.
+    # response_logprobs holds 0.0 on the masked tokens (they were not sampled).
+    loss_mask: Optional[list] = None
+    error: str = ""  # why the rollout function failed ("" = it did not); scored with reward.failure_score
+    metadata: dict = field(default_factory=dict)  # e.g. turns, tool calls, the environment's info
     # MoE: experts the engine routed each fed token to (prompt + response but the last), a
     # miles_ray.models.moe trace {"shape": [tokens, layers, k], "b64": ...}; replayed by R3
     routed_experts: Optional[dict] = None

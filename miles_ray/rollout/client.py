@@ -50,7 +50,8 @@ class EngineClient:
 
     def generate_samples(self, requests: list[dict], n: int, params: SamplingParams, tokenizer) -> list[Sample]:
         """The engine interface of rollout code: n samples per request dict (prompt, label, ...)."""
-        ids = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in requests]
+        ids = [list(r["input_ids"]) if r.get("input_ids") is not None else
+               tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in requests]
         outs = self.generate(input_ids=ids, sampling_params={**sglang_sampling(params), "n": n})
         samples = []
         for i, out in enumerate(outs):

@@ -48,7 +48,12 @@ class HFRolloutEngine:
 
     def _generate_batch(self, reqs: list[dict], params: SamplingParams) -> list[Sample]:
         tok = self.tokenizer
-        enc = tok([r["prompt"] for r in reqs], return_tensors="pt", padding=True, add_special_tokens=False)
+        if any(r.get("input_ids") is not None for r in reqs):  # exact token ids (multi-turn), left-padded
+            ids = [list(r["input_ids"]) if r.get("input_ids") is not None else
+                   tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in reqs]
+            enc = tok.pad({"input_ids": ids}, return_tensors="pt", padding=True)
+        else:
+            enc = tok([r["prompt"] for r in reqs], return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(self.model.device) for k, v in enc.items()}
         kwargs = dict(max_new_tokens=params.max_new_tokens, do_sample=not params.greedy,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,

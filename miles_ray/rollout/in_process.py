@@ -19,6 +19,14 @@ from miles_ray.sample import Sample
 ENGINES = {"hf": HFRolloutEngine, "native": NativeEngine}
 
 
+def request_ids(req: dict, tokenizer) -> list:
+    """A request's prompt token ids: ``input_ids`` as given (a multi-turn conversation's exact
+    tokens; no re-tokenisation), else its ``prompt`` text tokenised."""
+    if req.get("input_ids") is not None:
+        return list(req["input_ids"])
+    return tokenizer(req["prompt"], add_special_tokens=False)["input_ids"]
+
+
 def make_engine(backend: str, **kwargs):
     """The bare engine object of ``backend`` (hf or native)."""
     if backend not in ENGINES:
@@ -59,7 +67,7 @@ class InProcessEngine:
                 return self.engine.generate(requests, n, params)
         items = []
         for req in requests:
-            ids = self.engine.tokenizer(req["prompt"], add_special_tokens=False)["input_ids"]
+            ids = request_ids(req, self.engine.tokenizer)
             items += [(ids, params, uuid.uuid4().hex, req) for _ in range(n)]
         return [self.engine.to_sample(f.result()) for f in self.loop.submit_many(items)]
 
