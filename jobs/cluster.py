@@ -157,7 +157,8 @@ def start_actors(cfg: Config, trainers: bool = True, engines: bool = True) -> Ru
         critic=RankGroup(spawn_critic()) if spawn_critic else None,
         engines=[RolloutEngineActor.options(**opts(a), **restart).remote(cfg_dict, a.rank, token)
                  for a in plan.for_role("rollout")],
-        rewards=[RewardWorker.options(**opts(a), **restart).remote(r.fn, r.timeout_s, r.failure_score, r.isolate)
+        rewards=[RewardWorker.options(**opts(a), **restart).remote(r.fn, r.timeout_s, r.failure_score, r.isolate,
+                                                                   reward_options(cfg))
                  for a in plan.for_role("reward")],
         buffer=BufferActor.options(**opts(plan.for_role("buffer")[0])).remote(),
         draft=DraftTrainerActor.options(**opts(plan.for_role("draft")[0])).remote(cfg_dict) if online_draft else None,
@@ -181,3 +182,11 @@ def stop_actors(actors: RunActors) -> None:
     for a in actors.all():
         ray.kill(a)
     remove_groups(actors.groups)
+
+
+def reward_options(cfg: Config) -> dict:
+    """What reward factories are built with: the ``reward`` section, and where the run's Ray Serve
+    applications answer (``serve_url``: the HTTP proxy; the OpenAI endpoint is ``serve_url/v1``)."""
+    host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
+    return {**cfg.reward.model_dump(), "serve_url": f"http://{host}:{cfg.serve.port}",
+            "serve_api_key": cfg.serve.api_key, "model_name": cfg.serve.model_name}

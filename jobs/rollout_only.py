@@ -18,7 +18,7 @@ from jobs.ray_metrics import telemetry
 from miles_ray.config import Config
 from miles_ray.data import PromptSampler, load_prompts
 from miles_ray.models import load_tokenizer
-from miles_ray.rewards.registry import resolve_reward_fn
+from miles_ray.rewards.registry import check_reward_spec
 from miles_ray.rollout.dump import write_samples
 from miles_ray.utils.tracking import MetricsLogger
 
@@ -29,7 +29,7 @@ def run(cfg: Config) -> dict:
     dump.unlink(missing_ok=True)
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.tiny_cache_dir)
     items, _ = load_prompts(cfg.data, tokenizer, seed=cfg.seed)
-    resolve_reward_fn(cfg.reward.fn)
+    check_reward_spec(cfg.reward.fn)
     actors = start_actors(cfg, trainers=False)
     logger = MetricsLogger(cfg.output_dir, cfg.logging, cfg.run_name + "-rollout", cfg.model_dump(),
                            **telemetry(cfg, actors))

@@ -80,12 +80,20 @@ def score(run: Run, samples: list) -> tuple[list, dict]:
     refs = [w.score.remote(chunk) for w, chunk in zip(rewards, chunks)]
     results = [run.recovery.get(ref, lambda i=i: rewards[i].score.remote(chunks[i]), "reward", i)
                for i, ref in enumerate(refs)]
-    out, stats = [], {"reward_errors": 0, "reward_timeouts": 0}
+    out, stats = [], {}
     for scored, st in results:
         out.extend(scored)
-        stats["reward_errors"] += st["errors"]
-        stats["reward_timeouts"] += st["timeouts"]
+        add_reward_stats(stats, st)
     return out, stats
+
+
+def add_reward_stats(stats: dict, st: dict) -> None:
+    """Sum one reward call's counters into a step's metrics: errors, timeouts, failed rollout
+    functions (``rollout_fn_errors``) and failures by reason (``reward_fail_<reason>``)."""
+    for key, name in (("errors", "reward_errors"), ("timeouts", "reward_timeouts"), ("skipped", "rollout_fn_errors")):
+        stats[name] = stats.get(name, 0) + st.get(key, 0)
+    for reason, count in st.get("reasons", {}).items():
+        stats[f"reward_fail_{reason}"] = stats.get(f"reward_fail_{reason}", 0) + count
 
 
 def colocate_phase(run: Run, phase: str) -> None:

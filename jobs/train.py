@@ -25,7 +25,7 @@ from miles_ray.config import Config
 from miles_ray.data import PromptSampler, load_prompts
 from miles_ray.megatron.validate import validate_config as validate_backend
 from miles_ray.models import load_tokenizer
-from miles_ray.rewards.registry import resolve_reward_fn
+from miles_ray.rewards.registry import check_reward_spec
 from miles_ray.utils.tracking import MetricsLogger
 
 log = logging.getLogger("miles_ray.driver")
@@ -59,7 +59,7 @@ def run(cfg: Config) -> dict:
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.tiny_cache_dir)  # also writes tiny models once
     items, report = load_prompts(cfg.data, tokenizer, seed=cfg.seed)
     sampler = PromptSampler(items, seed=cfg.seed, shuffle=cfg.data.shuffle)
-    resolve_reward_fn(cfg.reward.fn)  # an unimportable reward function fails here, not in a worker
+    check_reward_spec(cfg.reward.fn)  # an unimportable reward function fails here, not in a worker
     backend_note = validate_backend(cfg)  # megatron layout vs model and ranks: fails before any actor starts
     if backend_note:
         log.info(backend_note)

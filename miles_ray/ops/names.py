@@ -28,6 +28,8 @@ RULES: tuple[tuple[str, str], ...] = (
     ("time_", "perf"),
     ("rollout_tokens_per_s", "perf"),
     ("reward_", "rollout"),
+    ("rollout_fn_", "rollout"),
+    ("agent_", "rollout"),
     ("response_len_", "rollout"),
     ("frac_finished", "rollout"),
     ("num_samples", "rollout"),

@@ -1,4 +1,7 @@
-"""Rewards: registry of reward functions, the rule-based math reward, and a safe runner."""
-from miles_ray.rewards.registry import REWARD_FUNCTIONS, register_reward, resolve_reward_fn  # noqa: F401
+"""Rewards: registry of reward functions and factories, the rule-based math reward, and a safe runner."""
+from miles_ray.rewards.registry import (  # noqa: F401
+    REWARD_FACTORIES, REWARD_FUNCTIONS, RewardResult, build_reward_fn, check_reward_spec, register_reward,
+    register_reward_factory, resolve_reward_fn,
+)
 from miles_ray.rewards import math as _math  # noqa: F401  (registers "math")
 from miles_ray.rewards.runner import RewardRunner, RewardStats  # noqa: F401
