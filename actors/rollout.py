@@ -37,6 +37,15 @@ class RolloutEngineActor(ActorBase):
         self.fault_point(f"engine {self.rank}'s generate")
         return self.engine.generate(requests, n, params)
 
+    @ray.method(concurrency_group="gen")
+    def generate_stream(self, requests: list, n: int, params):
+        """Like :meth:`generate`, yielding each request's ``n`` samples as soon as they are done
+        (call with ``.options(num_returns="streaming")``)."""
+        from miles_ray.rollout.engines import stream_by_request
+
+        self.fault_point(f"engine {self.rank}'s generate")
+        yield from stream_by_request(self.engine, requests, n, params)
+
     def abort(self, rid: str) -> bool:
         return self.engine.abort(rid)
 

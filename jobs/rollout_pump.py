@@ -1,13 +1,16 @@
 """The async driver's rollout pump: a thread that keeps the engines busy within the staleness bound.
 
-While the :class:`StalenessController` has capacity, it takes prompts, sends one chunk per engine,
-scores finished chunks on the reward workers, keeps or filters each group (dynamic sampling; a
-filtered group gives its slot back, so the pump refills) and puts kept groups in the BufferActor.
+While the :class:`StalenessController` has capacity, it takes prompts, sends one chunk per engine
+(a streaming call: each group comes back as soon as its samples are done), sends each finished
+group to a reward worker at once (scoring overlaps generation; the pump never blocks on it), keeps
+or filters each scored group (dynamic sampling; a filtered group gives its slot back, so the pump
+refills) and puts kept groups in the BufferActor.
 A dead engine or reward worker is recovered in place (:meth:`Recovery.get`); an engine whose call
 runs past ``rollout.request_timeout_s`` is hung: it is restarted and the call regenerated.
 
 Invariant (checked by :class:`GroupLedger` and the controller):
-``submitted = consumed + filtered + buffered + running``.
+``submitted = consumed + filtered + buffered + running``, where running groups are being generated
+(``inflight``) or scored (``scoring``).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import ray
 
 from jobs import steps
 from jobs.context import Run
+from jobs.recovery import is_actor_failure
 from miles_ray import versioning
 from miles_ray.async_rl import GROUP_FILTERS, StalenessController
 from miles_ray.ledger import GroupLedger
@@ -38,7 +42,9 @@ class RolloutPump(threading.Thread):
         self.lock = threading.Lock()
         self.served = versioning.INITIAL  # weight version the engines serve (admission counts its steps)
         self.next_group = 0
-        self.inflight: dict = {}  # ref -> (engine index, requests, start time)
+        self.inflight: dict = {}  # stream -> (engine index, requests, start time, group ids yielded)
+        self.scoring: dict = {}  # reward ref -> (worker index, samples, requests)
+        self.next_worker = -1  # round robin over the reward workers
         self.expired: set = set()  # in-flight refs past rollout.request_timeout_s (their engine was killed)
         self.timeouts = 0  # calls that ran past it, since the pump started
         self.resend: list = []  # requests of a checkpoint's in-flight groups: sent before new prompts
@@ -85,12 +91,15 @@ class RolloutPump(threading.Thread):
             self.resend = []
         if self.submitting:
             self.submit_admitted()
-        refs = list(self.inflight)
+        refs = list(self.inflight) + list(self.scoring)
         if not refs:
             return False
         ready, _ = ray.wait(refs, num_returns=1, timeout=0.05)
         for ref in ready:
-            self._collect(ref)
+            if ref in self.inflight:
+                self._collect(ref)
+            elif ref in self.scoring:
+                self._scored(ref)
         self._expire()
         return True
 
@@ -99,7 +108,7 @@ class RolloutPump(threading.Thread):
         restarts it); :meth:`_collect` then sees the call fail and regenerates the chunk on the
         restarted, refit engine (:meth:`Recovery.get`)."""
         limit, now = self.ctx.cfg.rollout.request_timeout_s, time.time()
-        for ref, (i, chunk, t0) in self.inflight.items():
+        for ref, (i, chunk, t0, _) in self.inflight.items():
             if now - t0 > limit and ref not in self.expired:
                 log.warning("rollout-%d did not answer within rollout.request_timeout_s=%gs (hung): restarting it; "
                             "its %d groups are generated again", i, limit, len(chunk))
@@ -128,16 +137,49 @@ class RolloutPump(threading.Thread):
             per_engine[r["group_id"] % len(engines)].append(r)
         for i, chunk in enumerate(per_engine):
             if chunk:
-                ref = engines[i].generate.remote(chunk, run.cfg.rollout.n_samples_per_prompt, run.params)
-                self.inflight[ref] = (i, chunk, time.time())
+                self._stream(i, chunk)
 
-    def _collect(self, ref) -> None:
-        i, chunk, _ = self.inflight.pop(ref)
-        self.expired.discard(ref)
+    def _stream(self, i: int, chunk: list) -> None:
         run = self.ctx
-        n, engines = run.cfg.rollout.n_samples_per_prompt, run.actors.engines
-        generated = run.recovery.get(ref, lambda: engines[i].generate.remote(chunk, n, run.params), "rollout", i)
-        samples, _ = steps.score(run, generated)
+        stream = run.actors.engines[i].generate_stream.options(num_returns="streaming").remote(
+            chunk, run.cfg.rollout.n_samples_per_prompt, run.params)
+        self.inflight[stream] = (i, chunk, time.time(), set())
+
+    def _collect(self, stream) -> None:
+        """The next group of a ready stream: to a reward worker. A dead (or killed, hung) engine:
+        wait for its restart and refit, then re-send the groups it had not yielded."""
+        i, chunk, _, done = self.inflight[stream]
+        try:
+            samples = ray.get(next(stream))
+        except StopIteration:
+            self._drop(stream)
+            return
+        except Exception as err:  # noqa: BLE001 - only actor failures are recovered
+            if not is_actor_failure(err):
+                raise
+            self._drop(stream)
+            t0 = time.time()
+            self.ctx.recovery.restore("rollout", i)
+            self.ctx.recovery.record(time.time() - t0, "rollout", i)
+            left = [r for r in chunk if r["group_id"] not in done]
+            if left:
+                self._stream(i, left)
+            return
+        done.update(s.group_id for s in samples)
+        workers = self.ctx.actors.rewards
+        w = self.next_worker = (self.next_worker + 1) % len(workers)
+        reqs = [r for r in chunk if r["group_id"] in {s.group_id for s in samples}]
+        self.scoring[workers[w].score.remote(samples)] = (w, samples, reqs)
+
+    def _drop(self, stream) -> None:
+        self.inflight.pop(stream, None)
+        self.expired.discard(stream)
+
+    def _scored(self, ref) -> None:
+        w, generated, _ = self.scoring.pop(ref)
+        run = self.ctx
+        workers = run.actors.rewards
+        samples, _ = run.recovery.get(ref, lambda: workers[w].score.remote(generated), "reward", w)
         if self._halt.is_set():  # stopped meanwhile (a trainer rebuild clears the buffer): keep out
             return
         groups = collections.defaultdict(list)
@@ -155,16 +197,20 @@ class RolloutPump(threading.Thread):
                     self.ctrl.filter()
         self.last_progress = time.time()
 
+    def _running_requests(self) -> list:
+        """Requests not in the buffer yet: being generated, being scored, or waiting to be re-sent."""
+        generating = [r for _, reqs, _, done in self.inflight.values() for r in reqs if r["group_id"] not in done]
+        return generating + [r for _, _, reqs in self.scoring.values() for r in reqs] + list(self.resend)
+
     def running_groups(self) -> set:
-        return {r["group_id"] for _, reqs, _ in self.inflight.values() for r in reqs} | \
-            {r["group_id"] for r in self.resend}
+        return {r["group_id"] for r in self._running_requests()}
 
     def idle(self) -> bool:
-        return not self.inflight and not self.resend
+        return not self.inflight and not self.scoring and not self.resend
 
     def state_dict(self) -> dict:
         """Call inside :meth:`held` (or with the pump stopped)."""
-        inflight = [r for _, reqs, _ in self.inflight.values() for r in reqs] + self.resend
+        inflight = self._running_requests()
         return {"next_group": self.next_group, "ctrl": self.ctrl.state(), "sampler": self.ctx.sampler.state_dict(),
                 "inflight": sorted(inflight, key=lambda r: r["group_id"]), "ledger": self.ledger.state_dict()}
 
@@ -178,5 +224,6 @@ class RolloutPump(threading.Thread):
     def report(self) -> str:
         now = time.time()
         calls = [f"rollout-{i}: generate groups {reqs[0]['group_id']}..{reqs[-1]['group_id']} running for "
-                 f"{now - t0:.0f}s" for i, reqs, t0 in self.inflight.values()]
+                 f"{now - t0:.0f}s" for i, reqs, t0, _ in self.inflight.values()]
+        calls += [f"reward-{w}: scoring {len(samples)} samples" for w, samples, _ in self.scoring.values()]
         return "; ".join(calls) or "no generation in flight (staleness bound reached, buffer short of a batch)"

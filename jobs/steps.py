@@ -28,7 +28,7 @@ def sft_warmup(run: Run) -> None:
     cfg, actors = run.cfg, run.actors
     bar = progress(cfg.train.sft_warmup_steps, "SFT warm-up", cfg.logging.progress_bar)
     for _ in range(cfg.train.sft_warmup_steps):
-        batch = sft_samples(run.sampler.next_batch(cfg.train.sft_batch_size), run.tokenizer)
+        batch = warmup_samples(run, run.sampler.next_batch(cfg.train.sft_batch_size))
         draft = actors.draft.train.remote(batch) if actors.draft is not None else None
         m = actors.policy.sft_step(batch, cfg.train.sft_lr)
         if draft is not None:
@@ -38,37 +38,55 @@ def sft_warmup(run: Run) -> None:
     bar.close()
 
 
+def warmup_samples(run: Run, items: list) -> list:
+    """SFT pairs (prompt, label), or with a multi-turn environment that has demonstrations, whole
+    demonstrated conversations (model turns trained, tool answers masked)."""
+    from miles_ray.agents.sft import demonstration_samples, has_demonstrations
+
+    cfg = run.cfg
+    if cfg.rollout.fn and has_demonstrations(cfg.agent.env):
+        return demonstration_samples(items, run.tokenizer, cfg.agent.env, cfg.agent.max_tokens)
+    return sft_samples(items, run.tokenizer)
+
+
 def requests_for(prompts: list[PromptItem], first_group: int) -> list[dict]:
     """Generation requests; group ids are consecutive from ``first_group``."""
-    return [{"prompt": p.prompt, "label": p.label, "prompt_index": p.index, "group_id": first_group + j}
-            for j, p in enumerate(prompts)]
+    return [{"prompt": p.prompt, "label": p.label, "prompt_index": p.index, "group_id": first_group + j,
+             "messages": p.messages} for j, p in enumerate(prompts)]
 
 
-def rollout(run: Run, step: int, stats: dict | None = None) -> list:
+def rollout(run: Run, step: int, stats: dict | None = None, on_done=None) -> list:
     """Generate ``n_samples_per_prompt`` samples for the next ``prompts_per_step`` prompts; group
     ``g`` goes to engine ``g % num_engines`` (or through the router when engines serve HTTP). A
     dead or hung engine's groups move to a healthy engine (:mod:`jobs.generation`); its ``fault/``
     counters go into ``stats``. Samples come back ordered by group."""
     cfg, actors = run.cfg, run.actors
     reqs = requests_for(run.sampler.next_batch(cfg.rollout.prompts_per_step), step * cfg.rollout.prompts_per_step)
-    if actors.router_url:
-        return _rollout_http(run, reqs)
+    if actors.router_url and not cfg.rollout.fn:  # a rollout function runs in the engine actors
+        return _rollout_http(run, reqs, on_done)
     per_engine = [[] for _ in actors.engines]
     for r in reqs:
         per_engine[r["group_id"] % len(actors.engines)].append(r)
-    out, counters = generation.generate(run, per_engine)
+    out, counters = generation.generate(run, per_engine, on_done)
     if stats is not None:
         stats.update(counters)
     return sorted(out, key=lambda s: s.group_id)
 
 
-def _rollout_http(run: Run, reqs: list[dict]) -> list:
+def _rollout_http(run: Run, reqs: list[dict], on_done=None) -> list:
     """Engines served over HTTP: one request per prompt group to the router, in parallel."""
     from miles_ray.rollout.client import EngineClient
 
     client, n = EngineClient(run.actors.router_url), run.cfg.rollout.n_samples_per_prompt
+
+    def one(r):
+        samples = client.generate_samples([r], n, run.params, run.tokenizer)
+        if on_done is not None:
+            on_done(samples)
+        return samples
+
     with ThreadPoolExecutor(min(16, len(reqs))) as pool:
-        chunks = list(pool.map(lambda r: client.generate_samples([r], n, run.params, run.tokenizer), reqs))
+        chunks = list(pool.map(one, reqs))
     return [s for chunk in chunks for s in chunk]
 
 
@@ -118,7 +136,19 @@ def rollout_metrics(samples: list) -> dict:
         "response_len_mean": sum(s.response_length for s in samples) / len(samples),
         "frac_finished": sum(s.finish_reason == "stop" for s in samples) / len(samples),
         "num_samples": len(samples),
+        **agent_metrics(samples),
     }
+
+
+def agent_metrics(samples: list) -> dict:
+    """Multi-turn runs: turns and tool calls per conversation, the share of trained (model) tokens."""
+    if not any("turns" in s.metadata for s in samples):
+        return {}
+    n, tokens = len(samples), sum(s.response_length for s in samples)
+    model = sum(sum(s.loss_mask) if s.loss_mask is not None else s.response_length for s in samples)
+    return {"agent_turns_mean": sum(s.metadata.get("turns", 0) for s in samples) / n,
+            "agent_tool_calls_mean": sum(s.metadata.get("tool_calls", 0) for s in samples) / n,
+            "agent_model_token_frac": model / max(tokens, 1)}
 
 
 def speculation_metrics(run: Run, samples: list, seconds: float) -> dict:

@@ -15,6 +15,7 @@ import ray
 from jobs import checkpointing, steps
 from jobs.context import Run
 from jobs.faults import FaultInjector
+from jobs.scoring import Scoring
 from miles_ray import versioning
 from miles_ray.ledger import step_entry
 
@@ -27,11 +28,12 @@ def train_step(run: Run, step: int, replay=None) -> tuple[list, dict]:
         t1 = time.time()
     else:
         faults: dict = {}
-        samples = steps.rollout(run, step, faults)
+        scoring = Scoring(run)  # each group goes to a reward worker as soon as it is generated
+        samples = steps.rollout(run, step, faults, scoring.submit)
         t1 = time.time()
         reward_stats = {**steps.speculation_metrics(run, samples, t1 - t0), **faults}
         steps.colocate_phase(run, "train")
-        samples, more = steps.score(run, samples)
+        samples, more = scoring.results()
         reward_stats.update(more)
     buffer = run.actors.buffer
     ray.get(buffer.put.remote(samples))

@@ -49,6 +49,18 @@ def _train(run: Run, resume_from: Path | None) -> tuple[list, dict]:
         bar.close()
 
 
+def check_agent(cfg: Config) -> None:
+    """An unknown rollout function or environment fails here, before any actor starts."""
+    if not cfg.rollout.fn:
+        return
+    from miles_ray.agents import make_env
+    from miles_ray.agents.runner import resolve_rollout_fn
+
+    resolve_rollout_fn(cfg.rollout.fn)
+    if cfg.agent.env:
+        make_env(cfg.agent.env)
+
+
 def run(cfg: Config) -> dict:
     """Run a whole job; returns a summary (also written to ``summary.json``). Problems in the
     config, data, model path, reward function or resume folder raise a :class:`UserError` before
@@ -60,6 +72,7 @@ def run(cfg: Config) -> dict:
     items, report = load_prompts(cfg.data, tokenizer, seed=cfg.seed)
     sampler = PromptSampler(items, seed=cfg.seed, shuffle=cfg.data.shuffle)
     check_reward_spec(cfg.reward.fn)  # an unimportable reward function fails here, not in a worker
+    check_agent(cfg)
     backend_note = validate_backend(cfg)  # megatron layout vs model and ranks: fails before any actor starts
     if backend_note:
         log.info(backend_note)

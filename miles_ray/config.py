@@ -102,6 +102,8 @@ class Config(Section):
                              "does not combine with engines over HTTP or algorithm.true_on_policy")
         if self.rollout.serve_http and self.rollout.backend == "hf":
             raise ValueError("rollout.serve_http needs rollout.backend=native or sglang")
+        if self.rollout.fn == "multi_turn" and not self.agent.env:
+            raise ValueError("rollout.fn=multi_turn talks with an environment: set agent.env (e.g. calculator)")
         if self.weight_sync.transport == "cuda_ipc" and not (self.cluster.colocate and self.cluster.use_gpu):
             raise ValueError("weight_sync.transport=cuda_ipc needs cluster.colocate=true and cluster.use_gpu=true")
         return self

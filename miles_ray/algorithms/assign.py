@@ -25,7 +25,7 @@ def assign_advantages(samples: list, algo) -> dict:
     width = max(1, max(len(s.response_ids) for s in samples))
     mask = torch.zeros(len(samples), width)
     for i, s in enumerate(samples):
-        mask[i, : len(s.response_ids)] = 1.0
+        mask[i, : len(s.response_ids)] = 1.0 if s.loss_mask is None else torch.tensor(s.loss_mask, dtype=torch.float32)
     kl = None
     if algo.kl_mode == "reward" and algo.kl_coef > 0:
         if any(s.ref_logprobs is None or s.old_logprobs is None for s in samples):
@@ -43,7 +43,7 @@ def assign_advantages(samples: list, algo) -> dict:
     assert torch.isfinite(adv).all(), "advantage estimator produced NaN/inf"
     for i, s in enumerate(samples):
         n = len(s.response_ids)
-        s.advantages = adv[i, :n].tolist()
+        s.advantages = (adv[i, :n] * mask[i, :n]).tolist()
         s.returns = returns[i, :n].tolist() if returns is not None else None
     n_tok = mask.sum().clamp(min=1)
     metrics = {"advantage_mean": ((adv * mask).sum() / n_tok).item(),

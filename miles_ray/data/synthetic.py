@@ -24,6 +24,18 @@ def arithmetic_rows(n: int, max_operand: int = 9, seed: int = 0) -> list[dict]:
     return rows
 
 
+@_register("calculator")
+def calculator_rows(n: int, max_operand: int = 999, seed: int = 0) -> list[dict]:
+    """Rows {"prompt": "What is a*b?", "label": "a*b"}: products a small model cannot compute itself
+    (the calculator environment's task)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(2, max_operand), rng.randint(2, max_operand)
+        rows.append({"prompt": f"What is {a}*{b}?", "label": str(a * b)})
+    return rows
+
+
 def synthetic_rows(name: str, n: int, max_operand: int, seed: int) -> list[dict]:
     if name not in SYNTHETIC_TASKS:
         raise ValueError(f"unknown synthetic task '{name}'; choose one of {sorted(SYNTHETIC_TASKS)}")

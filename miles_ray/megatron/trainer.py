@@ -28,7 +28,7 @@ from miles_ray.megatron.model import build_gpt_model, layer_spec, transformer_co
 from miles_ray.megatron.schedule import run_micro_batches
 from miles_ray.models import load_model, load_tokenizer
 from miles_ray.training.base import TorchTrainerBase, all_max, all_sum, device, padded_micro_batches, world
-from miles_ray.training.batching import pack, unpack
+from miles_ray.training.batching import loss_tokens, pack, unpack
 from miles_ray.training.policy_loss import SUMMED_METRICS, PolicyLossMixin
 
 log = logging.getLogger("miles_ray.megatron")
@@ -120,7 +120,7 @@ class MegatronPolicyTrainer(PolicyLossMixin, TorchTrainerBase):
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         self.mismatch_max = 0.0
-        n_tokens, n_seqs = all_sum([float(sum(len(s.response_ids) for s in samples)), float(len(samples))])
+        n_tokens, n_seqs = all_sum([loss_tokens(samples), float(len(samples))])
         group, _ = parallel.gather_model_parallel(samples)
         batches, micro = self._batches(group)
         weight = {id(b): w for b, (_, w) in zip(batches, micro)}
@@ -142,7 +142,7 @@ class MegatronPolicyTrainer(PolicyLossMixin, TorchTrainerBase):
         self.set_lr(lr if lr is not None else self.base_lr)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        n_tokens, n_seqs = all_sum([float(sum(len(s.response_ids) for s in samples)), float(len(samples))])
+        n_tokens, n_seqs = all_sum([loss_tokens(samples), float(len(samples))])
         group, _ = parallel.gather_model_parallel(samples)
         batches, micro = self._batches(group)
         weight = {id(b): w for b, (_, w) in zip(batches, micro)}

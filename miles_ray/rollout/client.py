@@ -43,7 +43,7 @@ class EngineClient:
 
     # -- generation -----------------------------------------------------------------------------
     def generate(self, input_ids=None, text=None, sampling_params: dict | None = None, return_logprob: bool = True,
-                 rid: str | None = None):
+                 rid: str | list | None = None):
         body = {"sampling_params": sampling_params or {}, "return_logprob": return_logprob}
         body.update({k: v for k, v in (("input_ids", input_ids), ("text", text), ("rid", rid)) if v is not None})
         return self._post("/generate", body)
@@ -52,7 +52,8 @@ class EngineClient:
         """The engine interface of rollout code: n samples per request dict (prompt, label, ...)."""
         ids = [list(r["input_ids"]) if r.get("input_ids") is not None else
                tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in requests]
-        outs = self.generate(input_ids=ids, sampling_params={**sglang_sampling(params), "n": n})
+        rids = [r["rid"] for r in requests] if n == 1 and all(r.get("rid") for r in requests) else None
+        outs = self.generate(input_ids=ids, sampling_params={**sglang_sampling(params), "n": n}, rid=rids)
         samples = []
         for i, out in enumerate(outs):
             req, meta = requests[i // n], out["meta_info"]

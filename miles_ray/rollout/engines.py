@@ -65,6 +65,21 @@ class RolloutEngine(Protocol):
     def close(self) -> None: ...
 
 
+def stream_by_request(engine, requests: list[dict], n: int, params: SamplingParams):
+    """Yield each request's ``n`` Samples as soon as they are done (completion order). An engine
+    with its own ``generate_stream`` (admitting every request at once) is used as is; otherwise one
+    ``generate`` per request runs in a thread."""
+    if hasattr(engine, "generate_stream"):
+        yield from engine.generate_stream(requests, n, params)
+        return
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    with ThreadPoolExecutor(max(1, min(32, len(requests)))) as pool:
+        futures = [pool.submit(engine.generate, [r], n, params) for r in requests]
+        for fut in as_completed(futures):
+            yield fut.result()
+
+
 def make_rollout_engine(cfg: Config, rank: int, host: str = "127.0.0.1", restarted: bool = False,
                         token: str | None = None) -> RolloutEngine:
     """The engine the config asks for: over HTTP (``rollout.serve_http`` or the sglang backend,
@@ -73,7 +88,23 @@ def make_rollout_engine(cfg: Config, rank: int, host: str = "127.0.0.1", restart
     if cfg.rollout.over_http:
         from miles_ray.rollout.http_engine import HttpEngine
 
-        return HttpEngine.launch(cfg, rank, host, token)
-    from miles_ray.rollout.in_process import InProcessEngine
+        engine = HttpEngine.launch(cfg, rank, host, token)
+    else:
+        from miles_ray.rollout.in_process import InProcessEngine
 
-    return InProcessEngine.from_config(cfg, rank, restarted)
+        engine = InProcessEngine.from_config(cfg, rank, restarted)
+    return with_rollout_fn(cfg, engine)
+
+
+def with_rollout_fn(cfg: Config, engine: RolloutEngine) -> RolloutEngine:
+    """``rollout.fn`` set: the engine runs that function per sample (:class:`AgentEngine`)."""
+    if not cfg.rollout.fn:
+        return engine
+    from miles_ray.agents import multi_turn as _builtin  # noqa: F401  (registers the built-in functions)
+    from miles_ray.agents.runner import AgentEngine, AgentLimits
+    from miles_ray.models.loading import load_tokenizer
+
+    a = cfg.agent
+    limits = AgentLimits(a.max_turns, a.max_tokens, a.timeout_s, a.env)
+    return AgentEngine(engine, cfg.rollout.fn, load_tokenizer(cfg.model.path, cfg.model.tiny_cache_dir), limits,
+                       a.concurrency)

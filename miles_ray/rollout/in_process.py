@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from concurrent.futures import as_completed
 
 from miles_ray.config import Config
 from miles_ray.rollout.hf_engine import HFRolloutEngine
@@ -65,11 +66,33 @@ class InProcessEngine:
         if self.loop is None:
             with self._lock:
                 return self.engine.generate(requests, n, params)
+        return [self.engine.to_sample(f.result()) for f in self.loop.submit_many(self._items(requests, n, params))]
+
+    def _items(self, requests: list[dict], n: int, params: SamplingParams) -> list[tuple]:
+        """Loop items ``(prompt ids, params, rid, request)``, ``n`` per request in request order."""
         items = []
         for req in requests:
             ids = request_ids(req, self.engine.tokenizer)
-            items += [(ids, params, uuid.uuid4().hex, req) for _ in range(n)]
-        return [self.engine.to_sample(f.result()) for f in self.loop.submit_many(items)]
+            rids = [req["rid"]] if n == 1 and req.get("rid") else [uuid.uuid4().hex for _ in range(n)]
+            items += [(ids, params, rid, req) for rid in rids]
+        return items
+
+    def generate_stream(self, requests: list[dict], n: int, params: SamplingParams):
+        """Every request admitted at once (sampling as in :meth:`generate`), each request's samples
+        yielded when all ``n`` are done; the hf engine yields its one batch."""
+        if self.loop is None:
+            samples = self.generate(requests, n, params)
+            yield from (samples[i * n:(i + 1) * n] for i in range(len(requests)))
+            return
+        futures = self.loop.submit_many(self._items(requests, n, params))
+        by_request = [futures[i * n:(i + 1) * n] for i in range(len(requests))]
+        pending = {id(f): i for i, fs in enumerate(by_request) for f in fs}
+        left = [n] * len(requests)
+        for fut in as_completed(futures):
+            i = pending[id(fut)]
+            left[i] -= 1
+            if left[i] == 0:
+                yield [self.engine.to_sample(f.result()) for f in by_request[i]]
 
     def abort(self, rid: str) -> bool:
         return self.loop.abort(rid) if self.loop is not None else False  # hf: a batch cannot be cut short

@@ -109,7 +109,7 @@ def pack(samples, pad_id: int = 0, device=None, packed: bool = False, length_mul
         start = off + p - 1  # this position scores the first response token
         spans.append((row, start, r))
         if r:
-            mask[row, start:start + r] = 1.0
+            mask[row, start:start + r] = _loss_mask(s)
             for f in names:
                 fields[f][row, start:start + r] = torch.tensor(getattr(s, f), dtype=torch.float32)
     if not packed:  # padding positions keep counting (harmless: they are never attended to)
@@ -119,10 +119,21 @@ def pack(samples, pad_id: int = 0, device=None, packed: bool = False, length_mul
     sample_mask = torch.zeros((len(samples), longest))
     for i, (row, start, r) in enumerate(spans):
         resp_index[i, :r] = row * length + start + torch.arange(r)
-        sample_mask[i, :r] = 1.0
+        sample_mask[i, :r] = mask[row, start:start + r]
     batch = TokenBatch(input_ids, position_ids, targets, mask, fields, spans, [len(x) for x in seqs] if packed else None,
                        resp_index, sample_mask, _routing(samples, where, rows, length))
     return batch.to(device) if device is not None and str(device) != "cpu" else batch
+
+
+def _loss_mask(s) -> torch.Tensor:
+    """1 on the response tokens the policy is trained on: all of them, or a multi-turn sample's
+    model tokens (``Sample.loss_mask``; tool and environment tokens are context only)."""
+    if s.loss_mask is None:
+        return torch.ones(len(s.response_ids))
+    if len(s.loss_mask) != len(s.response_ids):
+        raise ValueError(f"sample of group {s.group_id}: loss_mask has {len(s.loss_mask)} entries for "
+                         f"{len(s.response_ids)} response tokens")
+    return torch.tensor(s.loss_mask, dtype=torch.float32)
 
 
 def _routing(samples, where, rows: int, length: int) -> torch.Tensor | None:
@@ -171,3 +182,8 @@ def shard_minibatches(minibatches: list[list], world_size: int) -> list[list[lis
                                     else [mb[i:i + 1] for i in range(len(mb))] + [[]] * (world_size - len(mb))):
             out[rank].append(part)
     return out
+
+
+def loss_tokens(samples) -> float:
+    """Response tokens the loss is taken over (a multi-turn sample's model tokens only)."""
+    return float(sum(len(s.response_ids) if s.loss_mask is None else sum(s.loss_mask) for s in samples))

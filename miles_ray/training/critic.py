@@ -11,7 +11,7 @@ from miles_ray.algorithms.losses import value_loss
 from miles_ray.models.loading import DTYPES, resolve_model_path
 from miles_ray.training import precision as prec
 from miles_ray.training.base import TorchTrainerBase, all_sum, padded_micro_batches
-from miles_ray.training.batching import pack, unpack
+from miles_ray.training.batching import loss_tokens, pack, unpack
 from miles_ray.training.logprobs import ValueModelForTraining
 
 
@@ -59,7 +59,7 @@ class CriticTrainer(TorchTrainerBase):
         for mb in [mb for _ in range(self.cfg.ppo_epochs) for mb in minibatches]:
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
-            (n_tokens,) = all_sum([float(sum(len(s.response_ids) for s in mb))])
+            (n_tokens,) = all_sum([loss_tokens(mb)])
 
             def loss_fn(chunk):
                 batch = self._pack(chunk)

@@ -6,7 +6,7 @@ from miles_ray.algorithms import LOSS_AGGREGATIONS
 from miles_ray.algorithms.losses import sft_token_loss
 from miles_ray.sample import Sample
 from miles_ray.training.base import all_sum, padded_micro_batches
-from miles_ray.training.batching import pack
+from miles_ray.training.batching import loss_tokens, pack
 
 
 def sft_samples(items, tokenizer, target_fn=lambda item: item.label) -> list[Sample]:
@@ -31,7 +31,7 @@ class SFTMixin:
         self.set_lr(lr if lr is not None else self.base_lr)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        n_tokens, n_seqs = all_sum([float(sum(len(s.response_ids) for s in samples)), float(len(samples))])
+        n_tokens, n_seqs = all_sum([loss_tokens(samples), float(len(samples))])
 
         def loss_fn(chunk):
             batch = pack(chunk, self.pad_id, self.device, packed=self.cfg.packing)

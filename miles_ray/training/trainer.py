@@ -15,7 +15,7 @@ import torch
 from miles_ray.models import load_model, load_tokenizer
 from miles_ray.training import precision as prec
 from miles_ray.training.base import TorchTrainerBase, all_max, all_sum, padded_micro_batches, shard_fsdp2, world
-from miles_ray.training.batching import make_minibatches, pack, unpack
+from miles_ray.training.batching import loss_tokens, make_minibatches, pack, unpack
 from miles_ray.training.logprobs import CausalLMForTraining
 from miles_ray.training.policy_loss import SUMMED_METRICS, PolicyLossMixin
 from miles_ray.training.sft import SFTMixin
@@ -93,7 +93,7 @@ class PolicyTrainer(PolicyLossMixin, SFTMixin, TorchTrainerBase):
         routing, self.mismatch_max = self.core.routing, 0.0
         if routing is not None:
             routing.take_stats()  # count this mini-batch's training forwards only
-        n_tokens, n_seqs = all_sum([float(sum(len(s.response_ids) for s in samples)), float(len(samples))])
+        n_tokens, n_seqs = all_sum([loss_tokens(samples), float(len(samples))])
         micro = padded_micro_batches(samples, self.cfg)
         totals = self.backward_micro_batches(
             micro, lambda chunk: self._loss(pack(chunk, self.pad_id, self.device, packed=self.cfg.packing),

@@ -21,3 +21,12 @@ def hanging_reward(prompt, response, label):
 def noisy_reward(prompt, response, label):
     print("this print must not break the worker protocol")
     return 2.0
+
+
+def stamp_reward(prompt, response, label):
+    """Records when it ran (``MILES_STAMPS`` file, or /tmp): tests compare with generation times."""
+    import os
+
+    with open(os.environ.get("MILES_STAMPS", "/tmp/miles_stamps.txt"), "a") as f:
+        f.write(f"reward {time.time()}\n")
+    return 1.0

@@ -1,0 +1,41 @@
+"""Rollout functions (``rollout.fn``) used by tests through their import paths."""
+import os
+import time
+
+from miles_ray.sample import Sample
+
+
+def chat_once(ctx) -> Sample:
+    """One OpenAI-style chat call on the engine; the sample is built from the exact token ids. Group
+    ``g`` waits ``0.3 * (g % 4)`` s first (groups finish at different times), and the finish time is
+    recorded (``MILES_STAMPS``)."""
+    time.sleep(0.3 * (ctx.request["group_id"] % 4))
+    messages = ctx.request.get("messages") or [{"role": "user", "content": ctx.request["prompt"]}]
+    reply = ctx.client.chat.completions.create(messages=messages, max_tokens=ctx.params.max_new_tokens)
+    choice = reply["choices"][0]
+    sample = ctx.sample("chat", reply["prompt_token_ids"], response_ids=choice["token_ids"],
+                        response_logprobs=[x["logprob"] for x in choice["logprobs"]["content"]],
+                        response_text=choice["message"]["content"] or "", finish_reason="stop")
+    with open(os.environ.get("MILES_STAMPS", "/tmp/miles_stamps.txt"), "a") as f:
+        f.write(f"generated {time.time()}\n")
+    return sample
+
+
+def raises_on_odd(ctx) -> Sample:
+    if ctx.request["group_id"] % 2:
+        raise RuntimeError("tool server unreachable")
+    return chat_once(ctx)
+
+
+def returns_dict(ctx):
+    return {"response": "not a Sample"}
+
+
+def over_budget(ctx) -> Sample:
+    n = ctx.limits.max_tokens + 5
+    return ctx.sample("p", [1, 2], response_ids=[3] * n, response_logprobs=[0.0] * n)
+
+
+def too_slow(ctx) -> Sample:
+    time.sleep(ctx.limits.timeout_s + 0.5)
+    return over_budget(ctx)
