@@ -17,7 +17,7 @@ from miles_ray.rewards import RewardRunner
 from miles_ray.rewards.code_exec import extract_code, parse_cases
 from miles_ray.rewards.sandbox import SandboxLimits, protections, run_sandboxed
 
-LIMITS = {"cpu_s": 1.0, "wall_s": 4.0, "memory_mb": 256, "output_kb": 16, "max_processes": 16}
+LIMITS = {"cpu_s": 1.0, "wall_s": 3.0, "memory_mb": 256, "output_kb": 16, "max_processes": 16}
 FAIL = -1.0
 OPTIONS = {"sandbox": LIMITS, "failure_score": FAIL, "timeout_s": 30.0}
 GOOD = ("", "```python\ndef add(a, b):\n    return a + b\n```", "assert add(2, 3) == 5\nassert add(-1, 1) == 0")
@@ -43,6 +43,8 @@ def test_protections_reported():
     ("```python\nimport sys\nsys.exit(0)\n```", GOOD[2], "failed"),
     ("```python\nprint(sum(map(int, input().split())))\n```",
      json.dumps([{"input": "2 3\n", "output": "5\n"}, {"input": "10 -4", "output": "6"}]), None),
+    (GOOD[1], "[1, 2]", "bad_label"),  # test code that checks nothing would pass anything
+    (GOOD[1], "", "bad_label"),
     ("```python\nprint(int(input()) * 2)\n```", json.dumps([{"input": "2", "output": "4"}, {"input": "3", "output": "7"}]),
      "wrong_answer"),
 ])
@@ -57,6 +59,7 @@ def test_extract_code_and_label_forms():
     assert extract_code("text\n```python\nx = 1\n```\nmore\n```py\ny = 2\n```") == "y = 2"
     assert extract_code("x = 3") == "x = 3"
     assert parse_cases('[{"input": "1", "output": "2"}]') == [("1", "2")]
+    assert parse_cases("[{'input': '1', 'output': '2'}]") == [("1", "2")]  # str() of a jsonl list
     assert parse_cases("assert f(1) == 2") is None and parse_cases("[1, 2]") is None
 
 
@@ -181,6 +184,23 @@ def test_attack(name, runner, env):
     assert scores == [FAIL, 1.0], (name, stats.messages)
     assert sum(stats.reasons.values()) == 1 and set(stats.reasons) <= reasons, (name, dict(stats.reasons))
     assert check is None or check(), name
+    assert leftovers() == []
+
+
+@pytest.mark.parametrize("off,flag", [("namespaces", "network_namespace"), ("private_root", "private_root"),
+                                      ("landlock", "landlock_filesystem")])
+def test_each_layer_alone_blocks_files_and_tcp(off, flag, env):
+    """With one layer switched off the others still stop the file and TCP attacks, and the missing
+    layer is reported with a warning, not claimed. (A pathname unix socket is stopped by the private
+    root only: Landlock does not cover connect(); docs/sandbox.md.)"""
+    tmp_path, servers = env
+    table = attacks(tmp_path, servers)
+    tcp = f"import socket\nsocket.create_connection(('127.0.0.1', {servers.port}), timeout=1)"
+    for code in [table[name][0] for name in ("read_test_file", "read_passwd", "write_outside")] + [tcp]:
+        result = run_sandboxed(code, LIMITS, layers_off=(off,))
+        assert result.reason == "failed" and ("Error" in result.stderr), (off, code, result)
+    assert table["write_outside"][3]() and servers.connections == 0
+    assert result.protections[flag] is False and result.protections["warnings"], result.protections
     assert leftovers() == []
 
 

@@ -11,7 +11,8 @@ whole response. The label holds the tests, in one of two forms:
   needs exit code 0 *and* a random token printed by the harness after the last test, so exiting
   early (``os._exit(0)``, ``sys.exit(0)``) fails. The tests share the process with the code: code
   that inspects the harness's frames, or returns objects whose ``__eq__`` is always true, can fool
-  asserts; prefer stdin/stdout cases where that matters.
+  asserts; prefer stdin/stdout cases where that matters. Test code without any ``assert`` or
+  ``raise`` (or that does not parse) is a ``bad_label``, as is an empty label.
 
 Score: 1.0 on pass, else ``reward.failure_score`` with a reason (counted per reason): syntax,
 no_code, wrong_answer, bad_label, and the sandbox's timeout, cpu, memory, output, file_size,
@@ -19,6 +20,7 @@ processes, killed, failed, sandbox_error.
 """
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import re
@@ -49,11 +51,15 @@ def extract_code(response: str) -> str:
 
 
 def parse_cases(label: str):
-    """The stdin/stdout cases of a label, or None when the label is Python test code."""
+    """The stdin/stdout cases of a label (JSON, or the Python literal that ``str()`` of a jsonl list gives),
+    or None when the label is Python test code."""
     try:
         cases = json.loads(label)
     except (ValueError, TypeError):
-        return None
+        try:
+            cases = ast.literal_eval(label) if label.lstrip().startswith("[") else None
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            return None
     if isinstance(cases, list) and cases and all(isinstance(c, dict) and {"input", "output"} <= set(c) for c in cases):
         return [(str(c["input"]), str(c["output"])) for c in cases]
     return None
@@ -63,6 +69,14 @@ def same_output(got: str, expected: str) -> bool:
     def norm(text: str) -> list[str]:
         return [line.rstrip() for line in text.rstrip().splitlines()]
     return norm(got) == norm(expected)
+
+
+def has_checks(tests: str) -> bool:
+    """Test code must hold an assert or raise somewhere (a label that checks nothing would pass anything)."""
+    try:
+        return any(isinstance(node, (ast.Assert, ast.Raise)) for node in ast.walk(ast.parse(tests)))
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
 
 
 def run_tests(code: str, tests: str, limits: SandboxLimits) -> RewardResult | None:
@@ -106,6 +120,8 @@ def code_exec_factory(options: dict):
         if not str(label or "").strip():
             return RewardResult(failure, "bad_label")
         cases = parse_cases(label)
+        if cases is None and not has_checks(label):
+            return RewardResult(failure, "bad_label")
         failed = run_cases(code, cases, limits) if cases else run_tests(code, str(label), limits)
         return RewardResult(1.0) if failed is None else RewardResult(failure, failed.reason)
 
