@@ -15,7 +15,7 @@ import pytest
 
 from miles_ray.rewards import RewardRunner
 from miles_ray.rewards.code_exec import extract_code, parse_cases
-from miles_ray.rewards.sandbox import SandboxLimits, protections, run_sandboxed
+from miles_ray.rewards.sandbox import SandboxLimits, protections, run_sandboxed, sweep_stale
 
 LIMITS = {"cpu_s": 1.0, "wall_s": 3.0, "memory_mb": 256, "output_kb": 16, "max_processes": 16}
 FAIL = -1.0
@@ -154,18 +154,23 @@ NAMES = [
     "connect", "huge_output", "stderr_flood", "kill_parent", "killpg_own_group", "killpg_zero", "kill_everyone"]
 
 
-def leftovers() -> list:
-    """Sandbox folders, cgroups and processes still around after a run (there must be none)."""
-    found = glob.glob(os.path.join(tempfile.gettempdir(), "miles_sandbox_*"))
-    found += glob.glob("/sys/fs/cgroup/pids/miles_sandbox_*") + glob.glob("/sys/fs/cgroup/miles_sandbox_*")
+def sandbox_processes() -> list:
+    found = []
     for path in glob.glob("/proc/[0-9]*/cmdline"):
         try:
             cmd = open(path, "rb").read()
         except OSError:
             continue
-        if b"/tmp/main.py" in cmd or b"miles_sandbox_" in cmd:
+        if b"/tmp/main.py" in cmd or b"miles_sandbox_" in cmd or b"sandbox_launcher.py" in cmd:
             found.append(f"{path}: {cmd[:120]!r}")
     return found
+
+
+def leftovers() -> list:
+    """Sandbox folders, cgroups and processes still around after a run (there must be none)."""
+    found = glob.glob(os.path.join(tempfile.gettempdir(), "miles_sandbox_*"))
+    found += glob.glob("/sys/fs/cgroup/pids/miles_sandbox_*") + glob.glob("/sys/fs/cgroup/miles_sandbox_*")
+    return found + sandbox_processes()
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["in_process", "isolated"])
@@ -185,6 +190,25 @@ def test_attack(name, runner, env):
     assert sum(stats.reasons.values()) == 1 and set(stats.reasons) <= reasons, (name, dict(stats.reasons))
     assert check is None or check(), name
     assert leftovers() == []
+
+
+def test_reward_timeout_kills_the_sandbox_and_leftovers_are_swept():
+    """reward.timeout_s below wall_s: the runner kills its isolated worker mid-run; the sandbox dies
+    with it (PDEATHSIG chain, pid namespace) and its folder and cgroup are removed by the next
+    process that runs a sandbox (owner pid gone)."""
+    options = dict(OPTIONS, sandbox=dict(LIMITS, cpu_s=30.0, wall_s=30.0))
+    runner = RewardRunner("code_exec", timeout_s=6.0, failure_score=FAIL, isolate=True, options=options)
+    try:
+        scores, stats = runner.score([("", "```python\nwhile True:\n    pass\n```", "assert False")])
+    finally:
+        runner.close()
+    assert scores == [FAIL] and stats.timeouts == 1
+    deadline = time.time() + 5
+    while sandbox_processes() and time.time() < deadline:
+        time.sleep(0.1)
+    assert sandbox_processes() == []
+    stale = len(leftovers())
+    assert stale >= 1 and sweep_stale() == stale and leftovers() == []  # the folder (and cgroup, as root)
 
 
 @pytest.mark.parametrize("off,flag", [("namespaces", "network_namespace"), ("private_root", "private_root"),

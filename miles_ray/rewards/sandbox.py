@@ -13,6 +13,7 @@ killed after every run; output beyond ``output_kb`` and time beyond ``wall_s`` k
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import math
@@ -31,6 +32,8 @@ from miles_ray.rewards import sandbox_launcher
 from miles_ray.rewards.sandbox_launcher import PYTHON
 
 log = logging.getLogger(__name__)
+PREFIX = "miles_sandbox_"  # + owner pid + "_": temporary folders and cgroups
+_SWEPT: list = []
 
 
 @dataclass
@@ -73,7 +76,9 @@ def run_sandboxed(code: str, limits=None, stdin: str = "", layers_off: tuple = (
         compile(code, "main.py", "exec")
     except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError) as err:
         return SandboxResult(False, None, "", f"{type(err).__name__}: {err}", "syntax")
-    base, cgroup, proc = tempfile.mkdtemp(prefix="miles_sandbox_"), None, None
+    if not _SWEPT:
+        _SWEPT.append(sweep_stale())
+    base, cgroup, proc = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}_"), None, None
     try:
         cgroup = None if "cgroup" in layers_off else make_cgroup(limits.max_processes + 2)
         os.mkdir(os.path.join(base, "work"), 0o700)
@@ -193,7 +198,7 @@ def make_cgroup(max_pids: int) -> Optional[str]:
         if not os.path.isfile(os.path.join(root, "cgroup.procs")) or (
                 os.path.exists(control) and "pids" not in open(control).read().split()):
             continue
-        path = os.path.join(root, f"miles_sandbox_{uuid.uuid4().hex[:12]}")
+        path = os.path.join(root, f"{PREFIX}{os.getpid()}_{uuid.uuid4().hex[:12]}")
         try:
             os.mkdir(path)
             with open(os.path.join(path, "pids.max"), "w") as f:
@@ -217,6 +222,30 @@ def remove_cgroup(path: Optional[str]) -> None:
             time.sleep(0.01)
     if path and os.path.isdir(path):
         log.warning("sandbox: cgroup %s could not be removed", path)
+
+
+def sweep_stale() -> int:
+    """Remove the folders and cgroups of runs whose reward process died mid-run (a reward timeout kills
+    an isolated worker; the kernel kills its sandbox, the leftovers are removed here): those whose
+    owner pid (in the name) is gone. Returns how many."""
+    removed = 0
+    for root in (tempfile.gettempdir(), "/sys/fs/cgroup/pids", "/sys/fs/cgroup"):
+        for path in glob.glob(os.path.join(root, PREFIX + "*")):
+            try:
+                os.kill(int(os.path.basename(path)[len(PREFIX):].split("_")[0]), 0)
+                continue  # the owner is alive
+            except (ValueError, PermissionError):
+                continue
+            except ProcessLookupError:
+                pass
+            if root == tempfile.gettempdir():
+                shutil.rmtree(path, onerror=_force_remove)
+            else:
+                remove_cgroup(path)
+            removed += 1
+    if removed:
+        log.warning("sandbox: removed %d leftovers of reward processes that died mid-run", removed)
+    return removed
 
 
 _PROTECTIONS: dict = {}
