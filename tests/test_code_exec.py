@@ -10,6 +10,7 @@ import socket
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -158,7 +159,7 @@ def sandbox_processes() -> list:
     found = []
     for path in glob.glob("/proc/[0-9]*/cmdline"):
         try:
-            cmd = open(path, "rb").read()
+            cmd = Path(path).read_bytes()
         except OSError:
             continue
         if b"/tmp/main.py" in cmd or b"miles_sandbox_" in cmd or b"sandbox_launcher.py" in cmd:

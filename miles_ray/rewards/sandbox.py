@@ -90,11 +90,13 @@ def run_sandboxed(code: str, limits=None, stdin: str = "", layers_off: tuple = (
         cfg = {"base": base, "cgroup": cgroup, "status_fd": status_w, "ppid": os.getpid(), "limits": limits.__dict__,
                "off": list(layers_off), "uid": os.geteuid()}
         t0 = time.monotonic()
-        proc = subprocess.Popen([PYTHON, "-I", "-S", "-B", os.path.abspath(sandbox_launcher.__file__),
-                                 json.dumps(cfg)],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                pass_fds=(status_w,), start_new_session=True, env={}, cwd=base)
-        os.close(status_w)
+        try:
+            proc = subprocess.Popen([PYTHON, "-I", "-S", "-B", os.path.abspath(sandbox_launcher.__file__),
+                                     json.dumps(cfg)],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    pass_fds=(status_w,), start_new_session=True, env={}, cwd=base)
+        finally:
+            os.close(status_w)
         try:
             return collect(proc, status_r, limits, t0)
         finally:
@@ -102,6 +104,8 @@ def run_sandboxed(code: str, limits=None, stdin: str = "", layers_off: tuple = (
     finally:
         if proc is not None:
             kill_group(proc)
+            proc.stdout.close()
+            proc.stderr.close()
         remove_cgroup(cgroup)
         shutil.rmtree(base, onerror=_force_remove)
 
@@ -196,7 +200,7 @@ def make_cgroup(max_pids: int) -> Optional[str]:
     for root in ("/sys/fs/cgroup/pids", "/sys/fs/cgroup"):
         control = os.path.join(root, "cgroup.subtree_control")
         if not os.path.isfile(os.path.join(root, "cgroup.procs")) or (
-                os.path.exists(control) and "pids" not in open(control).read().split()):
+                os.path.exists(control) and "pids" not in _read(control).split()):
             continue
         path = os.path.join(root, f"{PREFIX}{os.getpid()}_{uuid.uuid4().hex[:12]}")
         try:
@@ -209,11 +213,17 @@ def make_cgroup(max_pids: int) -> Optional[str]:
     return None
 
 
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
 def remove_cgroup(path: Optional[str]) -> None:
     """Kill whatever is left in the cgroup, then remove it."""
     for _ in range(100) if path else ():
         try:
-            pids = open(os.path.join(path, "cgroup.procs")).read().split()
+            with open(os.path.join(path, "cgroup.procs")) as f:
+                pids = f.read().split()
             for pid in pids:
                 os.kill(int(pid), signal.SIGKILL)
             os.rmdir(path)
