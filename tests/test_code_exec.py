@@ -37,6 +37,8 @@ def test_protections_reported():
 @pytest.mark.parametrize("response,label,reason", [
     (GOOD[1], GOOD[2], None),
     ("def add(a, b):\n    return a + b", GOOD[2], None),  # no fence: the whole response is the code
+    ("```python\ndef add(a, b):\n    return a + b\nif __name__ == '__main__':\n    print(add(int(input()), 1))\n```",
+     GOOD[2], None),  # a main block (reading stdin) does not run under asserts
     ("```python\ndef add(a, b):\n    return a - b\n```", GOOD[2], "failed"),
     ("```python\ndef add(a, b) return\n```", GOOD[2], "syntax"),
     ("", GOOD[2], "no_code"),

@@ -7,7 +7,8 @@ whole response. The label holds the tests, in one of two forms:
 * **stdin/stdout cases**: a JSON list of ``{"input": str, "output": str}``. The program runs once per
   case (its own sandbox) with ``input`` on stdin; its stdout must equal ``output`` up to trailing
   whitespace on each line and trailing blank lines. The comparison runs here, outside the sandbox.
-* **Python test code** (anything else): asserts run after the code, in the same interpreter. A pass
+* **Python test code** (anything else): asserts run after the code, in the same interpreter, in a
+  module named ``solution`` (an ``if __name__ == "__main__":`` block of the code does not run). A pass
   needs exit code 0 *and* a random token printed by the harness after the last test, so exiting
   early (``os._exit(0)``, ``sys.exit(0)``) fails. The tests share the process with the code: code
   that inspects the harness's frames, or returns objects whose ``__eq__`` is always true, can fool
@@ -34,7 +35,7 @@ _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTAL
 
 _HARNESS = '''import sys
 def _main(token, solution, tests):
-    scope = {"__name__": "__main__", "__builtins__": __builtins__}
+    scope = {"__name__": "solution", "__builtins__": __builtins__}
     exec(compile(solution, "solution.py", "exec"), scope)
     exec(compile(tests, "tests.py", "exec"), scope)
     sys.stdout.flush()
