@@ -148,7 +148,9 @@ def agent_metrics(samples: list) -> dict:
     model = sum(sum(s.loss_mask) if s.loss_mask is not None else s.response_length for s in samples)
     return {"agent_turns_mean": sum(s.metadata.get("turns", 0) for s in samples) / n,
             "agent_tool_calls_mean": sum(s.metadata.get("tool_calls", 0) for s in samples) / n,
-            "agent_model_token_frac": model / max(tokens, 1)}
+            "agent_model_token_frac": model / max(tokens, 1),
+            # conversations whose turns were sampled by more than one weight version (partial rollout)
+            "agent_mixed_version_frac": sum(len(set(s.metadata.get("turn_versions", []))) > 1 for s in samples) / n}
 
 
 def speculation_metrics(run: Run, samples: list, seconds: float) -> dict:

@@ -142,3 +142,23 @@ def test_a_failing_rollout_function_gives_a_counted_failure_never_a_crash(native
     scores, stats = runner.score([(s.prompt, s.response_text, s.label) for s in out], [s.error for s in out])
     assert [sc for sc, s in zip(scores, out) if s.error] == [-1.0] * len(failed)
     assert stats.skipped == len(failed) and stats.reasons["rollout_fn"] == len(failed)
+
+
+def test_abort_stops_one_conversation_mid_turn(native, tokenizer):
+    import threading
+    import time
+
+    agent = _agent(native, tokenizer, "multi_turn", max_turns=3, max_tokens=500)
+    params = SamplingParams(max_new_tokens=300, ignore_eos=True)
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(out=agent.generate(_requests(1), 2, params)))
+    worker.start()
+    deadline = time.time() + 30
+    while "0-0" not in agent.clients and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert agent.abort("0-0")  # the conversation id: <group_id>-<k>
+    worker.join(120)
+    first, second = result["out"]
+    assert first.finish_reason == "abort" and len(first.response_ids) < 300
+    assert second.finish_reason == "length" and len(second.response_ids) == 300  # the other one ran on

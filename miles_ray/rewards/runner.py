@@ -73,6 +73,8 @@ class RewardRunner:
         if self._proc is not None:
             self._proc.kill()
             self._proc.wait()
+            for pipe in (self._proc.stdin, self._proc.stdout):
+                pipe.close()
             self._proc = None
 
     def close(self) -> None:

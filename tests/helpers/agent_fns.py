@@ -39,3 +39,21 @@ def over_budget(ctx) -> Sample:
 def too_slow(ctx) -> Sample:
     time.sleep(ctx.limits.timeout_s + 0.5)
     return over_budget(ctx)
+
+
+def three_turns(ctx) -> Sample:
+    """Three model turns with a fixed environment message between them (masked), built by hand
+    from the client's token turns: what a custom agent loop does."""
+    tok = ctx.tokenizer
+    prompt_ids = tok(ctx.request["prompt"], add_special_tokens=False)["input_ids"]
+    ids, mask, lps, versions = [], [], [], []
+    for turn in range(3):
+        out = ctx.client.generate(prompt_ids + ids, max_tokens=6, ignore_eos=True)
+        ids, mask, lps = ids + out.ids, mask + [1] * len(out.ids), lps + out.logprobs
+        versions.append(out.weight_version)
+        if turn < 2:
+            env = tok("\nok\n", add_special_tokens=False)["input_ids"]
+            ids, mask, lps = ids + env, mask + [0] * len(env), lps + [0.0] * len(env)
+    return ctx.sample(ctx.request["prompt"], prompt_ids, response_ids=ids, response_logprobs=lps, loss_mask=mask,
+                      response_text=tok.decode(ids), finish_reason="stop", weight_version=versions[0],
+                      metadata={"turn_versions": versions})
