@@ -133,8 +133,8 @@ def start_actors(cfg: Config, trainers: bool = True, engines: bool = True) -> Ru
     cluster = cfg.cluster.model_copy(update={"num_trainers": world})
     online_draft = cfg.draft.enabled and cfg.draft.online and bool(world) and bool(n_engines)
     n_eval = dedicated_engines(cfg, bool(n_engines))
-    plan = plan_placement(cluster, n_engines, cfg.reward.num_workers, n_critics, router=http, draft_trainer=online_draft,
-                          eval_engines=n_eval)
+    plan = plan_placement(cluster, n_engines, cfg.reward.num_workers, n_critics, router=http,
+                          draft_trainer=online_draft, eval_engines=n_eval)
     can_grow = init_ray(cfg, plan.total_resources().get("CPU", 1))
     prefix = cfg.run_name
     groups = create_groups(plan, prefix, cfg.cluster.pg_timeout_s, can_grow)

@@ -181,6 +181,6 @@ class Evaluator:
 
     def _runner(self, spec: str) -> RewardRunner:
         if spec not in self.runners:
-            r = self.run.cfg.reward
-            self.runners[spec] = RewardRunner(spec, r.timeout_s, r.failure_score, r.isolate, reward_options(self.run.cfg))
+            r, options = self.run.cfg.reward, reward_options(self.run.cfg)
+            self.runners[spec] = RewardRunner(spec, r.timeout_s, r.failure_score, r.isolate, options)
         return self.runners[spec]

@@ -109,6 +109,30 @@ def test_load_eval_sets_with_the_data_loaders(tokenizer):
     assert [r["group_id"] for r in reqs] == [-7, -8, -9, -10] and reqs[3]["prompt_index"] == 4
 
 
+def test_eval_keys_keep_their_names_in_jsonl_wandb_and_ray(tmp_path):
+    """``eval/<name>/...`` keys are already grouped: the logger writes them as they are, wandb and
+    the Ray exporter (sinks) get them as scalars, and their Prometheus names are valid and distinct."""
+    import re
+
+    from miles_ray.config import LoggingConfig
+    from miles_ray.ops.names import group_of, prom_name, scalars
+    from miles_ray.utils.tracking import MetricsLogger
+
+    sampled = [[_s(1.0), _s(0.0)], [_s(0.0), _s(0.0)]]
+    metrics = {**dataset_metrics("gsm-dev.v1", sampled, [_s(1.0), _s(0.0)], 1.0), "eval/reward_mean": 0.25}
+    seen = []
+    logger = MetricsLogger(tmp_path, LoggingConfig(wandb=False), "t", {}, sinks=[lambda step, row: seen.append(row)])
+    logger.log(4, {"reward_mean": 0.5, **metrics})
+    logger.close()
+    (row,) = seen
+    assert {k: v for k, v in row.items() if k.startswith("eval/")} == metrics == {
+        k: v for k, v in scalars(json.loads((tmp_path / "metrics.jsonl").read_text())).items() if k.startswith("eval/")}
+    assert row["rollout/reward_mean"] == 0.5 and all(group_of(k) == "eval" for k in metrics)
+    names = {prom_name(k) for k in metrics}
+    assert len(names) == len(metrics) and all(re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", n) for n in names)
+    assert "miles_eval_reward_mean" in names  # the Grafana "Eval reward" panel's series
+
+
 # -- real runs ----------------------------------------------------------------------------------
 def _wandb_history(run_dir: Path) -> list[dict]:
     """History rows of the offline wandb run under ``run_dir``, read from its ``.wandb`` file: a
@@ -158,7 +182,8 @@ def _check_eval_rows(rows: list) -> None:
             assert 0 < r[f"eval/{name}/response_len_mean"] <= 8
         assert r["eval/synth/response_len_mean"] <= 6  # the set's own max_new_tokens
         assert r["eval/synth/reward_mean"] > 0  # length_reward: the set's own reward function
-        assert r["eval/reward_mean"] == pytest.approx((r["eval/arith_file/reward_mean"] + r["eval/synth/reward_mean"]) / 2)
+        both = (r["eval/arith_file/reward_mean"] + r["eval/synth/reward_mean"]) / 2
+        assert r["eval/reward_mean"] == pytest.approx(both)
     assert all(g >= 0 for r in rows for g in r["train/ledger_groups"])
 
 
