@@ -25,7 +25,7 @@ from pathlib import Path
 
 import ray
 
-from jobs import checkpointing, steps
+from jobs import checkpointing, evaluation, steps
 from jobs.context import Run
 from jobs.faults import FaultInjector
 from jobs.rollout_pump import RolloutPump
@@ -163,6 +163,8 @@ def async_train_loop(run: Run, on_step=None) -> tuple[list, dict]:
     cfg = run.cfg
     injector = FaultInjector(cfg, run.actors)
     pump, start = start_pump(run)
+    evals = evaluation.Evaluator(run)
+    evals.start(start, pump)  # the initial weights, into row 0 (the pump runs meanwhile)
     if cfg.checkpoint.every and start == 0:  # what a trainer rank lost before the first interval restores
         state = snapshot(run, pump)
         steps.save_checkpoint(run, 0, state["sampler"], async_state=state)
@@ -181,6 +183,7 @@ def async_train_loop(run: Run, on_step=None) -> tuple[list, dict]:
                 continue
             t_prev = metrics.pop("_t1")
             metrics.update(injector.counts(run.recovery.events))
+            metrics.update(evals.after_step(step, pump))  # eval/ fields, on the eval engine (or the pump held)
             run.recovery.streak.completed(step)
             run.logger.log(step, metrics)
             rewards.append(metrics["reward_mean"])
@@ -191,6 +194,7 @@ def async_train_loop(run: Run, on_step=None) -> tuple[list, dict]:
             step += 1
         drain(pump, cfg.async_rl.watchdog_s)
     finally:
+        evals.close()
         pump.stop()
         pump.join(timeout=30)
     state = snapshot(run, pump)

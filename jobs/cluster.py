@@ -14,6 +14,7 @@ from ray.util.placement_group import PlacementGroup
 
 from actors import BufferActor, CriticActor, DraftTrainerActor, RankGroup, RewardWorker, RolloutEngineActor, RouterActor, TrainerActor
 from miles_ray.config import Config
+from miles_ray.eval import dedicated_engines
 from miles_ray.models import resolve_model_path
 from miles_ray.rollout.http_guard import new_token, register
 from placement.groups import actor_options, create_groups, remove_groups
@@ -78,6 +79,7 @@ class RunActors:
     buffer: ActorHandle
     critic: Optional[RankGroup] = None
     draft: Optional[ActorHandle] = None  # DraftTrainerActor (speculative rollout, online draft)
+    eval_engines: list[ActorHandle] = field(default_factory=list)  # evaluate only; get every weight sync
     router: Optional[ActorHandle] = None
     router_url: Optional[str] = None
     groups: dict[str, PlacementGroup] = field(default_factory=dict)
@@ -91,7 +93,7 @@ class RunActors:
     def all(self) -> list[ActorHandle]:
         router = [self.router] if self.router else []
         draft = [self.draft] if self.draft else []
-        return [*self.trainer_ranks(), *self.engines, *self.rewards, self.buffer, *router, *draft]
+        return [*self.trainer_ranks(), *self.engines, *self.rewards, self.buffer, *router, *draft, *self.eval_engines]
 
     def respawn_trainers(self, wait: Callable[[list], None] = lambda ranks: None) -> None:
         """Kill every policy (and critic) rank (survivors are stuck in a collective with the dead
@@ -130,7 +132,9 @@ def start_actors(cfg: Config, trainers: bool = True, engines: bool = True) -> Ru
     n_engines = cfg.rollout.num_engines if engines else 0
     cluster = cfg.cluster.model_copy(update={"num_trainers": world})
     online_draft = cfg.draft.enabled and cfg.draft.online and bool(world) and bool(n_engines)
-    plan = plan_placement(cluster, n_engines, cfg.reward.num_workers, n_critics, router=http, draft_trainer=online_draft)
+    n_eval = dedicated_engines(cfg, bool(n_engines))
+    plan = plan_placement(cluster, n_engines, cfg.reward.num_workers, n_critics, router=http,
+                          draft_trainer=online_draft, eval_engines=n_eval)
     can_grow = init_ray(cfg, plan.total_resources().get("CPU", 1))
     prefix = cfg.run_name
     groups = create_groups(plan, prefix, cfg.cluster.pg_timeout_s, can_grow)
@@ -162,7 +166,10 @@ def start_actors(cfg: Config, trainers: bool = True, engines: bool = True) -> Ru
                  for a in plan.for_role("reward")],
         buffer=BufferActor.options(**opts(plan.for_role("buffer")[0])).remote(),
         draft=DraftTrainerActor.options(**opts(plan.for_role("draft")[0])).remote(cfg_dict) if online_draft else None,
-        groups=groups, spawn_policy=spawn_policy, spawn_critic=spawn_critic)
+        groups=groups, spawn_policy=spawn_policy, spawn_critic=spawn_critic,
+        # ranks after the rollout engines' (own sampling seeds); never behind the router
+        eval_engines=[RolloutEngineActor.options(**opts(a), **restart).remote(cfg_dict, n_engines + a.rank, token)
+                      for a in plan.for_role("eval")])
     ray.get([a.ready.remote() for a in actors.all()])
     if http:  # rollout goes through the router to the engine servers
         urls = ray.get([e.url.remote() for e in actors.engines])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import ray
 
-from jobs import checkpointing, steps
+from jobs import checkpointing, evaluation, steps
 from jobs.context import Run
 from jobs.faults import FaultInjector
 from jobs.scoring import Scoring
@@ -67,6 +67,8 @@ def train_loop(run: Run, resume_from: Path | None = None) -> list[float]:
         start = checkpointing.restore(cfg, run.actors, run.sampler, resume_from)["step"]
     run.recovery.sync(versioning.after_steps(start))
     injector = FaultInjector(cfg, run.actors)
+    evals = evaluation.Evaluator(run)
+    evals.start(start)  # the initial weights, into row 0
     rewards, bar = [], steps.progress(cfg.total_steps, "GRPO", cfg.logging.progress_bar)
     bar.update(start)
     every, saved, step = cfg.checkpoint.every, start, start
@@ -90,6 +92,7 @@ def train_loop(run: Run, resume_from: Path | None = None) -> list[float]:
             metrics.update(weight_version=versioning.after_steps(step + 1), time_sync_s=sync_s,
                            time_step_s=time.time() - t0, **run.recovery.metrics(), **step_entry(samples),
                            **injector.counts(run.recovery.events))
+            metrics.update(evals.after_step(step))  # eval/ fields (held-out sets), when due
             run.recovery.streak.completed(step)
             run.logger.log(step, metrics)
             _log_samples(sample_log, step, samples)
@@ -102,5 +105,6 @@ def train_loop(run: Run, resume_from: Path | None = None) -> list[float]:
                 saved = step
     if saved != cfg.total_steps and run.actors.policy.actors:
         steps.save_checkpoint(run, cfg.total_steps)
+    evals.close()
     bar.close()
     return rewards

@@ -1,5 +1,6 @@
 """Trainer -> engines weight sync over the configured transport; every engine ends READY at the
-new version (checked). Versions follow :mod:`miles_ray.versioning`.
+new version (checked). Versions follow :mod:`miles_ray.versioning`. "Every engine" is the rollout
+engines and the evaluation engines (:attr:`RunActors.eval_engines`): they serve the same version.
 
 - object_store: trainer rank 0 yields its buckets into the object store; every engine loads the
   same objects (zero-copy reads on a node).
@@ -27,6 +28,11 @@ class WeightSync:
         self.actors, self.transport = actors, transport
         self._opened = False
 
+    @property
+    def targets(self) -> list[ActorHandle]:
+        """The engines every sync loads: rollout engines, then evaluation engines."""
+        return [*self.actors.engines, *self.actors.eval_engines]
+
     def reset(self) -> None:
         """Open the transport's group / handles again on the next sync."""
         self._opened = False
@@ -38,7 +44,7 @@ class WeightSync:
             return 0.0  # training from a dump, or pure inference: nothing to sync
         served = getattr(self, f"_{self.transport}")(version)
         self._check(served, version)
-        self._push_draft(version, self.actors.engines)
+        self._push_draft(version, self.targets)
         return time.time() - t0
 
     def refit(self, engines: list[ActorHandle], version: int) -> None:
@@ -64,7 +70,7 @@ class WeightSync:
 
     def _stream(self, version: int, mode: str, engines: list[ActorHandle] | None = None) -> list:
         """Forward each bucket (or handle) to every engine as soon as trainer rank 0 yields it."""
-        engines = self.actors.engines if engines is None else engines
+        engines = self.targets if engines is None else engines
         ranks = self.actors.policy.actors
         stream = ranks[0].stream_export.options(num_returns="streaming").remote(version, mode)
         others = [r.stream_export.options(num_returns="streaming").remote(version, mode) for r in ranks[1:]]
@@ -79,7 +85,7 @@ class WeightSync:
         return self._stream(version, "object_store")
 
     def _open_broadcast(self) -> None:
-        rank0, engines = self.actors.policy.actors[0], self.actors.engines
+        rank0, engines = self.actors.policy.actors[0], self.targets
         addr, port = ray.get(rank0.master_address.remote())
         ranks = ray.get([e.broadcast_ranks.remote() for e in engines])  # a real SGLang: one rank per TP rank
         offsets = [1 + sum(ranks[:i]) for i in range(len(engines))]
@@ -93,13 +99,13 @@ class WeightSync:
             self._open_broadcast()
         metas = self.actors.policy.get(self.actors.policy.call("prepare_broadcast", version))[0]
         send = self.actors.policy.actors[0].send_broadcast.remote()
-        served = ray.get([e.receive_broadcast.remote(metas, version) for e in self.actors.engines])
+        served = ray.get([e.receive_broadcast.remote(metas, version) for e in self.targets])
         ray.get(send)
         return served
 
     def _handles(self, version: int, device: str) -> list:
         if not self._opened:
-            nodes = ray.get([a.where.remote() for a in [self.actors.policy.actors[0], *self.actors.engines]])
+            nodes = ray.get([a.where.remote() for a in [self.actors.policy.actors[0], *self.targets]])
             if len({n["node_id"] for n in nodes}) > 1:
                 raise RuntimeError(f"weight_sync.transport={self.transport} needs the engines on the node of trainer "
                                    "rank 0; use object_store or broadcast across nodes")

@@ -106,6 +106,10 @@ class Config(Section):
             raise ValueError("rollout.fn=multi_turn talks with an environment: set agent.env (e.g. calculator)")
         if self.weight_sync.transport == "cuda_ipc" and not (self.cluster.colocate and self.cluster.use_gpu):
             raise ValueError("weight_sync.transport=cuda_ipc needs cluster.colocate=true and cluster.use_gpu=true")
+        from miles_ray.eval import config_problem
+
+        if problem := config_problem(self):
+            raise ValueError(problem)
         return self
 
     @property

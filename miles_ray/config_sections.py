@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from miles_ray.errors import UserValueError
 
@@ -148,7 +148,8 @@ class ServeConfig(Section):
 
 
 class EvalDataset(Section):
-    name: str
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      description="metrics are eval/<name>/...: letters, digits, '_', '.', '-'")
     source: str = Field(description="jsonl/parquet path or synthetic:arithmetic")
     n_samples: int = Field(1, ge=1, description="samples per prompt (pass@k for k <= n_samples)")
     greedy: bool = Field(True, description="also one greedy sample per prompt (pass@1 greedy)")
@@ -160,6 +161,9 @@ class EvalDataset(Section):
     label_key: str = "label"
     num_synthetic: int = Field(200, ge=1)
     synthetic_max_operand: int = Field(9, ge=1)
+    pass_threshold: float = Field(1.0, description="a sample passes when its reward >= this")
+    seed: Optional[int] = Field(None, description="synthetic sets: generator seed (default: the run's seed + 1, "
+                                "not the training stream's)")
 
 
 class EvalConfig(Section):
@@ -167,7 +171,15 @@ class EvalConfig(Section):
     at_start: bool = True
     at_end: bool = True
     datasets: list[EvalDataset] = Field(default_factory=list)
-    dedicated_engine: bool = Field(True, description="async runs evaluate on an engine of their own")
+    dedicated_engine: bool = Field(True, description="async runs evaluate on an engine of their own (false: the "
+                                   "rollout pump pauses while the rollout engines evaluate)")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "EvalConfig":
+        names = [d.name for d in self.datasets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"eval.datasets names must be unique (they name the metrics eval/<name>/...): {names}")
+        return self
 
 
 class AlgorithmConfig(Section):

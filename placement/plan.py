@@ -12,6 +12,8 @@ Layouts
 - a ``critic`` PG (PACK) when PPO with GAE needs a value model (colocated: it shares the bundles);
 - the online draft trainer (speculative rollout): a ``draft`` PG of one bundle (disaggregated) or a
   share of colocated bundle 0;
+- an evaluation engine (async runs with ``eval.dedicated_engine``): an ``eval`` PG (PACK) of one
+  bundle per eval engine holding its ``gpus_per_engine`` GPUs (colocated too: it is never released);
 - both: a ``service`` PG (PACK) holds CPU bundles for the reward workers, the buffer and (engines
   over HTTP) the router.
 With ``use_gpu=False`` bundles ask only for CPUs, so the same plan runs on a CPU-only cluster.
@@ -61,9 +63,10 @@ def _bundle(cpus: float, gpus: float) -> dict:
 
 
 def plan_placement(cluster, num_engines: int, num_reward_workers: int, num_critics: int = 0,
-                   router: bool = False, draft_trainer: bool = False) -> PlacementPlan:
+                   router: bool = False, draft_trainer: bool = False, eval_engines: int = 0) -> PlacementPlan:
     """Plan groups for ``cluster`` (a ClusterConfig) with the given engine, reward and critic counts
-    (critic ranks, for PPO with GAE, mirror the trainer ranks) and an optional draft trainer."""
+    (critic ranks, for PPO with GAE, mirror the trainer ranks), an optional draft trainer and
+    ``eval_engines`` engines that only evaluate (role ``eval``)."""
     c, g = cluster.cpus_per_actor, cluster.gpus_per_engine
     gpu = 1.0 if cluster.use_gpu else 0.0
     groups, assign = [], []
@@ -96,6 +99,9 @@ def plan_placement(cluster, num_engines: int, num_reward_workers: int, num_criti
     if draft_trainer and not cluster.colocate:  # its own bundle (one GPU on GPU clusters)
         groups.append(GroupSpec("draft", [_bundle(c, gpu)], "PACK"))
         assign.append(Assignment("draft", 0, "draft", 0, c, gpu, [0]))
+    if eval_engines:
+        groups.append(GroupSpec("eval", [_bundle(c, gpu * g) for _ in range(eval_engines)], "PACK"))
+        assign.extend(Assignment("eval", e, "eval", e, c, gpu * g, [e]) for e in range(eval_engines))
     service = [_bundle(c, 0) for _ in range(num_reward_workers + 1 + int(router))]
     groups.append(GroupSpec("service", service, "PACK"))
     for w in range(num_reward_workers):
