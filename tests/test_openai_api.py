@@ -280,7 +280,7 @@ def test_tool_calling_conversation_against_a_running_job(tmp_path, model_cache, 
     data = write_dataset(tmp_path / "tools.jsonl", tokenizer)
     args = [f"output_dir={tmp_path}/run", f"model.tiny_cache_dir={model_cache}", f"data.source={data}",
             "data.apply_chat_template=false", "data.max_prompt_tokens=1024", "train.sft_warmup_steps=40",
-            "train.sft_batch_size=4", "total_steps=100000", "rollout.prompts_per_step=1", "rollout.n_samples_per_prompt=2",
+            "train.sft_batch_size=2", "total_steps=100000", "rollout.prompts_per_step=1", "rollout.n_samples_per_prompt=2",
             "rollout.max_new_tokens=4", "checkpoint.every=0", "checkpoint.export_hf=false", "reward.isolate=false",
             "logging.progress_bar=false", "logging.wandb=false", "cluster.dashboard=false", "run_name=openai-job",
             "serve.enabled=true", f"serve.port={port}"]

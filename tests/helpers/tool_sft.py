@@ -12,7 +12,7 @@ from miles_ray.openai_api.chat import format_tool_call
 CALCULATOR = {"type": "function", "function": {"name": "calculator", "parameters": {
     "type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
 TOOLS = [CALCULATOR]
-QUESTIONS = {"What is 12*34?": ("12*34", "408"), "What is 7*8?": ("7*8", "56")}
+QUESTIONS = {"What is 12*34?": ("12*34", "408")}  # one conversation: two SFT rows
 
 
 def tool_call(expression: str) -> dict:
