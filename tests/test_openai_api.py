@@ -192,9 +192,13 @@ def test_in_process_app_over_a_real_engine(model_cache, tokenizer, backend):
         engine.close()
 
 
-@pytest.fixture(scope="module")
-def serve_endpoint(local_ray, model_cache):
-    """The Ray Serve application over one real hf engine actor, with a bearer key."""
+ENGINES = {"hf": ["rollout.backend=hf"], "native-http": ["rollout.backend=native", "rollout.serve_http=true"]}
+
+
+@pytest.fixture(scope="module", params=list(ENGINES))
+def serve_endpoint(request, local_ray, model_cache):
+    """The Ray Serve application over one real engine actor (hf in the actor, or a native engine
+    server the actor drives over HTTP), with a bearer key."""
     from actors import RolloutEngineActor
     from jobs.cluster import free_port, with_resolved_model
     from jobs.serve_openai import start_openai, stop_openai
@@ -202,7 +206,7 @@ def serve_endpoint(local_ray, model_cache):
 
     port = free_port("127.0.0.1", 0)
     cfg = with_resolved_model(load_config(None, [f"model.tiny_cache_dir={model_cache}", "serve.enabled=true",
-                                                 f"serve.port={port}", "serve.api_key=sk-serve"]))
+                                                 f"serve.port={port}", "serve.api_key=sk-serve", *ENGINES[request.param]]))
     engine = RolloutEngineActor.options(num_cpus=0).remote(cfg.model_dump(), 0)
     url = start_openai(cfg, [engine])
     yield url
