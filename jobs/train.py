@@ -20,6 +20,7 @@ from jobs.async_driver import async_train_loop
 from jobs.cluster import start_actors, stop_actors
 from jobs.context import Run
 from jobs.ray_metrics import telemetry
+from jobs.serve_openai import openai_endpoint
 from jobs.sync_driver import train_loop
 from miles_ray.config import Config
 from miles_ray.data import PromptSampler, load_prompts
@@ -86,7 +87,8 @@ def run(cfg: Config) -> dict:
     log.info("actors ready in %.1fs", time.time() - t0)
     logger = MetricsLogger(out_dir, cfg.logging, cfg.run_name, cfg.model_dump(), **telemetry(cfg, actors))
     try:
-        rewards, extra = _train(Run.create(cfg, actors, sampler, tokenizer, logger), resume_from)
+        with openai_endpoint(cfg, actors.engines):  # serve.enabled: /v1 in front of the engines
+            rewards, extra = _train(Run.create(cfg, actors, sampler, tokenizer, logger), resume_from)
     finally:
         logger.close()
         stop_actors(actors)

@@ -145,6 +145,8 @@ class ServeConfig(Section):
     api_key: Optional[str] = Field(None, description="bearer key clients send (generated when host is not "
                                    "loopback and none is given; printed once)")
     max_tokens: int = Field(256, ge=1, description="default max_tokens of a request")
+    max_n: int = Field(16, ge=1, description="most choices one request may ask for (n, times prompts of a batch)")
+    max_ongoing_requests: int = Field(256, ge=1, description="requests the Serve replica handles at once")
 
 
 class EvalDataset(Section):
