@@ -4,4 +4,5 @@ from miles_ray.rewards.registry import (  # noqa: F401
     register_reward_factory, resolve_reward_fn,
 )
 from miles_ray.rewards import math as _math  # noqa: F401  (registers "math")
+from miles_ray.rewards import services as _services  # noqa: F401  (registers "reward_model", "llm_judge")
 from miles_ray.rewards.runner import RewardRunner, RewardStats  # noqa: F401
