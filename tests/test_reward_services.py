@@ -45,9 +45,17 @@ def make_cfg(tmp_path, model_cache, *extra):
 
 @pytest.fixture(scope="module")
 def served(local_ray, tmp_path_factory, model_cache):
+    """The reward-model service, and two RewardWorkers (one with a URL nothing listens on): they
+    start while Serve starts (each process spends seconds importing torch)."""
     cfg = make_cfg(tmp_path_factory.mktemp("rsvc"), model_cache)
+    r, options = cfg.reward, reward_options(cfg)
+    dead_url = f"http://127.0.0.1:{free_port()}"
+    workers = {"live": RewardWorker.remote(r.fn, r.timeout_s, r.failure_score, r.isolate, options),
+               "down": RewardWorker.remote(r.fn, 5.0, -1.0, True, {**options, "serve_url": dead_url})}
     started = start_reward_services(cfg)
-    yield cfg, started
+    yield cfg, started, workers
+    for w in workers.values():
+        ray.kill(w)
     stop_reward_services(started)
     from ray import serve
 
@@ -62,7 +70,7 @@ def replica_states() -> dict:
 
 
 def test_reward_model_batches_scales_to_two_replicas_and_is_deterministic(served):
-    cfg, started = served
+    cfg, started, _ = served
     assert replica_states() == {"RUNNING": 1}
     url, replies, seen, done = started["url"], [], [], threading.Event()
     t0 = time.time()
@@ -110,34 +118,27 @@ def _samples(pairs, labels=None) -> list:
 
 
 def test_reward_worker_scores_through_the_service(served):
-    cfg, started = served
+    cfg, started, workers = served
     direct = {t: httpx.post(started["url"], json={"prompt": t[0], "response": t[1]}, trust_env=False).json()["score"]
               for t in TEXTS}
-    r = cfg.reward
-    worker = RewardWorker.remote(r.fn, r.timeout_s, r.failure_score, r.isolate, reward_options(cfg))
-    samples, stats = ray.get(worker.score.remote(_samples(TEXTS * 4)))
+    samples, stats = ray.get(workers["live"].score.remote(_samples(TEXTS * 4)))
     assert stats["reasons"] == {} and stats["scored"] == 12
     for s in samples:
         assert abs(s.reward - direct[(s.prompt, s.response_text)]) < 1e-5
-    ray.kill(worker)
 
 
 def test_service_down_gives_failure_score_with_reason_and_worker_survives(served):
-    cfg, _ = served
-    options = {**reward_options(cfg), "serve_url": f"http://127.0.0.1:{free_port()}"}  # nothing listens there
-    worker = RewardWorker.remote("reward_model", 5.0, -1.0, True, options)
-    samples, stats = ray.get(worker.score.remote(_samples(TEXTS)))
+    samples, stats = ray.get(served[2]["down"].score.remote(_samples(TEXTS)))  # nothing listens on its URL
     assert [s.reward for s in samples] == [-1.0] * 3
     assert stats["reasons"] == {"service_error": 3} and stats["errors"] == 0
-    assert ray.get(worker.ready.remote())
-    ray.kill(worker)
+    assert ray.get(served[2]["down"].ready.remote())
 
 
 def test_llm_judge_against_a_stand_in_openai_endpoint(served):
     # Stand-in, not the run's real OpenAI app: that app ("openai" at "/v1" on the same Serve proxy)
     # is built by another change; the lead tests llm_judge against it after merge. The judge runs
     # here through RewardRunner, the code a RewardWorker runs (the worker path is tested above).
-    cfg, _ = served
+    cfg = served[0]
     standin = StandIn(api_key="judge-key")
     try:
         options = {**reward_options(cfg), "fn": "llm_judge", "serve_url": standin.url, "serve_api_key": "judge-key",
