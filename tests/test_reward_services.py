@@ -23,6 +23,8 @@ from miles_ray.sample import Sample
 
 TEXTS = [("What is 1+2?", "3"), ("What is 12+30? Please reply with a single integer.", "The answer is 42"),
          ("hello", "world, this is a longer response than the others")]
+KEY = "reward-key"  # the service requires it (as beyond loopback); workers get it from reward_options
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def free_port() -> int:
@@ -40,7 +42,7 @@ def make_cfg(tmp_path, model_cache, *extra):
                               "reward.service.downscale_delay_s=120", "reward.service.metrics_interval_s=0.5",
                               "reward.service.look_back_period_s=2", "reward.service.max_batch_size=8",
                               "reward.service.batch_wait_timeout_s=0.05", "reward.service.max_ongoing_requests=16",
-                              *extra])
+                              f"serve.api_key={KEY}", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +79,7 @@ def test_reward_model_batches_scales_to_two_replicas_and_is_deterministic(served
     stop_at = t0 + 60
 
     def client(i: int) -> None:
-        with httpx.Client(timeout=30, trust_env=False) as http:
+        with httpx.Client(timeout=30, trust_env=False, headers=AUTH) as http:
             while not done.is_set() and time.time() < stop_at:
                 prompt, response = TEXTS[(i + len(replies)) % len(TEXTS)]
                 reply = http.post(url, json={"prompt": prompt, "response": response})
@@ -108,8 +110,10 @@ def test_reward_model_batches_scales_to_two_replicas_and_is_deterministic(served
         assert len(scores) > 1 and max(scores) - min(scores) < 1e-5, (text, min(scores), max(scores))
     means = sorted(next(r[2]["score"] for r in replies if r[:2] == text) for text in TEXTS)
     assert min(b - a for a, b in zip(means, means[1:])) > 1e-4  # different texts, different scores
-    bad = httpx.post(url, json={"prompt": 1}, trust_env=False)
-    assert bad.status_code == 400
+    assert httpx.post(url, json={"prompt": 1}, headers=AUTH, trust_env=False).status_code == 400
+    assert httpx.post(url, json={"prompt": "a", "response": "b"}, trust_env=False).status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert httpx.post(url, json={"prompt": "a", "response": "b"}, headers=wrong, trust_env=False).status_code == 401
 
 
 def _samples(pairs, labels=None) -> list:
@@ -119,8 +123,8 @@ def _samples(pairs, labels=None) -> list:
 
 def test_reward_worker_scores_through_the_service(served):
     cfg, started, workers = served
-    direct = {t: httpx.post(started["url"], json={"prompt": t[0], "response": t[1]}, trust_env=False).json()["score"]
-              for t in TEXTS}
+    direct = {t: httpx.post(started["url"], json={"prompt": t[0], "response": t[1]}, headers=AUTH,
+                            trust_env=False).json()["score"] for t in TEXTS}
     samples, stats = ray.get(workers["live"].score.remote(_samples(TEXTS * 4)))
     assert stats["reasons"] == {} and stats["scored"] == 12
     for s in samples:
@@ -149,10 +153,11 @@ def test_llm_judge_against_a_stand_in_openai_endpoint(served):
         assert scores == [1.0, 0.0, -1.0] * 4
         assert dict(stats.reasons) == {"judge_unparsed": 4}
         assert 1 < standin.max_in_flight <= 4  # asynchronous, bounded by reward.concurrency
-        first = standin.requests[0]
-        assert first["model"] == "policy" and first["messages"][0]["role"] == "user"
-        assert first["messages"][0]["content"] == cfg.reward.judge_template.format(prompt="What is 1+2?", response="3",
-                                                                                 label="3")
+        shapes = {(q["model"], q["messages"][0]["role"], q["max_tokens"]) for q in standin.requests}
+        assert shapes == {("policy", "user", 8)}
+        asked = sorted({q["messages"][0]["content"] for q in standin.requests})  # requests arrive in any order
+        template = cfg.reward.judge_template
+        assert asked == sorted(template.format(prompt=p, response=r, label=lbl) for p, r, lbl in pairs[:3])
         wrong_key = RewardRunner("llm_judge", 5.0, -1.0, True, {**options, "serve_api_key": "nope"})
         scores, stats = wrong_key.score(pairs[:2])
         assert scores == [-1.0, -1.0] and dict(stats.reasons) == {"service_error": 2}  # HTTP 401
@@ -174,4 +179,4 @@ def test_judge_parsing_and_config_checks(tmp_path, model_cache):
     with pytest.raises(ConfigError, match="max_ongoing_requests"):
         check_reward_services(make_cfg(tmp_path, model_cache, "reward.service.max_ongoing_requests=4"))
     with pytest.raises(ConfigError, match="serve.api_key"):
-        check_reward_services(make_cfg(tmp_path, model_cache, "serve.host=0.0.0.0"))
+        check_reward_services(make_cfg(tmp_path, model_cache, "serve.host=0.0.0.0", "serve.api_key=null"))

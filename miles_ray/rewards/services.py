@@ -99,7 +99,8 @@ class ServiceCaller:
                 await asyncio.sleep(0.1 * 2 ** attempt)
                 continue
             if reply.status_code != 200:
-                return RewardResult(self.failure_score, "service_error"), f"HTTP {reply.status_code}: {reply.text[:200]}"
+                why = f"HTTP {reply.status_code}: {reply.text[:200]}"
+                return RewardResult(self.failure_score, "service_error"), why
             try:
                 result = parse(reply.json())
                 return result, (f"{result.reason}: {reply.text[:200]}" if result.reason else "")
