@@ -19,14 +19,10 @@ Wire formats:
 """
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import logging
 import os
 import re
 from typing import Callable
-
-import httpx
 
 from miles_ray.errors import UserValueError
 from miles_ray.rewards.registry import RewardResult, register_reward_factory
@@ -47,6 +43,9 @@ class BadReply(ValueError):
 
 def run_sync(coro):
     """Run ``coro`` to completion from sync code, also when this thread already runs a loop."""
+    import asyncio
+    import concurrent.futures
+
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -68,6 +67,10 @@ class ServiceCaller:
         return run_sync(self._call_all(bodies, parse)) if bodies else []
 
     async def _call_all(self, bodies: list[dict], parse) -> list[RewardResult]:
+        import asyncio
+
+        import httpx  # here, not at import: the isolated reward worker imports this package on every start
+
         gate = asyncio.Semaphore(self.concurrency)
         limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
         async with httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s, connect=min(5.0, self.timeout_s)),
@@ -83,7 +86,11 @@ class ServiceCaller:
                         failed[0])
         return [r for r, _ in done]
 
-    async def _call_one(self, client: httpx.AsyncClient, body: dict, parse) -> tuple[RewardResult, str]:
+    async def _call_one(self, client, body: dict, parse) -> tuple[RewardResult, str]:
+        import asyncio
+
+        import httpx
+
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
             try:
