@@ -21,6 +21,7 @@ from jobs.cluster import start_actors, stop_actors
 from jobs.context import Run
 from jobs.ray_metrics import telemetry
 from jobs.serve_openai import openai_endpoint
+from jobs.reward_services import check_reward_services, start_reward_services, stop_reward_services
 from jobs.sync_driver import train_loop
 from miles_ray.config import Config
 from miles_ray.data import PromptSampler, load_prompts
@@ -74,6 +75,7 @@ def run(cfg: Config) -> dict:
     sampler = PromptSampler(items, seed=cfg.seed, shuffle=cfg.data.shuffle)
     check_reward_spec(cfg.reward.fn)  # an unimportable reward function fails here, not in a worker
     check_agent(cfg)
+    check_reward_services(cfg)  # reward_model / llm_judge settings; writes a tiny reward model once
     backend_note = validate_backend(cfg)  # megatron layout vs model and ranks: fails before any actor starts
     if backend_note:
         log.info(backend_note)
@@ -85,12 +87,15 @@ def run(cfg: Config) -> dict:
     t0 = time.time()
     actors = start_actors(cfg, engines=not cfg.rollout.replay_dump)
     log.info("actors ready in %.1fs", time.time() - t0)
+    services = {}
     logger = MetricsLogger(out_dir, cfg.logging, cfg.run_name, cfg.model_dump(), **telemetry(cfg, actors))
     try:
+        services = start_reward_services(cfg)  # reward workers only call the URL: before the first step
         with openai_endpoint(cfg, actors.engines):  # serve.enabled: /v1 in front of the engines
             rewards, extra = _train(Run.create(cfg, actors, sampler, tokenizer, logger), resume_from)
     finally:
         logger.close()
+        stop_reward_services(services)
         stop_actors(actors)
     k = max(1, min(5, len(rewards)))
     summary = {"steps": len(rewards), "reward_first5": sum(rewards[:k]) / k, "reward_last5": sum(rewards[-k:]) / k,

@@ -96,6 +96,19 @@ class RewardServiceConfig(Section):
     max_batch_size: int = Field(16, ge=1, description="requests batched into one forward (serve.batch)")
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     num_cpus: float = Field(0.5, gt=0, description="CPUs per replica")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (a fraction shares one; 0: CPU)")
+    max_ongoing_requests: int = Field(32, ge=1, description="requests one replica holds at once (>= max_batch_size "
+                                      "so batches can fill; more wait in Serve's queue)")
+    metrics_interval_s: float = Field(2.0, gt=0, description="Serve autoscaling: how often load is reported")
+    look_back_period_s: float = Field(10.0, gt=0, description="Serve autoscaling: window the load is averaged over")
+    max_text_chars: int = Field(32768, ge=1, description="reward_model: longest prompt + response a request may carry "
+                                "(413 past it)")
+    judge_url: Optional[str] = Field(None, description="llm_judge: an external OpenAI-compatible base URL (without "
+                                     "/v1) instead of the run's own endpoint (serve.*)")
+    judge_model: Optional[str] = Field(None, description="llm_judge: model id sent (default: serve.model_name)")
+    judge_api_key_env: Optional[str] = Field(None, description="llm_judge with judge_url: environment variable "
+                                             "holding its bearer key (never the key itself)")
+    judge_max_tokens: int = Field(8, ge=1, description="llm_judge: max_tokens of a judge reply")
 
 
 class SandboxConfig(Section):

@@ -5,4 +5,5 @@ from miles_ray.rewards.registry import (  # noqa: F401
 )
 from miles_ray.rewards import math as _math  # noqa: F401  (registers "math")
 from miles_ray.rewards import code_exec as _code_exec  # noqa: F401  (registers "code_exec")
+from miles_ray.rewards import services as _services  # noqa: F401  (registers "reward_model", "llm_judge")
 from miles_ray.rewards.runner import RewardRunner, RewardStats  # noqa: F401
