@@ -31,6 +31,22 @@ def api_key(cfg: Config) -> str | None:
     return "sk-miles-" + secrets.token_urlsafe(24)
 
 
+def resolve_endpoint(cfg: Config) -> None:
+    """Fix the run's Serve key and port before any actor starts, so the endpoint, the reward
+    services and the reward workers (``jobs.cluster.reward_options``) agree: a generated key is
+    printed once and stored in ``serve.api_key``; ``serve.port=0`` becomes a free port."""
+    from jobs.cluster import free_port
+
+    if not cfg.serve.enabled and cfg.reward.fn not in ("reward_model", "llm_judge"):
+        return
+    key = api_key(cfg)
+    if key and not cfg.serve.api_key:
+        print(f"OpenAI endpoint api key (generated; send it as 'Authorization: Bearer <key>'): {key}", flush=True)
+        cfg.serve.api_key = key
+    if not cfg.serve.port:
+        cfg.serve.port = free_port(cfg.serve.host, 0)
+
+
 def base_url(host: str, port: int) -> str:
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return f"http://{'[' + shown + ']' if ':' in shown else shown}:{port}{ROUTE_PREFIX}"

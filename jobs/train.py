@@ -20,7 +20,7 @@ from jobs.async_driver import async_train_loop
 from jobs.cluster import start_actors, stop_actors
 from jobs.context import Run
 from jobs.ray_metrics import telemetry
-from jobs.serve_openai import openai_endpoint
+from jobs.serve_openai import openai_endpoint, resolve_endpoint
 from jobs.reward_services import check_reward_services, start_reward_services, stop_reward_services
 from jobs.sync_driver import train_loop
 from miles_ray.config import Config
@@ -75,6 +75,7 @@ def run(cfg: Config) -> dict:
     sampler = PromptSampler(items, seed=cfg.seed, shuffle=cfg.data.shuffle)
     check_reward_spec(cfg.reward.fn)  # an unimportable reward function fails here, not in a worker
     check_agent(cfg)
+    resolve_endpoint(cfg)  # Serve's key and port, fixed before the reward workers are built
     check_reward_services(cfg)  # reward_model / llm_judge settings; writes a tiny reward model once
     backend_note = validate_backend(cfg)  # megatron layout vs model and ranks: fails before any actor starts
     if backend_note:

@@ -2,7 +2,7 @@
 Ray (``ray_miles_<group>_<name>`` on Prometheus).
 
 Groups: ``train/`` (losses, KL, mismatch, what a step trained on), ``rollout/`` (rewards, lengths,
-speculation), ``async/`` (staleness, group counts, importance weights), ``eval/`` (reserved for
+speculation), ``async/`` (staleness, group counts, importance weights), ``eval/`` (held-out
 evaluation), ``perf/`` (timings, throughput), ``fault/`` (recoveries, restarts, engine states).
 
 Invariants (tests/test_observability.py):
