@@ -1,6 +1,8 @@
 """Multi-turn rollout through real Ray runs: rewards scored while groups still generate, failing
 rollout functions counted (never a crash), the calculator agent loop end to end, and conversations
 that continue across a weight update in the async driver; every step's ledger checked."""
+import json
+
 from helpers.ledger import check_run, rows
 from miles_ray.config import load_config
 
@@ -16,15 +18,13 @@ def _run(tmp_path, model_cache, *extra):
     return cfg
 
 
-def test_rewards_are_scored_while_other_groups_still_generate(local_ray, tmp_path, model_cache, tokenizer, monkeypatch):
-    stamps = tmp_path / "stamps.txt"
-    monkeypatch.setenv("MILES_STAMPS", str(stamps))  # read by the engine and reward processes Ray starts below
-    import ray
-
-    ray.shutdown()  # the workers must inherit MILES_STAMPS
-    ray.init(address="local", num_cpus=8, include_dashboard=False)
+def test_rewards_are_scored_while_other_groups_still_generate(local_ray, tmp_path, model_cache, tokenizer):
+    stamps = tmp_path / "stamps.txt"  # every row's label: where the engine and reward processes write times
+    data = tmp_path / "stamps.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i}+1?", "label": str(stamps)}) + "\n" for i in range(8)))
     cfg = _run(tmp_path / "run", model_cache, "total_steps=1", "rollout.fn=tests.helpers.agent_fns:chat_once",
-               "reward.fn=tests.helpers.custom_rewards:stamp_reward", "rollout.prompts_per_step=8")
+               "reward.fn=tests.helpers.custom_rewards:stamp_reward", "rollout.prompts_per_step=8",
+               f"data.source={data}")
     events = [line.split() for line in stamps.read_text().splitlines()]
     generated = [float(t) for kind, t in events if kind == "generated"]
     scored = [float(t) for kind, t in events if kind == "reward"]

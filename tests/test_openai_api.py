@@ -277,6 +277,15 @@ def _wait_for_policy(client, proc, log: Path, timeout_s: float = 600) -> None:
 
 
 @pytest.mark.ray
+def _first_metrics_row(path, proc, timeout_s: float = 180.0) -> dict:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
+        if path.is_file() and path.read_text().strip():
+            return json.loads(path.read_text().splitlines()[0])
+        time.sleep(1)
+    raise AssertionError(f"no metrics row within {timeout_s:.0f}s (job exit code {proc.poll()})")
+
+
 def test_tool_calling_conversation_against_a_running_job(tmp_path, model_cache, tokenizer):
     from jobs.cluster import free_port
 
@@ -287,7 +296,7 @@ def test_tool_calling_conversation_against_a_running_job(tmp_path, model_cache, 
             "train.sft_batch_size=2", "total_steps=100000", "rollout.prompts_per_step=1", "rollout.n_samples_per_prompt=2",
             "rollout.max_new_tokens=4", "checkpoint.every=0", "checkpoint.export_hf=false", "reward.isolate=false",
             "logging.progress_bar=false", "logging.wandb=false", "cluster.dashboard=false", "run_name=openai-job",
-            "serve.enabled=true", f"serve.port={port}"]
+            "serve.enabled=true", f"serve.port={port}", "reward.fn=llm_judge", "reward.service.judge_max_tokens=4"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = tmp_path / "job.log"
     proc = subprocess.Popen([sys.executable, "-m", "jobs.train", *args], cwd=ROOT, env=env, start_new_session=True,
@@ -306,6 +315,12 @@ def test_tool_calling_conversation_against_a_running_job(tmp_path, model_cache, 
         answer = final.choices[0]
         assert answer.finish_reason in ("stop", "length") and not answer.message.tool_calls and answer.message.content
         print(f"tool call {call.function.arguments} -> final answer {answer.message.content!r}")
+        # meanwhile the job's own rewards came from llm_judge through this same endpoint (the tiny
+        # policy rarely says yes/no: unparsed replies are counted, but no request may fail)
+        row = _first_metrics_row(tmp_path / "run" / "metrics.jsonl", proc)
+        judged = row["rollout/num_samples"] - row.get("rollout/reward_fail_judge_unparsed", 0)
+        assert judged >= 0 and row.get("rollout/reward_errors", 0) == 0
+        assert not any(k.startswith("rollout/reward_fail_service") for k in row), row
         proc.send_signal(signal.SIGINT)  # stop the job: its driver shuts the endpoint and the actors down
         proc.wait(timeout=120)
         assert "OpenAI-compatible endpoint: http://127.0.0.1:" in log.read_text()

@@ -1,5 +1,4 @@
 """Rollout functions (``rollout.fn``) used by tests through their import paths."""
-import os
 import time
 
 from miles_ray.sample import Sample
@@ -7,8 +6,8 @@ from miles_ray.sample import Sample
 
 def chat_once(ctx) -> Sample:
     """One OpenAI-style chat call on the engine; the sample is built from the exact token ids. Group
-    ``g`` waits ``0.3 * (g % 4)`` s first (groups finish at different times), and the finish time is
-    recorded (``MILES_STAMPS``)."""
+    ``g`` waits ``0.3 * (g % 4)`` s first (groups finish at different times); a label naming a
+    ``.txt`` file gets the finish time appended (tests compare it with the reward's)."""
     time.sleep(0.3 * (ctx.request["group_id"] % 4))
     messages = ctx.request.get("messages") or [{"role": "user", "content": ctx.request["prompt"]}]
     reply = ctx.client.chat.completions.create(messages=messages, max_tokens=ctx.params.max_new_tokens)
@@ -16,8 +15,9 @@ def chat_once(ctx) -> Sample:
     sample = ctx.sample("chat", reply["prompt_token_ids"], response_ids=choice["token_ids"],
                         response_logprobs=[x["logprob"] for x in choice["logprobs"]["content"]],
                         response_text=choice["message"]["content"] or "", finish_reason="stop")
-    with open(os.environ.get("MILES_STAMPS", "/tmp/miles_stamps.txt"), "a") as f:
-        f.write(f"generated {time.time()}\n")
+    if ctx.request["label"].endswith(".txt"):
+        with open(ctx.request["label"], "a") as f:
+            f.write(f"generated {time.time()}\n")
     return sample
 
 

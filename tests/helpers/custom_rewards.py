@@ -24,9 +24,7 @@ def noisy_reward(prompt, response, label):
 
 
 def stamp_reward(prompt, response, label):
-    """Records when it ran (``MILES_STAMPS`` file, or /tmp): tests compare with generation times."""
-    import os
-
-    with open(os.environ.get("MILES_STAMPS", "/tmp/miles_stamps.txt"), "a") as f:
+    """Appends when it ran to the file the label names: tests compare with generation times."""
+    with open(label, "a") as f:
         f.write(f"reward {time.time()}\n")
     return 1.0
