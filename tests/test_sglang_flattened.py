@@ -217,3 +217,105 @@ def test_config_cuda_ipc_over_http_only_forwarded(tmp_path):
     cfg = load_config(None, base + ["cluster.colocate=true", "cluster.use_gpu=true",
                                     "weight_sync.sglang_load_format=flattened_bucket"])
     assert cfg.weight_sync.transport == "cuda_ipc" and cfg.weight_sync.sglang_load_format == FLAT
+
+
+class _CudaHandle:
+    """What ``ForkingPickler.dumps(cuda_tensor)`` holds (torch reductions.reduce_tensor, CUDA branch):
+    rebuild_cuda_tensor(cls, size, stride, offset, storage_cls, dtype, device, handle, storage bytes,
+    storage offset, requires_grad, ref counter handle, ref counter offset, event handle, event sync)."""
+    ARGS = (torch.Tensor, torch.Size([6]), (1,), 0, torch.storage.TypedStorage, torch.float32, 0, b"\x01" * 64, 24,
+            0, False, b"/torch_ref_counter", 3, b"\x02" * 64, True)
+
+    def __reduce__(self):
+        import torch.multiprocessing.reductions as reductions
+
+        return reductions.rebuild_cuda_tensor, self.ARGS
+
+
+class _Capture(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) == ("torch.multiprocessing.reductions", "rebuild_cuda_tensor"):
+            return lambda *args: ("rebuild_cuda_tensor", args)
+        return super().find_class(module, name)
+
+
+def test_cuda_handle_forwarded_verbatim_cpu(sglang_module):
+    """The cuda_ipc path on CPU, up to the CUDA call: a CUDA IPC handle pickle is forwarded with
+    the same rebuild call and arguments (nothing opened), and a CUDA-less strict decoder refuses
+    it by name (on a GPU it maps the trainer's memory: tests/test_gpu.py)."""
+    metas = metas_for([("a", (2, 3), 0, 6)], torch.float32)
+    entry = forward_flattened(ForkingPickler.dumps(_CudaHandle()), metas)
+    got = _Capture(io.BytesIO(base64.b64decode(entry))).load()
+    assert got["flattened_tensor"] == ("rebuild_cuda_tensor", _CudaHandle.ARGS)
+    assert [(m.name, tuple(m.shape), m.start_idx, m.end_idx) for m in got["metadata"]] == [("a", (2, 3), 0, 6)]
+    if not torch.cuda.is_available():
+        with pytest.raises(sglang_tensors.RefusedPayload, match="no CUDA device"):
+            sglang_tensors.deserialize_flattened_bucket(entry)
+
+
+def test_decoder_property_views_inside_and_exact():
+    """Hypothesis: any metadata either is refused (RefusedPayload) or yields views lying inside
+    the flattened tensor with exactly the metadata's name, shape and dtype."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from miles_ray.weights.sglang_flat import FlatTensorMeta
+
+    flat = torch.arange(64, dtype=torch.float32)
+    ints = st.integers(-3, 300)
+    meta = st.builds(FlatTensorMeta, st.sampled_from(["a", "b", "a"]),
+                     st.lists(st.integers(0, 9), max_size=3).map(tuple),
+                     st.sampled_from([torch.float32, torch.float16, torch.int64, torch.uint8]), ints, ints, ints)
+
+    @settings(max_examples=400, deadline=None, derandomize=True, database=None)
+    @given(st.lists(meta, min_size=1, max_size=3), st.sampled_from([flat, flat.view(torch.uint8), flat.half()]))
+    def run(metas, tensor):
+        try:
+            got = sglang_tensors.deserialize_flattened_bucket(encode_flattened(tensor, metas)[0])
+        except sglang_tensors.RefusedPayload:
+            return
+        base, end = tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()
+        for m, (name, t) in zip(metas, got):
+            assert name == m.name and tuple(t.shape) == m.shape and t.dtype == m.dtype
+            assert t.numel() == 0 or base <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= end
+
+    run()
+
+
+@pytest.mark.ray
+def test_ray_sync_flattened_object_store_and_forwarded_shm(local_ray, tmp_path, model_cache):
+    """On Ray: a strict engine (one TP rank) with weight_sync.sglang_load_format=flattened_bucket;
+    object_store buckets posted as flattened buckets, then shm twice (the engine actor forwards the
+    trainer's handles unopened; the second sync reuses the adopted buffers); after each sync the
+    engine serves the new version and its log-probs match the trainer's."""
+    import ray
+
+    from jobs.cluster import start_actors, stop_actors
+    from jobs.weight_sync import WeightSync
+    from miles_ray.config import load_config
+    from miles_ray.data import synthetic_rows, validate_rows
+    from miles_ray.models import load_tokenizer
+    from miles_ray.rollout import SamplingParams
+    from miles_ray.training.sft import sft_samples
+
+    cfg = load_config(None, [f"output_dir={tmp_path}/run", f"model.tiny_cache_dir={model_cache}",
+                             "logging.progress_bar=false", "logging.wandb=false", "rollout.backend=native",
+                             "rollout.serve_http=true", "rollout.strict_sglang=true", "run_name=flat",
+                             "weight_sync.bucket_mb=0.05", f"weight_sync.sglang_load_format={FLAT}"])
+    actors = start_actors(cfg)
+    try:
+        engine, tok = actors.engines[0], load_tokenizer("tiny:qwen3", model_cache)
+        items, _ = validate_rows(synthetic_rows("arithmetic", 8, 9, 0), tok)
+        reqs = [{"prompt": i.prompt, "label": i.label, "prompt_index": i.index, "group_id": k}
+                for k, i in enumerate(items)]
+        for version, transport in enumerate(["object_store", "shm", "shm"], start=2):
+            actors.policy.sft_step(sft_samples(items, tok), 1e-2)  # move the weights
+            WeightSync(actors, transport).sync(version)
+            assert ray.get(engine.health.remote()) == {"state": "ready", "weight_version": version}
+            samples = ray.get(engine.generate.remote(reqs[:4], 2, SamplingParams(6)))
+            assert {s.weight_version for s in samples} == {version}
+            prepared = actors.policy.scatter("prepare", samples)
+            diffs = [abs(a - b) for s in prepared for a, b in zip(s.old_logprobs, s.response_logprobs)]
+            assert max(diffs) < 1e-5, (transport, max(diffs))
+    finally:
+        stop_actors(actors)

@@ -13,6 +13,11 @@ with :class:`AllowListUnpickler`, which admits only torch's tensor-rebuild funct
 their arguments are checked: a torch shared-memory handle name, a torch manager socket, integer
 sizes) and refuses every other global with :class:`RefusedPayload` (the server answers 400).
 
+``load_format="flattened_bucket"`` (:func:`deserialize_flattened_bucket`, format in
+:mod:`miles_ray.weights.sglang_flat`): :class:`FlatUnpickler` also resolves SGLang's
+``FlattenedTensorMetadata`` to a data record (no constructor arguments, a type-checked field dict,
+copied into our own dataclass), and every range is checked against the flattened tensor.
+
 Invariant (tested): decoding a payload whose pickle names any other callable raises
 :class:`RefusedPayload` before anything but the allow-listed rebuilds ran.
 """
