@@ -5,7 +5,8 @@
   ``serialized_named_tensors`` entry per TP rank, decoded by the allow-list unpickler
   (:mod:`miles_ray.rollout.sglang_tensors`); ``load_format`` null (named tensors) or
   ``"flattened_bucket"`` (one flattened tensor + FlattenedTensorMetadata per rank, whose names,
-  shapes, dtypes and ranges are checked against the model and the tensor). Lenient mode: our pickle-free ``load_format=miles_raw``
+  shapes, dtypes and ranges are checked against the model and the tensor). Lenient mode: our
+  pickle-free ``load_format=miles_raw``
   (:mod:`miles_ray.rollout.raw_weights`) only; a pickled payload gets 400.
 - ``/update_weight_version`` (UpdateWeightVersionReqInput: new_version, abort_all_requests): the
   loads posted before it become weight version ``new_version`` (checked complete).
@@ -129,7 +130,7 @@ def add_weight_routes(app: FastAPI, state) -> None:
         body = await read_object(request)
         version = parse_version(body.get("weight_version"), state.strict)
         named = await asyncio.to_thread(_named_from_tensor_body, body, state.strict, state.tp_size)
-        flattened = state.strict and body.get("load_format") == sglang_flat.FORMAT  # its metadata names dtypes: checked too
+        flattened = state.strict and body.get("load_format") == sglang_flat.FORMAT  # metadata names dtypes: checked
         _check_shapes(state, [(n, t.shape) for n, t in named], [t.dtype for _, t in named] if flattened else None)
         served = await state.held(load, named, version)
         return _ok(f"Succeeded to update {len(named)} tensors.", served)
