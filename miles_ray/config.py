@@ -66,10 +66,14 @@ class Config(Section):
         if self.async_rl.filter not in GROUP_FILTERS:
             raise ValueError(f"async_rl.filter={self.async_rl.filter!r} is not registered; choose one of "
                              f"{sorted(GROUP_FILTERS)}")
-        if self.rollout.over_http and self.weight_sync.transport == "cuda_ipc":
+        forwarded = (self.cluster.colocate and self.cluster.use_gpu and self.rollout.sglang_api
+                     and self.weight_sync.sglang_load_format == "flattened_bucket")  # CUDA IPC handle forwarding
+        if self.rollout.over_http and self.weight_sync.transport == "cuda_ipc" and not forwarded:
             raise ValueError("engines served over HTTP take weights through object_store, shm (handles forwarded to "
                              "update_weights_from_tensor) or broadcast (update_weights_from_distributed); "
-                             "weight_sync.transport=cuda_ipc is for in-actor engines")
+                             "weight_sync.transport=cuda_ipc over HTTP needs cluster.colocate=true, "
+                             "cluster.use_gpu=true, an SGLang-API engine (rollout.backend=sglang or "
+                             "rollout.strict_sglang=true) and weight_sync.sglang_load_format=flattened_bucket")
         if self.cluster.colocate and self.cluster.use_gpu and self.cluster.gpus_per_engine > 1:
             raise ValueError("cluster.gpus_per_engine > 1 gives one engine several GPUs in its own bundle: it needs "
                              "cluster.colocate=false (colocated multi-GPU engines are not supported yet)")

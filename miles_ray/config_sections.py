@@ -267,6 +267,10 @@ class WeightSyncConfig(Section):
         "object_store", description="object_store (any layout), broadcast (torch.distributed), "
         "shm (same node, CPU), cuda_ipc (colocated, GPU)")
     bucket_mb: float = Field(256, gt=0, description="bucket size bound in MiB")
+    sglang_load_format: Optional[Literal["flattened_bucket"]] = Field(
+        None, description="SGLang-API engines (rollout.backend=sglang or strict_sglang): load_format of "
+        "update_weights_from_tensor: null (named tensors) or flattened_bucket (one flattened tensor + metadata per "
+        "TP rank; shm / cuda_ipc handles are forwarded to the server unopened; needed by cuda_ipc over HTTP)")
 
 
 class ClusterConfig(Section):

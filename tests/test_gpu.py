@@ -1,5 +1,5 @@
-"""GPU-only paths (skipped without CUDA): CUDA IPC weight handoff between two processes, and the
-trainer/engine log-prob match on a GPU."""
+"""GPU-only paths (skipped without CUDA): CUDA IPC weight handoff between two processes (and
+forwarded to an engine server over HTTP), and the trainer/engine log-prob match on a GPU."""
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -31,6 +31,35 @@ def test_cuda_ipc_handles_between_processes():
     proc.join(60)
     assert torch.equal(got["a"].cpu(), torch.arange(6.0).view(2, 3)) and torch.equal(got["b"].cpu(), torch.ones(4))
     assert all(b.version == 3 for b in buckets)
+
+
+def test_cuda_ipc_handle_forwarded_to_strict_server_over_http(tiny_dir, tmp_path):
+    """cuda_ipc for engines over HTTP: this process plays the trainer (CUDA buckets, their IPC
+    handles) and the engine actor (HandleReader; each handle is forwarded unopened inside SGLang's
+    flattened_bucket payload); the strict server maps the trainer's CUDA memory and serves it."""
+    import os
+    import signal
+
+    from test_sglang_http import _assert_serves, _perturbed_trainer, _tokenizer
+
+    from miles_ray.rollout.http_engine import HttpEngine, free_port
+    from miles_ray.rollout.launch import launch_server
+    from miles_ray.weights import ipc, to_buckets
+
+    proc, client = launch_server("native", tiny_dir, free_port(), "127.0.0.1", ["--strict-sglang", "--tp-size", "1"],
+                                 log_path=str(tmp_path / "server.log"))
+    try:
+        engine = HttpEngine("native", client, _tokenizer(tiny_dir), fmt="sglang_flat", tp_size=1)
+        trainer = _perturbed_trainer(tiny_dir, 21)
+        buckets = to_buckets({k: v.cuda() for k, v in trainer.get_weights().items()}, 6, bucket_bytes=20000)
+        received = ipc.HandleReader().open(ipc.export_handles(buckets, "cuda"), keep=True)
+        for b in received:
+            engine.load_part(b)
+        assert not any(b.opened for b in received)  # never opened by the forwarding process
+        assert engine.finish_load(6) == 6
+        _assert_serves(engine, trainer, 6)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_engine_logprobs_match_trainer_on_gpu(model_cache):

@@ -133,6 +133,16 @@ class EngineClient:
             body["weight_version"] = str(version)
         return self._post("/update_weights_from_tensor", body)
 
+    def update_weights_flattened(self, serialized: list[str], version: int | None = None):
+        """SGLang's ``load_format="flattened_bucket"``: ``serialized`` holds one entry per TP rank
+        (:mod:`miles_ray.weights.sglang_flat`: a flattened tensor and its FlattenedTensorMetadata)."""
+        from miles_ray.weights.sglang_flat import FORMAT
+
+        body = {"serialized_named_tensors": serialized, "load_format": FORMAT, "flush_cache": False}
+        if version is not None:
+            body["weight_version"] = str(version)
+        return self._post("/update_weights_from_tensor", body)
+
     def update_weight_version(self, version: int) -> int:
         return as_version(self._post("/update_weight_version", {"new_version": str(version)})["new_version"])
 

@@ -3,7 +3,9 @@
 
 Weights go bucket by bucket as they stream in (:meth:`load_part`), in the server's format
 (:data:`WEIGHT_POSTERS`): SGLang's ``update_weights_from_tensor`` (handles to the bucket's
-tensors, one entry per TP rank; a real SGLang, or our server with ``--strict-sglang``) or our
+tensors, one entry per TP rank, or its ``flattened_bucket`` format: one flattened tensor per rank,
+an unopened shm / CUDA IPC handle forwarded as it came; a real SGLang, or our server with
+``--strict-sglang``) or our
 pickle-free ``miles_raw`` bytes (lenient native server); :meth:`finish_load` then makes them
 version ``v`` with ``/update_weight_version``. Over a broadcast group the engine server itself
 joins the trainer's group (``init_weights_update_group``) and receives each tensor
@@ -33,7 +35,35 @@ def _post_sglang(client: EngineClient, bucket, tp_size: int) -> None:
     client.update_weights_from_tensor(list(iter_tensors(bucket)), tp_size)
 
 
-WEIGHT_POSTERS = {"raw": _post_raw, "sglang": _post_sglang}
+def _post_flattened(client: EngineClient, bucket, tp_size: int) -> None:
+    """SGLang's ``flattened_bucket``: the bucket's ``flat`` and its metadata, one entry per TP rank.
+    A bucket still unopened handle (shm / cuda_ipc, :class:`~miles_ray.weights.ipc.HandleBucket`)
+    with one TP rank is forwarded: the server maps the trainer's buffer itself, this actor never
+    does (a CUDA IPC tensor opened here could not be shared again)."""
+    import torch
+
+    from miles_ray.weights.ipc import HandleBucket
+    from miles_ray.weights.sglang_flat import encode_flattened, forward_flattened, metas_for
+
+    metas = metas_for(bucket.entries, bucket.dtype)
+    handle = bucket.take_handle() if tp_size == 1 and isinstance(bucket, HandleBucket) else None
+    if handle is not None:
+        client.update_weights_flattened([forward_flattened(handle, metas)])
+        return
+    if torch.cuda.is_available() and not bucket.flat.is_cuda:  # SGLang maps CUDA IPC handles: one bucket at a time
+        bucket.flat = bucket.flat.cuda()
+    client.update_weights_flattened(encode_flattened(bucket.flat, metas, tp_size))
+
+
+WEIGHT_POSTERS = {"raw": _post_raw, "sglang": _post_sglang, "sglang_flat": _post_flattened}
+
+
+def weight_format(cfg: Config) -> str:
+    """raw (lenient native server), sglang (named tensors) or sglang_flat
+    (``weight_sync.sglang_load_format=flattened_bucket``)."""
+    if not cfg.rollout.sglang_api:
+        return "raw"
+    return "sglang_flat" if cfg.weight_sync.sglang_load_format == "flattened_bucket" else "sglang"
 
 
 def server_args(cfg: Config, rank: int) -> list[str]:
@@ -82,7 +112,7 @@ class HttpEngine:
             extra += ["--api-key", token]  # SGLang's own bearer check (add_api_key_middleware)
         process, client = launch_server(r.backend, cfg.model.path, free_port(host), host, extra, token=token, env=env)
         return cls(r.backend, client, load_tokenizer(cfg.model.path, cfg.model.tiny_cache_dir), process,
-                   "sglang" if r.sglang_api else "raw", cfg.cluster.gpus_per_engine)
+                   weight_format(cfg), cfg.cluster.gpus_per_engine)
 
     def generate(self, requests: list[dict], n: int, params: SamplingParams) -> list[Sample]:
         return self.client.generate_samples(requests, n, params, self.tokenizer)

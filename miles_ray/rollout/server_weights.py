@@ -3,7 +3,10 @@
 - ``/update_weights_from_tensor`` (io_struct.py UpdateWeightsFromTensorReqInput: serialized_named_tensors,
   load_format, flush_cache, abort_all_requests, weight_version). Strict mode: SGLang's payload, one
   ``serialized_named_tensors`` entry per TP rank, decoded by the allow-list unpickler
-  (:mod:`miles_ray.rollout.sglang_tensors`). Lenient mode: our pickle-free ``load_format=miles_raw``
+  (:mod:`miles_ray.rollout.sglang_tensors`); ``load_format`` null (named tensors) or
+  ``"flattened_bucket"`` (one flattened tensor + FlattenedTensorMetadata per rank, whose names,
+  shapes, dtypes and ranges are checked against the model and the tensor). Lenient mode: our
+  pickle-free ``load_format=miles_raw``
   (:mod:`miles_ray.rollout.raw_weights`) only; a pickled payload gets 400.
 - ``/update_weight_version`` (UpdateWeightVersionReqInput: new_version, abort_all_requests): the
   loads posted before it become weight version ``new_version`` (checked complete).
@@ -28,8 +31,13 @@ from fastapi import FastAPI, Request
 from miles_ray.rollout import raw_weights, sglang_tensors
 from miles_ray.rollout.http_bodies import read_object
 from miles_ray.rollout.sglang_api import BadRequest
+from miles_ray.weights import sglang_flat
 from miles_ray.weights.buckets import iter_tensors
 
+# model_runner.py update_weights_from_tensor: load_format None -> [(name, tensor)] per rank,
+# "flattened_bucket" -> {"flattened_tensor", "metadata"} (_update_weights_from_flattened_bucket)
+TENSOR_DECODERS = {None: sglang_tensors.deserialize_named_tensors,
+                   sglang_flat.FORMAT: sglang_tensors.deserialize_flattened_bucket}
 TENSOR_FIELDS = {"serialized_named_tensors", "load_format", "flush_cache", "abort_all_requests", "weight_version",
                  "disable_draft_model"}
 LENIENT_TENSOR_FIELDS = {"buckets", "load_format", "flush_cache", "abort_all_requests", "weight_version"}
@@ -69,12 +77,15 @@ def _int(body: dict, key: str, low: int, high: int) -> int:
 def _named_from_tensor_body(body: dict, strict: bool, tp_size: int) -> list:
     if strict:
         check_fields(body, TENSOR_FIELDS, "update_weights_from_tensor")
-        if body.get("load_format") is not None:
-            raise BadRequest(f"load_format {body['load_format']!r} is not implemented by the stand-in (null only)")
+        fmt = body.get("load_format")
+        decode = TENSOR_DECODERS.get(fmt) if fmt is None or isinstance(fmt, str) else None
+        if decode is None:
+            raise BadRequest(f"load_format {body['load_format']!r} is not implemented by the stand-in (null or "
+                             f"'{sglang_flat.FORMAT}')")
         entries = body.get("serialized_named_tensors")
         if not isinstance(entries, list) or len(entries) < tp_size:
             raise BadRequest(f"serialized_named_tensors must be a list with one entry per TP rank ({tp_size})")
-        ranks = [sglang_tensors.deserialize_named_tensors(e) for e in entries[:tp_size]]
+        ranks = [decode(e) for e in entries[:tp_size]]
         if any([n for n, _ in r] != [n for n, _ in ranks[0]] for r in ranks):
             raise BadRequest("serialized_named_tensors entries name different tensors")
         return ranks[0]
@@ -87,13 +98,16 @@ def _named_from_tensor_body(body: dict, strict: bool, tp_size: int) -> list:
     return [nt for b in raw_weights.decode_buckets(body.get("buckets")) for nt in iter_tensors(b)]
 
 
-def _check_shapes(state, named: list) -> None:
+def _check_shapes(state, named: list, dtypes: list | None = None) -> None:
+    """Every name served, with the served shape (and, given ``dtypes``, the served dtype)."""
     shapes = state.engine.weights.shapes()
-    for name, shape in named:
+    for i, (name, shape) in enumerate(named):
         if name not in shapes:
             raise BadRequest(f"weight '{name}' does not exist in the served model")
         if tuple(shape) != shapes[name][0]:
             raise BadRequest(f"weight '{name}': shape {list(shape)} != served {list(shapes[name][0])}")
+        if dtypes is not None and dtypes[i] != shapes[name][1]:
+            raise BadRequest(f"weight '{name}': dtype {dtypes[i]} != served {shapes[name][1]}")
 
 
 def _ok(message: str, version=None) -> dict:
@@ -116,7 +130,8 @@ def add_weight_routes(app: FastAPI, state) -> None:
         body = await read_object(request)
         version = parse_version(body.get("weight_version"), state.strict)
         named = await asyncio.to_thread(_named_from_tensor_body, body, state.strict, state.tp_size)
-        _check_shapes(state, [(n, t.shape) for n, t in named])
+        flattened = state.strict and body.get("load_format") == sglang_flat.FORMAT  # metadata names dtypes: checked
+        _check_shapes(state, [(n, t.shape) for n, t in named], [t.dtype for _, t in named] if flattened else None)
         served = await state.held(load, named, version)
         return _ok(f"Succeeded to update {len(named)} tensors.", served)
 

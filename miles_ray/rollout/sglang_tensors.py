@@ -13,6 +13,11 @@ with :class:`AllowListUnpickler`, which admits only torch's tensor-rebuild funct
 their arguments are checked: a torch shared-memory handle name, a torch manager socket, integer
 sizes) and refuses every other global with :class:`RefusedPayload` (the server answers 400).
 
+``load_format="flattened_bucket"`` (:func:`deserialize_flattened_bucket`, format in
+:mod:`miles_ray.weights.sglang_flat`): :class:`FlatUnpickler` also resolves SGLang's
+``FlattenedTensorMetadata`` to a data record (no constructor arguments, a type-checked field dict,
+copied into our own dataclass), and every range is checked against the flattened tensor.
+
 Invariant (tested): decoding a payload whose pickle names any other callable raises
 :class:`RefusedPayload` before anything but the allow-listed rebuilds ran.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import pickle
 import re
 import warnings
@@ -29,6 +35,8 @@ from multiprocessing.reduction import ForkingPickler
 import torch
 import torch.multiprocessing
 import torch.multiprocessing.reductions as reductions
+
+from miles_ray.weights.sglang_flat import META_FIELDS, SGLANG_META, FlatTensorMeta
 
 torch.multiprocessing.set_sharing_strategy("file_system")  # CPU tensors travel as shm file names
 
@@ -168,9 +176,8 @@ class AllowListUnpickler(pickle.Unpickler):
         raise RefusedPayload("persistent ids are not allowed")
 
 
-def deserialize_named_tensors(text) -> list[tuple[str, torch.Tensor]]:
-    """One rank's entry of ``serialized_named_tensors`` -> [(name, tensor)]; RefusedPayload if
-    it is not base64 of an allow-listed pickle of a list of (str, tensor) pairs."""
+def _load(text, unpickler=AllowListUnpickler):
+    """base64 -> object through ``unpickler``; RefusedPayload for anything malformed."""
     if not isinstance(text, str):
         raise RefusedPayload(f"serialized_named_tensors entries must be base64 strings, got {type(text).__name__}")
     try:
@@ -178,13 +185,82 @@ def deserialize_named_tensors(text) -> list[tuple[str, torch.Tensor]]:
     except (binascii.Error, ValueError):
         raise RefusedPayload("serialized_named_tensors entry is not valid base64") from None
     try:
-        named = AllowListUnpickler(io.BytesIO(data)).load()
+        return unpickler(io.BytesIO(data)).load()
     except RefusedPayload:
         raise
     except Exception as err:  # noqa: BLE001 - any malformed pickle is the client's error
         raise RefusedPayload(f"malformed tensor payload: {type(err).__name__}: {err}") from None
+
+
+def deserialize_named_tensors(text) -> list[tuple[str, torch.Tensor]]:
+    """One rank's entry of ``serialized_named_tensors`` -> [(name, tensor)]; RefusedPayload if
+    it is not base64 of an allow-listed pickle of a list of (str, tensor) pairs."""
+    named = _load(text)
     ok = isinstance(named, list) and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)
                                          and isinstance(x[1], torch.Tensor) for x in named)
     if not ok:
         raise RefusedPayload("payload must be a list of (name, tensor) pairs")
     return named
+
+
+# -- load_format="flattened_bucket" (format: miles_ray.weights.sglang_flat) -------------------------
+class _MetaRecord:
+    """What SGLang's ``FlattenedTensorMetadata`` global resolves to here: a data record. It is built
+    only the way a dataclass instance unpickles (NEWOBJ without arguments, then BUILD with the
+    field dict, each field type-checked) and then read into our own :class:`FlatTensorMeta`."""
+
+    def __new__(cls, *args, **kwargs):
+        if args or kwargs:
+            raise RefusedPayload("FlattenedTensorMetadata is a data record: it takes no constructor arguments")
+        return object.__new__(cls)
+
+    def __setstate__(self, state):
+        if not isinstance(state, dict) or set(state) != set(META_FIELDS):
+            raise RefusedPayload(f"FlattenedTensorMetadata state must be a dict of exactly {list(META_FIELDS)}")
+        ok = (isinstance(state["name"], str) and isinstance(state["shape"], torch.Size)
+              and isinstance(state["dtype"], torch.dtype)
+              and all(type(state[k]) is int for k in ("start_idx", "end_idx", "numel")))
+        if not ok:
+            raise RefusedPayload("FlattenedTensorMetadata fields: name str, shape torch.Size, dtype torch.dtype, "
+                                 "start_idx / end_idx / numel int")
+        self.meta = FlatTensorMeta(state["name"], tuple(state["shape"]), state["dtype"], state["start_idx"],
+                                   state["end_idx"], state["numel"])
+
+
+class FlatUnpickler(AllowListUnpickler):
+    """The allow-list, plus SGLang's metadata class as a :class:`_MetaRecord`."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == SGLANG_META:
+            return _MetaRecord
+        return super().find_class(module, name)
+
+
+def _view(flat: torch.Tensor, m: FlatTensorMeta) -> torch.Tensor:
+    """``flat[start:end].view(dtype).reshape(shape)`` (tensor_bucket.py reconstruct_tensors), after
+    checking the range lies in ``flat`` and holds exactly the shape's bytes."""
+    item, flat_item = m.dtype.itemsize, flat.element_size()
+    if not (0 <= m.start_idx <= m.end_idx <= flat.numel() and m.numel == m.end_idx - m.start_idx):
+        raise RefusedPayload(f"'{m.name}': range [{m.start_idx}, {m.end_idx}) (numel {m.numel}) is not inside the "
+                             f"flattened tensor of {flat.numel()} elements")
+    if m.numel * flat_item != math.prod(m.shape) * item or (m.start_idx * flat_item) % item:
+        raise RefusedPayload(f"'{m.name}': {m.numel} {flat.dtype} elements at {m.start_idx} do not hold an aligned "
+                             f"{m.dtype} tensor of shape {list(m.shape)}")
+    return flat[m.start_idx:m.end_idx].view(m.dtype).reshape(m.shape)
+
+
+def deserialize_flattened_bucket(text) -> list[tuple[str, torch.Tensor]]:
+    """One rank's ``flattened_bucket`` entry -> [(name, view of the flattened tensor)]."""
+    d = _load(text, FlatUnpickler)
+    if not (isinstance(d, dict) and set(d) == {"flattened_tensor", "metadata"}):
+        raise RefusedPayload("flattened_bucket payload must be {'flattened_tensor': tensor, 'metadata': [...]}")
+    flat, metas = d["flattened_tensor"], d["metadata"]
+    if not (isinstance(flat, torch.Tensor) and flat.dim() == 1 and flat.is_contiguous()):
+        raise RefusedPayload("flattened_tensor must be a contiguous 1-D tensor")
+    if not (isinstance(metas, list) and metas and all(isinstance(m, _MetaRecord) and hasattr(m, "meta")
+                                                      for m in metas)):
+        raise RefusedPayload("metadata must be a non-empty list of FlattenedTensorMetadata records")
+    names = [m.meta.name for m in metas]
+    if len(set(names)) != len(names):
+        raise RefusedPayload("metadata names a tensor twice")
+    return [(m.meta.name, _view(flat, m.meta)) for m in metas]

@@ -34,11 +34,61 @@ def export_handles(buckets: list[Bucket], device: str) -> list[tuple[dict, bytes
     return out
 
 
+class HandleBucket(Bucket):
+    """A bucket received as a handle, mapped on the first use of ``flat``. An engine server that
+    maps the handle itself (SGLang ``flattened_bucket`` forwarding, :meth:`take_handle`) never maps
+    it in this process. Each handle pickle carries one reference: it is decoded exactly once, here
+    (``flat``) or by the server (after ``take_handle``), never both."""
+
+    def __init__(self, meta: dict, handle: bytes, opener):
+        self._flat, self._opener, self.handle, self.numel = None, opener, handle, meta["numel"]
+        super().__init__(meta["version"], meta["index"], meta["count"], meta["dtype"], None, meta["entries"])
+
+    @property
+    def flat(self) -> torch.Tensor:
+        if self._flat is None:
+            if self.handle is None:
+                raise RuntimeError("this bucket's handle was forwarded to the engine server: it cannot be opened here")
+            self._flat = self._opener(self.handle)
+        return self._flat
+
+    @flat.setter
+    def flat(self, value) -> None:
+        self._flat = value
+
+    @property
+    def opened(self) -> bool:
+        return self._flat is not None
+
+    def take_handle(self) -> bytes | None:
+        """The handle for another process to open (once), or None when it was opened here."""
+        if self._flat is not None:
+            return None
+        handle, self.handle = self.handle, None
+        return handle
+
+    def meta(self) -> dict:
+        return {"version": self.version, "index": self.index, "count": self.count, "dtype": self.dtype,
+                "numel": self.numel, "entries": self.entries}
+
+    def __repr__(self) -> str:
+        return f"HandleBucket(version={self.version}, index={self.index}/{self.count}, opened={self.opened})"
+
+    def __reduce__(self):
+        return Bucket, (self.version, self.index, self.count, self.dtype, self.flat, self.entries)
+
+
 class HandleReader:
-    """Engine side: opens handles, caching the mapping of each buffer across syncs."""
+    """Engine side: opens handles (lazily: :class:`HandleBucket`), caching the mapping of each
+    buffer across syncs."""
 
     def __init__(self):
         self._cache: dict[bytes, torch.Tensor] = {}
+
+    def _open(self, handle: bytes) -> torch.Tensor:
+        flat = ForkingPickler.loads(handle)
+        self._cache[handle] = flat
+        return flat
 
     def open(self, items: list[tuple[dict, bytes]], keep: bool = False) -> list[Bucket]:
         """Buckets for ``items``; ``keep`` adds to the cache instead of replacing it (streaming)."""
@@ -47,7 +97,8 @@ class HandleReader:
         for meta, handle in items:
             flat = self._cache.get(handle)
             if flat is None:
-                flat = ForkingPickler.loads(handle)
+                out.append(HandleBucket(meta, handle, self._open))
+                continue
             live[handle] = flat
             out.append(Bucket(meta["version"], meta["index"], meta["count"], meta["dtype"], flat, meta["entries"]))
         self._cache = live  # drop mappings of buffers no longer sent
