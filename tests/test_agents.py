@@ -162,3 +162,16 @@ def test_abort_stops_one_conversation_mid_turn(native, tokenizer):
     first, second = result["out"]
     assert first.finish_reason == "abort" and len(first.response_ids) < 300
     assert second.finish_reason == "length" and len(second.response_ids) == 300  # the other one ran on
+
+
+def test_eval_requests_carry_the_chat_messages(tokenizer):
+    """Environments start from the dataset's messages (not the templated prompt), in training and
+    in evaluation alike."""
+    from miles_ray.data import load_prompts
+    from miles_ray.eval.datasets import eval_requests
+
+    cfg = load_config(None, ["data.source=synthetic:calculator", "data.num_synthetic=4"])
+    items, _ = load_prompts(cfg.data, tokenizer)
+    req = eval_requests(items)[0]
+    assert req["messages"] == [{"role": "user", "content": items[0].messages[0]["content"]}]
+    assert req["messages"][0]["content"].startswith("What is ") and "<|im_start|>" not in req["messages"][0]["content"]

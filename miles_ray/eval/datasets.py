@@ -43,8 +43,8 @@ def load_eval_sets(cfg, tokenizer) -> list[EvalSet]:
 def eval_requests(items: list[PromptItem], first: int = 0) -> list[dict]:
     """Generation requests (as :func:`jobs.steps.requests_for`) with group ids ``-(first + 1)``,
     ``-(first + 2)``, ...: never a training group id."""
-    return [{"prompt": p.prompt, "label": p.label, "prompt_index": p.index, "group_id": -(first + 1 + j)}
-            for j, p in enumerate(items)]
+    return [{"prompt": p.prompt, "label": p.label, "prompt_index": p.index, "group_id": -(first + 1 + j),
+             "messages": p.messages} for j, p in enumerate(items)]
 
 
 def config_problem(cfg) -> str:
