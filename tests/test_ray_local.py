@@ -10,20 +10,13 @@ from miles_ray.config import load_config
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=8, num_gpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def _cfg(tmp_path, model_cache, *extra):
     return load_config(None, [f"output_dir={tmp_path}/run", f"model.tiny_cache_dir={model_cache}",
                               "logging.progress_bar=false", "logging.wandb=false", *extra])
 
 
 @pytest.mark.parametrize("colocate", [False, True])
-def test_actors_on_their_bundles_with_fake_gpus(local_ray, tmp_path, model_cache, colocate):
+def test_actors_on_their_bundles_with_fake_gpus(local_ray_gpus, tmp_path, model_cache, colocate):
     cfg = _cfg(tmp_path, model_cache, "cluster.use_gpu=true", f"cluster.colocate={colocate}",
                "rollout.num_engines=2", f"run_name=place{int(colocate)}")
     actors = start_actors(cfg)
@@ -48,7 +41,7 @@ def test_actors_on_their_bundles_with_fake_gpus(local_ray, tmp_path, model_cache
         stop_actors(actors)
 
 
-def test_weight_sync_transports_make_engines_match_trainer(local_ray, tmp_path, model_cache):
+def test_weight_sync_transports_make_engines_match_trainer(local_ray_gpus, tmp_path, model_cache):
     """After each sync, the engines' log-probs for their samples equal the trainer ranks' (1e-5)."""
     from jobs.weight_sync import WeightSync
     from miles_ray.data import synthetic_rows, validate_rows
@@ -79,7 +72,7 @@ def test_weight_sync_transports_make_engines_match_trainer(local_ray, tmp_path, 
         stop_actors(actors)
 
 
-def test_colocated_engine_serves_only_after_refit(local_ray, tmp_path, model_cache):
+def test_colocated_engine_serves_only_after_refit(local_ray_gpus, tmp_path, model_cache):
     from miles_ray.rollout import SamplingParams
 
     cfg = _cfg(tmp_path, model_cache, "cluster.colocate=true", "run_name=coloc")
@@ -107,7 +100,7 @@ def test_colocated_engine_serves_only_after_refit(local_ray, tmp_path, model_cac
     ("cluster.colocate=true", "weight_sync.transport=broadcast", "algorithm.advantage=gae",
      "algorithm.kl_coef=0.01", "algorithm.kl_mode=reward", "train.strategy=fsdp2"),
 ])
-def test_sync_run_two_ranks_two_engines(local_ray, tmp_path, model_cache, extra):
+def test_sync_run_two_ranks_two_engines(local_ray_gpus, tmp_path, model_cache, extra):
     from jobs.train import run
 
     cfg = _cfg(tmp_path, model_cache, "total_steps=3", "rollout.prompts_per_step=4",
@@ -124,7 +117,7 @@ def test_sync_run_two_ranks_two_engines(local_ray, tmp_path, model_cache, extra)
     assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "samples.jsonl").is_file()
 
 
-def test_engines_over_http_behind_router(local_ray, tmp_path, model_cache):
+def test_engines_over_http_behind_router(local_ray_gpus, tmp_path, model_cache):
     """Native engine servers launched inside the engine actors, rollout through the router."""
     from jobs.train import run
 
@@ -135,7 +128,7 @@ def test_engines_over_http_behind_router(local_ray, tmp_path, model_cache):
     assert all(r["rollout/num_samples"] == 8 and r["train/mismatch_abs"] < 1e-4 for r in rows)
 
 
-def test_rollout_only_then_train_from_dump(local_ray, tmp_path, model_cache):
+def test_rollout_only_then_train_from_dump(local_ray_gpus, tmp_path, model_cache):
     from jobs import rollout_only
     from jobs.train import run
 
@@ -158,7 +151,7 @@ ASYNC_BASE = ("total_steps=4", "rollout.prompts_per_step=4", "rollout.n_samples_
               "rollout.num_engines=2", "train.sft_warmup_steps=3", "train.sft_lr=3e-3", "train.lr=1e-3")
 
 
-def test_async_s0_equals_sync(local_ray, tmp_path, model_cache):
+def test_async_s0_equals_sync(local_ray_gpus, tmp_path, model_cache):
     from jobs.train import run
 
     run(_cfg(tmp_path / "sync", model_cache, *ASYNC_BASE, "run_name=s0sync"))
@@ -179,7 +172,7 @@ def test_async_s0_equals_sync(local_ray, tmp_path, model_cache):
     (2, ("async_rl.off_policy.mode=mis", "async_rl.off_policy.level=sequence", "async_rl.off_policy.mask_low=0.1",
          "async_rl.off_policy.mask_high=10")),
 ])
-def test_async_staleness_bound_no_loss_no_duplicates(local_ray, tmp_path, model_cache, staleness, extra):
+def test_async_staleness_bound_no_loss_no_duplicates(local_ray_gpus, tmp_path, model_cache, staleness, extra):
     from jobs.train import run
 
     cfg = _cfg(tmp_path, model_cache, *ASYNC_BASE, "total_steps=6", f"run_name=as{staleness}", "async_rl.enabled=true",
@@ -196,7 +189,7 @@ def test_async_staleness_bound_no_loss_no_duplicates(local_ray, tmp_path, model_
                                                + r["async/groups_running"])
 
 
-def test_async_watchdog_names_the_stuck_actor(local_ray, tmp_path, model_cache):
+def test_async_watchdog_names_the_stuck_actor(local_ray_gpus, tmp_path, model_cache):
     from jobs.train import run
 
     cfg = _cfg(tmp_path, model_cache, "total_steps=2", "rollout.prompts_per_step=2", "rollout.n_samples_per_prompt=2",
