@@ -17,6 +17,8 @@ def _cfg(tmp_path, model_cache, *extra):
 
 @pytest.mark.parametrize("colocate", [False, True])
 def test_actors_on_their_bundles_with_fake_gpus(local_ray_gpus, tmp_path, model_cache, colocate):
+    """Each role on its placement group's bundles; colocated, the engine sharing trainer rank 0's
+    GPU then serves only after a refit (the same actors: no second start)."""
     cfg = _cfg(tmp_path, model_cache, "cluster.use_gpu=true", f"cluster.colocate={colocate}",
                "rollout.num_engines=2", f"run_name=place{int(colocate)}")
     actors = start_actors(cfg)
@@ -32,6 +34,7 @@ def test_actors_on_their_bundles_with_fake_gpus(local_ray_gpus, tmp_path, model_
             assert trainer["placement_group_id"] == engines[0]["placement_group_id"] == pgs["colocated"]
             assert trainer["gpu_ids"] == engines[0]["gpu_ids"]  # trainer rank 0 and engine 0 share a GPU
             assert engines[0]["gpu_ids"] != engines[1]["gpu_ids"]
+            _colocated_engine_serves_only_after_refit(actors)
         else:
             assert trainer["placement_group_id"] == pgs["trainer"]
             assert {e["placement_group_id"] for e in engines} == {pgs["rollout"]}
@@ -72,27 +75,21 @@ def test_weight_sync_transports_make_engines_match_trainer(local_ray_gpus, tmp_p
         stop_actors(actors)
 
 
-def test_colocated_engine_serves_only_after_refit(local_ray_gpus, tmp_path, model_cache):
+def _colocated_engine_serves_only_after_refit(actors) -> None:
+    from jobs.weight_sync import WeightSync
     from miles_ray.rollout import SamplingParams
 
-    cfg = _cfg(tmp_path, model_cache, "cluster.colocate=true", "run_name=coloc")
-    actors = start_actors(cfg)
-    try:
-        engine = actors.engines[0]
-        ray.get(engine.release_memory.remote())
-        assert ray.get(engine.health.remote())["state"] == "released"
-        ray.get(engine.resume_memory.remote())
-        assert ray.get(engine.health.remote())["state"] == "stale"
-        req = [{"prompt": "What is 1+1?", "label": "2", "prompt_index": 0, "group_id": 0}]
-        with pytest.raises(ray.exceptions.RayTaskError, match="only after a complete weight load"):
-            ray.get(engine.generate.remote(req, 1, SamplingParams(4)))
-        from jobs.weight_sync import WeightSync
-
-        WeightSync(actors, "object_store").sync(5)
-        assert ray.get(engine.health.remote()) == {"state": "ready", "weight_version": 5}
-        assert len(ray.get(engine.generate.remote(req, 2, SamplingParams(4)))) == 2
-    finally:
-        stop_actors(actors)
+    engine = actors.engines[0]
+    ray.get(engine.release_memory.remote())
+    assert ray.get(engine.health.remote())["state"] == "released"
+    ray.get(engine.resume_memory.remote())
+    assert ray.get(engine.health.remote())["state"] == "stale"
+    req = [{"prompt": "What is 1+1?", "label": "2", "prompt_index": 0, "group_id": 0}]
+    with pytest.raises(ray.exceptions.RayTaskError, match="only after a complete weight load"):
+        ray.get(engine.generate.remote(req, 1, SamplingParams(4)))
+    WeightSync(actors, "object_store").sync(5)
+    assert ray.get(engine.health.remote()) == {"state": "ready", "weight_version": 5}
+    assert len(ray.get(engine.generate.remote(req, 2, SamplingParams(4)))) == 2
 
 
 @pytest.mark.parametrize("extra", [
@@ -175,12 +172,12 @@ def test_async_s0_equals_sync(local_ray_gpus, tmp_path, model_cache):
 def test_async_staleness_bound_no_loss_no_duplicates(local_ray_gpus, tmp_path, model_cache, staleness, extra):
     from jobs.train import run
 
-    cfg = _cfg(tmp_path, model_cache, *ASYNC_BASE, "total_steps=6", f"run_name=as{staleness}", "async_rl.enabled=true",
+    cfg = _cfg(tmp_path, model_cache, *ASYNC_BASE, f"run_name=as{staleness}", "async_rl.enabled=true",
                f"async_rl.staleness={staleness}", "rollout.max_new_tokens=12", *extra)
     summary = run(cfg)  # the driver raises if any trained sample lags more than the bound
     rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
-    assert summary["steps"] == 6 and summary["lost"] == 0 and summary["duplicates"] == 0
-    assert summary["consumed"] == 6 * 4
+    assert summary["steps"] == 4 and summary["lost"] == 0 and summary["duplicates"] == 0
+    assert summary["consumed"] == 4 * 4
     assert all(r["async/staleness_max"] <= staleness for r in rows)
     assert max(r["async/staleness_max"] for r in rows) >= 1  # it did run ahead of the trainer
     assert all("async/is_weight_mean" in r and "async/kl_behav_prox" in r for r in rows)
