@@ -31,19 +31,20 @@ def _faults_run(tmp_path, model_cache, name: str, kills: str, *extra, steps: int
 
 ENGINE_KILLS = ('{"role": "rollout", "rank": 0, "step": 1, "delay_s": 0.05}, '
                 '{"role": "rollout", "rank": 1, "step": 3, "delay_s": 0.0}')
-REWARD_KILLS = ('{"role": "reward", "rank": 1, "step": 1, "delay_s": 0.0}, '
-                '{"role": "reward", "rank": 0, "step": 3, "delay_s": 0.05}')
+# on steps of their own: each is met by the driver as in a run with reward kills only
+REWARD_KILLS = ('{"role": "reward", "rank": 1, "step": 2, "delay_s": 0.0}, '
+                '{"role": "reward", "rank": 0, "step": 4, "delay_s": 0.05}')
 
 
 @pytest.mark.parametrize("backend,kills", [("hf", [ENGINE_KILLS]), ("native", [ENGINE_KILLS, REWARD_KILLS])],
                          ids=["hf", "native"])
 def test_rollout_engine_and_reward_worker_killed_mid_run(local_ray, tmp_path, model_cache, tokenizer, backend, kills):
     """Engine 0 dies while generating (step 1), engine 1 at the start of step 3; in the native run
-    also reward worker 1 at the start of step 1 and worker 0 while scoring in step 3 (one run for
-    both roles: each kill fired and recovered from)."""
+    also reward worker 1 at the start of step 2 and worker 0 in step 4 (one run for both roles:
+    each kill fired, and each dead actor recovered by the driver)."""
     cfg, rows = _faults_run(tmp_path, model_cache, f"faults-{backend}", f"[{', '.join(kills)}]",
                             f"rollout.backend={backend}")
-    assert rows[-1]["fault/fired"] == 2 * len(kills)
+    assert rows[-1]["fault/fired"] == rows[-1]["fault/recovered"] == 2 * len(kills)
     assert rows[-1]["fault/recoveries"] >= 2 * len(kills)  # every killed actor came back (engines refit, work re-sent)
     assert all(r["train/mismatch_abs"] < 1e-4 for r in rows)  # restarted engines served refit weights only
     check_run(tmp_path, cfg, tokenizer)  # every step once, no sample lost or trained twice
