@@ -10,7 +10,7 @@ from miles_ray.config import load_config
 
 pytestmark = pytest.mark.ray
 BASE = ("rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=4", "train.sft_warmup_steps=2",
-        "data.num_synthetic=12", "rollout.num_engines=2", "logging.progress_bar=false", "logging.wandb=false")
+        "data.num_synthetic=8", "rollout.num_engines=2", "logging.progress_bar=false", "logging.wandb=false")
 
 
 def _run(out, model_cache, *extra):
@@ -27,20 +27,22 @@ def _rows(out):
 @pytest.mark.parametrize("backend", ["hf", "native"])
 def test_stop_and_resume_equals_uninterrupted(local_ray, tmp_path, model_cache, backend):
     full, split = tmp_path / "full", tmp_path / "split"
-    _run(full, model_cache, "total_steps=6", f"rollout.backend={backend}", "run_name=full")
-    # 12 prompts, 4 per step: the checkpoint at step 3 sits exactly on an epoch boundary
-    _run(split, model_cache, "total_steps=3", f"rollout.backend={backend}", "run_name=split")
-    _run(split, model_cache, "total_steps=6", f"rollout.backend={backend}", "run_name=split", "resume=auto")
+    _run(full, model_cache, "total_steps=4", f"rollout.backend={backend}", "run_name=full")
+    # 8 prompts: the SFT warm-up draws 2 x 32 (8 epochs), steps 0-1 draw 2 x 4: the checkpoint at
+    # step 2 sits exactly on an epoch boundary (cursor at the end of epoch 8)
+    _run(split, model_cache, "total_steps=2", f"rollout.backend={backend}", "run_name=split")
+    _run(split, model_cache, "total_steps=4", f"rollout.backend={backend}", "run_name=split", "resume=auto")
     a, b = _rows(full), _rows(split)
-    assert [r["step"] for r in b] == list(range(6))
+    assert [r["step"] for r in b] == list(range(4))
     for x, y in zip(a, b):
         for key in ("rollout/reward_mean", "train/loss", "train/grad_norm", "rollout/response_len_mean"):
             assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-7), (x["step"], key)
     wa, wb = _final_weights(full), _final_weights(split)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     # second save after resume happened; the HF export is only in the final one, and loads
-    assert [p.name for p in ckpt.checkpoints(split / "checkpoints")] == ["step_0", "step_3", "step_6"]  # step 0: for recovery
-    assert (split / "checkpoints" / "step_3" / "policy" / ".metadata").is_file()  # sharded (DCP) policy state
+    assert [p.name for p in ckpt.checkpoints(split / "checkpoints")] == ["step_0", "step_2", "step_4"]  # step 0: for recovery
+    assert (split / "checkpoints" / "step_2" / "policy" / ".metadata").is_file()  # sharded (DCP) policy state
+    assert ckpt.read_meta(split / "checkpoints" / "step_2")["sampler"] == {"epoch": 8, "position": 8}  # the boundary
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(ckpt.latest(split / "checkpoints") / "hf")

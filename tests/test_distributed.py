@@ -46,13 +46,23 @@ def _run(trainer, minibatches):
     return metrics, grads
 
 
-def _worker(rank, world, port, model_cache, strategy, agg, out_path):
-    init_distributed(rank, world, "127.0.0.1", port)
+def _dp_check(rank, world, model_cache, strategy, agg, out_path):
     trainer = _trainer(model_cache, strategy, agg, max_tokens=24 if rank == 0 else 0)
     shards = shard_minibatches([_samples()], world)
     metrics, grads = _run(trainer, shards[rank])
     if rank == 0:
         torch.save({"metrics": metrics, "grads": grads}, out_path)
+
+
+def _worker(rank, world, port, model_cache, strategy, agg, folder, out_dir):
+    """Every 2-rank check of one strategy in one gloo group (one spawn, not three): the DP=2
+    gradients of a step, then one SFT step saved as a sharded checkpoint, then that checkpoint
+    loaded by a fresh trainer. Rank 0 writes what each produced under ``out_dir``."""
+    init_distributed(rank, world, "127.0.0.1", port)
+    _dp_check(rank, world, model_cache, strategy, agg, os.path.join(out_dir, "rank0.pt"))
+    torch.distributed.barrier()
+    _ckpt_worker(rank, world, port, model_cache, strategy, folder, "save", os.path.join(out_dir, "saved.pt"))
+    _ckpt_worker(rank, world, port, model_cache, strategy, folder, "load", os.path.join(out_dir, "two.pt"))
     torch.distributed.barrier()  # no rank tears gloo down while the other still talks to it (SIGABRT once)
     torch.distributed.destroy_process_group()
 
@@ -63,12 +73,20 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("strategy,agg", [("ddp", "token_mean"), ("fsdp2", "seq_mean_token_sum")])
-def test_dp1_equals_dp2(model_cache, tiny_dir, tmp_path, strategy, agg):
+@pytest.fixture(scope="module", params=[("ddp", "token_mean"), ("fsdp2", "seq_mean_token_sum")], ids=["ddp", "fsdp2"])
+def two_ranks(request, model_cache, tiny_dir, tmp_path_factory):
+    """One 2-rank spawn per strategy, shared by the tests below: (strategy, agg, its outputs folder)."""
+    strategy, agg = request.param
+    out = tmp_path_factory.mktemp(f"two_ranks_{strategy}")
+    mp.spawn(_worker, args=(2, _free_port(), model_cache, strategy, agg, str(out / "ck"), str(out)), nprocs=2,
+             join=True)
+    return strategy, agg, out
+
+
+def test_dp1_equals_dp2(model_cache, two_ranks):
+    strategy, agg, out = two_ranks
     ref_metrics, ref_grads = _run(_trainer(model_cache, strategy, agg, 0), make_minibatches(_samples(), 1))
-    out = tmp_path / "rank0.pt"
-    mp.spawn(_worker, args=(2, _free_port(), model_cache, strategy, agg, str(out)), nprocs=2, join=True)
-    got = torch.load(out, weights_only=True)
+    got = torch.load(out / "rank0.pt", weights_only=True)
     for key in ("loss", "pg_loss", "kl", "entropy", "clipfrac"):
         assert got["metrics"][key] == pytest.approx(ref_metrics[key], abs=1e-5), key
     assert ref_metrics["clipfrac"] > 0  # the clipped branch is exercised
@@ -88,9 +106,8 @@ def test_shard_minibatches_keeps_every_sample_once():
 
 def _ckpt_worker(rank, world, port, model_cache, strategy, folder, mode, out_path):
     """mode save: train one SFT step and write a sharded checkpoint (+ rank 0's full weights);
-    mode load: load it (any world size) and write rank 0's full weights and optimizer moments."""
-    if world > 1:
-        init_distributed(rank, world, "127.0.0.1", port)
+    mode load: load it (any world size) and write rank 0's full weights and optimizer moments.
+    With world > 1 it runs inside :func:`_worker`'s group."""
     trainer = PolicyTrainer("tiny:qwen3", TrainConfig(strategy=strategy, micro_batch_size=4), AlgorithmConfig(),
                             tiny_cache_dir=model_cache, seed=11 if mode == "load" else 0)
     if mode == "save":
@@ -107,21 +124,16 @@ def _ckpt_worker(rank, world, port, model_cache, strategy, folder, mode, out_pat
         torch.save({"weights": state, "version": trainer.version, "moments": moments}, out_path)
     if world > 1:
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_checkpoint_of_two_ranks_resumes_on_one_and_two(model_cache, tiny_dir, tmp_path, strategy):
-    folder = str(tmp_path / "ck")
-    mp.spawn(_ckpt_worker, args=(2, _free_port(), model_cache, strategy, folder, "save", str(tmp_path / "saved.pt")),
-             nprocs=2, join=True)
-    saved = torch.load(tmp_path / "saved.pt", weights_only=True)
-    _ckpt_worker(0, 1, 0, model_cache, strategy, folder, "load", str(tmp_path / "one.pt"))
-    mp.spawn(_ckpt_worker, args=(2, _free_port(), model_cache, strategy, folder, "load", str(tmp_path / "two.pt")),
-             nprocs=2, join=True)
-    for name in ("one.pt", "two.pt"):
-        got = torch.load(tmp_path / name, weights_only=True)
+def test_checkpoint_of_two_ranks_resumes_on_one_and_two(model_cache, tmp_path, two_ranks):
+    """Saved by 2 ranks (in :func:`_worker`), loaded on 1 rank here and on 2 ranks there."""
+    strategy, _, out = two_ranks
+    saved = torch.load(out / "saved.pt", weights_only=True)
+    _ckpt_worker(0, 1, 0, model_cache, strategy, str(out / "ck"), "load", str(tmp_path / "one.pt"))
+    for path in (tmp_path / "one.pt", out / "two.pt"):
+        got = torch.load(path, weights_only=True)
         assert got["version"] == saved["version"] == 1
-        assert all(torch.equal(saved["weights"][k], got["weights"][k]) for k in saved["weights"]), name
+        assert all(torch.equal(saved["weights"][k], got["weights"][k]) for k in saved["weights"]), path.name
         assert sorted(got["moments"]) == sorted(saved["moments"])
-        assert all(torch.equal(saved["moments"][k], got["moments"][k]) for k in saved["moments"]), name
+        assert all(torch.equal(saved["moments"][k], got["moments"][k]) for k in saved["moments"]), path.name

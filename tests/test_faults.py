@@ -29,23 +29,25 @@ def _faults_run(tmp_path, model_cache, name: str, kills: str, *extra, steps: int
     return cfg, rows
 
 
-@pytest.mark.parametrize("backend", ["hf", "native"])
-def test_rollout_engine_killed_mid_run(local_ray, tmp_path, model_cache, tokenizer, backend):
-    """Engine 0 dies while generating (step 1), engine 1 at the start of step 3."""
-    kills = ('[{"role": "rollout", "rank": 0, "step": 1, "delay_s": 0.05}, '
-             '{"role": "rollout", "rank": 1, "step": 3, "delay_s": 0.0}]')
-    cfg, rows = _faults_run(tmp_path, model_cache, f"faults-{backend}", kills, f"rollout.backend={backend}")
-    assert rows[-1]["fault/recoveries"] >= 2  # both engines came back (refit, their work re-sent)
+ENGINE_KILLS = ('{"role": "rollout", "rank": 0, "step": 1, "delay_s": 0.05}, '
+                '{"role": "rollout", "rank": 1, "step": 3, "delay_s": 0.0}')
+# on steps of their own: each is met by the driver as in a run with reward kills only
+REWARD_KILLS = ('{"role": "reward", "rank": 1, "step": 2, "delay_s": 0.0}, '
+                '{"role": "reward", "rank": 0, "step": 4, "delay_s": 0.05}')
+
+
+@pytest.mark.parametrize("backend,kills", [("hf", [ENGINE_KILLS]), ("native", [ENGINE_KILLS, REWARD_KILLS])],
+                         ids=["hf", "native"])
+def test_rollout_engine_and_reward_worker_killed_mid_run(local_ray, tmp_path, model_cache, tokenizer, backend, kills):
+    """Engine 0 dies while generating (step 1), engine 1 at the start of step 3; in the native run
+    also reward worker 1 at the start of step 2 and worker 0 in step 4 (one run for both roles:
+    each kill fired, and each dead actor recovered by the driver)."""
+    cfg, rows = _faults_run(tmp_path, model_cache, f"faults-{backend}", f"[{', '.join(kills)}]",
+                            f"rollout.backend={backend}")
+    assert rows[-1]["fault/fired"] == rows[-1]["fault/recovered"] == 2 * len(kills)
+    assert rows[-1]["fault/recoveries"] >= 2 * len(kills)  # every killed actor came back (engines refit, work re-sent)
     assert all(r["train/mismatch_abs"] < 1e-4 for r in rows)  # restarted engines served refit weights only
     check_run(tmp_path, cfg, tokenizer)  # every step once, no sample lost or trained twice
-
-
-def test_reward_worker_killed_mid_run(local_ray, tmp_path, model_cache, tokenizer):
-    kills = ('[{"role": "reward", "rank": 1, "step": 1, "delay_s": 0.0}, '
-             '{"role": "reward", "rank": 0, "step": 3, "delay_s": 0.05}]')
-    cfg, rows = _faults_run(tmp_path, model_cache, "faults-reward", kills, "rollout.backend=native")
-    assert rows[-1]["fault/recoveries"] >= 2
-    check_run(tmp_path, cfg, tokenizer)
 
 
 def test_trainer_rank_killed_group_rebuilt_from_checkpoint(local_ray, tmp_path, model_cache, tokenizer):
@@ -83,10 +85,10 @@ def test_async_engine_and_reward_worker_killed_mid_run(local_ray, tmp_path, mode
              '{"role": "reward", "rank": 1, "step": 2, "delay_s": 0.0}, '
              '{"role": "rollout", "rank": 1, "step": 2, "kind": "hang", "seconds": 600}]')
     cfg, rows = _faults_run(tmp_path, model_cache, "faults-async", kills, "rollout.backend=native",
-                            "async_rl.enabled=true", "async_rl.staleness=1", "rollout.request_timeout_s=10")
+                            "async_rl.enabled=true", "async_rl.staleness=1", "rollout.request_timeout_s=5")
     assert rows[-1]["fault/recoveries"] >= 3
     # engine 1's next call hangs: restarted and regenerated (maybe while the run drains: after the last row)
-    assert "rollout-1 did not answer within rollout.request_timeout_s=10s (hung): restarting it" in caplog.text
+    assert "rollout-1 did not answer within rollout.request_timeout_s=5s (hung): restarting it" in caplog.text
     assert rows[-1]["fault/fired"] == 3
     check_run(tmp_path, cfg, tokenizer)
 

@@ -15,7 +15,7 @@ from miles_ray.config import load_config
 from tests.helpers.ledger import check_run, rows
 
 pytestmark = pytest.mark.ray
-STEPS = 6
+STEPS = 4
 
 
 FAST_DETECTION = {"health_check_period_ms": 500, "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}

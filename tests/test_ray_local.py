@@ -10,20 +10,15 @@ from miles_ray.config import load_config
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=8, num_gpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def _cfg(tmp_path, model_cache, *extra):
     return load_config(None, [f"output_dir={tmp_path}/run", f"model.tiny_cache_dir={model_cache}",
                               "logging.progress_bar=false", "logging.wandb=false", *extra])
 
 
 @pytest.mark.parametrize("colocate", [False, True])
-def test_actors_on_their_bundles_with_fake_gpus(local_ray, tmp_path, model_cache, colocate):
+def test_actors_on_their_bundles_with_fake_gpus(local_ray_gpus, tmp_path, model_cache, colocate):
+    """Each role on its placement group's bundles; colocated, the engine sharing trainer rank 0's
+    GPU then serves only after a refit (the same actors: no second start)."""
     cfg = _cfg(tmp_path, model_cache, "cluster.use_gpu=true", f"cluster.colocate={colocate}",
                "rollout.num_engines=2", f"run_name=place{int(colocate)}")
     actors = start_actors(cfg)
@@ -39,6 +34,7 @@ def test_actors_on_their_bundles_with_fake_gpus(local_ray, tmp_path, model_cache
             assert trainer["placement_group_id"] == engines[0]["placement_group_id"] == pgs["colocated"]
             assert trainer["gpu_ids"] == engines[0]["gpu_ids"]  # trainer rank 0 and engine 0 share a GPU
             assert engines[0]["gpu_ids"] != engines[1]["gpu_ids"]
+            _colocated_engine_serves_only_after_refit(actors)
         else:
             assert trainer["placement_group_id"] == pgs["trainer"]
             assert {e["placement_group_id"] for e in engines} == {pgs["rollout"]}
@@ -48,7 +44,7 @@ def test_actors_on_their_bundles_with_fake_gpus(local_ray, tmp_path, model_cache
         stop_actors(actors)
 
 
-def test_weight_sync_transports_make_engines_match_trainer(local_ray, tmp_path, model_cache):
+def test_weight_sync_transports_make_engines_match_trainer(local_ray_gpus, tmp_path, model_cache):
     """After each sync, the engines' log-probs for their samples equal the trainer ranks' (1e-5)."""
     from jobs.weight_sync import WeightSync
     from miles_ray.data import synthetic_rows, validate_rows
@@ -79,27 +75,21 @@ def test_weight_sync_transports_make_engines_match_trainer(local_ray, tmp_path, 
         stop_actors(actors)
 
 
-def test_colocated_engine_serves_only_after_refit(local_ray, tmp_path, model_cache):
+def _colocated_engine_serves_only_after_refit(actors) -> None:
+    from jobs.weight_sync import WeightSync
     from miles_ray.rollout import SamplingParams
 
-    cfg = _cfg(tmp_path, model_cache, "cluster.colocate=true", "run_name=coloc")
-    actors = start_actors(cfg)
-    try:
-        engine = actors.engines[0]
-        ray.get(engine.release_memory.remote())
-        assert ray.get(engine.health.remote())["state"] == "released"
-        ray.get(engine.resume_memory.remote())
-        assert ray.get(engine.health.remote())["state"] == "stale"
-        req = [{"prompt": "What is 1+1?", "label": "2", "prompt_index": 0, "group_id": 0}]
-        with pytest.raises(ray.exceptions.RayTaskError, match="only after a complete weight load"):
-            ray.get(engine.generate.remote(req, 1, SamplingParams(4)))
-        from jobs.weight_sync import WeightSync
-
-        WeightSync(actors, "object_store").sync(5)
-        assert ray.get(engine.health.remote()) == {"state": "ready", "weight_version": 5}
-        assert len(ray.get(engine.generate.remote(req, 2, SamplingParams(4)))) == 2
-    finally:
-        stop_actors(actors)
+    engine = actors.engines[0]
+    ray.get(engine.release_memory.remote())
+    assert ray.get(engine.health.remote())["state"] == "released"
+    ray.get(engine.resume_memory.remote())
+    assert ray.get(engine.health.remote())["state"] == "stale"
+    req = [{"prompt": "What is 1+1?", "label": "2", "prompt_index": 0, "group_id": 0}]
+    with pytest.raises(ray.exceptions.RayTaskError, match="only after a complete weight load"):
+        ray.get(engine.generate.remote(req, 1, SamplingParams(4)))
+    WeightSync(actors, "object_store").sync(5)
+    assert ray.get(engine.health.remote()) == {"state": "ready", "weight_version": 5}
+    assert len(ray.get(engine.generate.remote(req, 2, SamplingParams(4)))) == 2
 
 
 @pytest.mark.parametrize("extra", [
@@ -107,7 +97,7 @@ def test_colocated_engine_serves_only_after_refit(local_ray, tmp_path, model_cac
     ("cluster.colocate=true", "weight_sync.transport=broadcast", "algorithm.advantage=gae",
      "algorithm.kl_coef=0.01", "algorithm.kl_mode=reward", "train.strategy=fsdp2"),
 ])
-def test_sync_run_two_ranks_two_engines(local_ray, tmp_path, model_cache, extra):
+def test_sync_run_two_ranks_two_engines(local_ray_gpus, tmp_path, model_cache, extra):
     from jobs.train import run
 
     cfg = _cfg(tmp_path, model_cache, "total_steps=3", "rollout.prompts_per_step=4",
@@ -124,7 +114,7 @@ def test_sync_run_two_ranks_two_engines(local_ray, tmp_path, model_cache, extra)
     assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "samples.jsonl").is_file()
 
 
-def test_engines_over_http_behind_router(local_ray, tmp_path, model_cache):
+def test_engines_over_http_behind_router(local_ray_gpus, tmp_path, model_cache):
     """Native engine servers launched inside the engine actors, rollout through the router."""
     from jobs.train import run
 
@@ -135,7 +125,7 @@ def test_engines_over_http_behind_router(local_ray, tmp_path, model_cache):
     assert all(r["rollout/num_samples"] == 8 and r["train/mismatch_abs"] < 1e-4 for r in rows)
 
 
-def test_rollout_only_then_train_from_dump(local_ray, tmp_path, model_cache):
+def test_rollout_only_then_train_from_dump(local_ray_gpus, tmp_path, model_cache):
     from jobs import rollout_only
     from jobs.train import run
 
@@ -158,7 +148,7 @@ ASYNC_BASE = ("total_steps=4", "rollout.prompts_per_step=4", "rollout.n_samples_
               "rollout.num_engines=2", "train.sft_warmup_steps=3", "train.sft_lr=3e-3", "train.lr=1e-3")
 
 
-def test_async_s0_equals_sync(local_ray, tmp_path, model_cache):
+def test_async_s0_equals_sync(local_ray_gpus, tmp_path, model_cache):
     from jobs.train import run
 
     run(_cfg(tmp_path / "sync", model_cache, *ASYNC_BASE, "run_name=s0sync"))
@@ -179,15 +169,15 @@ def test_async_s0_equals_sync(local_ray, tmp_path, model_cache):
     (2, ("async_rl.off_policy.mode=mis", "async_rl.off_policy.level=sequence", "async_rl.off_policy.mask_low=0.1",
          "async_rl.off_policy.mask_high=10")),
 ])
-def test_async_staleness_bound_no_loss_no_duplicates(local_ray, tmp_path, model_cache, staleness, extra):
+def test_async_staleness_bound_no_loss_no_duplicates(local_ray_gpus, tmp_path, model_cache, staleness, extra):
     from jobs.train import run
 
-    cfg = _cfg(tmp_path, model_cache, *ASYNC_BASE, "total_steps=6", f"run_name=as{staleness}", "async_rl.enabled=true",
+    cfg = _cfg(tmp_path, model_cache, *ASYNC_BASE, f"run_name=as{staleness}", "async_rl.enabled=true",
                f"async_rl.staleness={staleness}", "rollout.max_new_tokens=12", *extra)
     summary = run(cfg)  # the driver raises if any trained sample lags more than the bound
     rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
-    assert summary["steps"] == 6 and summary["lost"] == 0 and summary["duplicates"] == 0
-    assert summary["consumed"] == 6 * 4
+    assert summary["steps"] == 4 and summary["lost"] == 0 and summary["duplicates"] == 0
+    assert summary["consumed"] == 4 * 4
     assert all(r["async/staleness_max"] <= staleness for r in rows)
     assert max(r["async/staleness_max"] for r in rows) >= 1  # it did run ahead of the trainer
     assert all("async/is_weight_mean" in r and "async/kl_behav_prox" in r for r in rows)
@@ -196,7 +186,7 @@ def test_async_staleness_bound_no_loss_no_duplicates(local_ray, tmp_path, model_
                                                + r["async/groups_running"])
 
 
-def test_async_watchdog_names_the_stuck_actor(local_ray, tmp_path, model_cache):
+def test_async_watchdog_names_the_stuck_actor(local_ray_gpus, tmp_path, model_cache):
     from jobs.train import run
 
     cfg = _cfg(tmp_path, model_cache, "total_steps=2", "rollout.prompts_per_step=2", "rollout.n_samples_per_prompt=2",

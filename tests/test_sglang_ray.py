@@ -18,13 +18,6 @@ pytestmark = pytest.mark.ray
 STRICT = ("rollout.backend=native", "rollout.serve_http=true", "rollout.strict_sglang=true")
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=8, num_gpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def _cfg(tmp_path, model_cache, *extra):
     return load_config(None, [f"output_dir={tmp_path}/run", f"model.tiny_cache_dir={model_cache}",
                               "logging.progress_bar=false", "logging.wandb=false", *extra])
@@ -41,7 +34,7 @@ def test_plan_gives_one_engine_all_its_gpus():
         load_config(None, ["cluster.use_gpu=true", "cluster.colocate=true", "cluster.gpus_per_engine=2"])
 
 
-def test_multi_gpu_strict_engine_beyond_loopback_all_weight_paths(local_ray, tmp_path, model_cache):
+def test_multi_gpu_strict_engine_beyond_loopback_all_weight_paths(local_ray_gpus, tmp_path, model_cache):
     from jobs.weight_sync import WeightSync
     from miles_ray.data import synthetic_rows, validate_rows
     from miles_ray.models import load_tokenizer
@@ -86,7 +79,7 @@ ASYNC = ("total_steps=3", "rollout.prompts_per_step=4", "rollout.n_samples_per_p
          "async_rl.enabled=true", "async_rl.staleness=1", "rollout.max_new_tokens=12", "train.sft_warmup_steps=2")
 
 
-def test_async_partial_rollout_run_against_strict_servers(local_ray, tmp_path, model_cache):
+def test_async_partial_rollout_run_against_strict_servers(local_ray_gpus, tmp_path, model_cache):
     """Rollout (the engine actors' HTTP clients), async training, syncs while requests are in
     flight (partial rollout: the servers hold them across the load), all against strict servers. (The weight-sync
     paths are covered above, a sync run with lenient servers in test_ray_local.)"""

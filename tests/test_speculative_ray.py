@@ -23,14 +23,10 @@ def _run(tmp_path, model_cache, name: str, online: bool) -> list[dict]:
     return [json.loads(x) for x in open(tmp_path / name / "metrics.jsonl")]
 
 
-def test_sync_run_with_online_draft(tmp_path, model_cache):
-    ray.init(address="local", num_cpus=6, include_dashboard=False)
-    try:
-        online = _run(tmp_path, model_cache, "spec-online", True)
-        pgs = [pg for pg in ray.util.placement_group_table().values() if pg["name"] == "spec-online-draft"]
-        frozen = _run(tmp_path, model_cache, "spec-frozen", False)
-    finally:
-        ray.shutdown()
+def test_sync_run_with_online_draft(local_ray, tmp_path, model_cache):
+    online = _run(tmp_path, model_cache, "spec-online", True)
+    pgs = [pg for pg in ray.util.placement_group_table().values() if pg["name"] == "spec-online-draft"]
+    frozen = _run(tmp_path, model_cache, "spec-frozen", False)
     assert len(pgs) == 1  # the draft trainer had its own placement group
     for r in online:
         assert r["rollout/spec_accept_len"] >= 1.0 and r["perf/rollout_tokens_per_s"] > 0
@@ -47,20 +43,16 @@ def test_sync_run_with_online_draft(tmp_path, model_cache):
     assert rate(online) > rate(frozen) + 0.2, (rate(online), rate(frozen))
 
 
-def test_async_run_with_online_draft(tmp_path, model_cache):
+def test_async_run_with_online_draft(local_ray, tmp_path, model_cache):
     """The async driver (S=1, partial rollout) trains the draft on every batch and speculates."""
-    ray.init(address="local", num_cpus=6, include_dashboard=False)
-    try:
-        from jobs.train import run
+    from jobs.train import run
 
-        cfg = load_config(None, [f"output_dir={tmp_path}", f"model.tiny_cache_dir={model_cache}", "total_steps=3",
-                                 "rollout.backend=native", "rollout.prompts_per_step=8",
-                                 "rollout.n_samples_per_prompt=4", "rollout.max_new_tokens=12", "rollout.ignore_eos=true",
-                                 "draft.enabled=true", "draft.epochs=2", "async_rl.enabled=true", "async_rl.staleness=1", "train.sft_warmup_steps=20",
-                                 "logging.progress_bar=false", "logging.wandb=false", "run_name=spec-async"])
-        summary = run(cfg)
-    finally:
-        ray.shutdown()
+    cfg = load_config(None, [f"output_dir={tmp_path}", f"model.tiny_cache_dir={model_cache}", "total_steps=3",
+                             "rollout.backend=native", "rollout.prompts_per_step=8",
+                             "rollout.n_samples_per_prompt=4", "rollout.max_new_tokens=12", "rollout.ignore_eos=true",
+                             "draft.enabled=true", "draft.epochs=2", "async_rl.enabled=true", "async_rl.staleness=1", "train.sft_warmup_steps=20",
+                             "logging.progress_bar=false", "logging.wandb=false", "run_name=spec-async"])
+    summary = run(cfg)
     rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     assert summary["steps"] == 3 and summary["lost"] == 0 and summary["duplicates"] == 0
     assert [r["train/draft_version"] for r in rows] == [40 + 2 * (i + 1) for i in range(3)]
