@@ -124,7 +124,7 @@ def test_server_args_dtype_tp_size_mem_fraction(tmp_path, model_cache):
     assert sg[:4] == ["--dtype", "bfloat16", "--tp-size", "1"]
 
 
-def test_sync_training_over_the_router_against_strict_servers(local_ray, tmp_path, model_cache, tokenizer):
+def test_sync_training_over_the_router_against_strict_servers(local_ray_gpus, tmp_path, model_cache, tokenizer):
     """The synchronous driver end to end against strict servers: rollout through the router
     (requests in SGLang's shapes), rewards scored as groups come back, weights pushed with
     init_weights_update_group + update_weights_from_distributed every step; the ledger proves every
