@@ -91,17 +91,28 @@ class RolloutPump(threading.Thread):
             self.resend = []
         if self.submitting:
             self.submit_admitted()
-        refs = list(self.inflight) + list(self.scoring)
+        head = next(iter(self.scoring), None)  # groups enter the buffer in the order they were generated
+        refs = list(self.inflight) + ([head] if head is not None else [])
         if not refs:
             return False
         ready, _ = ray.wait(refs, num_returns=1, timeout=0.05)
         for ref in ready:
             if ref in self.inflight:
                 self._collect(ref)
-            elif ref in self.scoring:
-                self._scored(ref)
+        self._accept_scored()
         self._expire()
         return True
+
+    def _accept_scored(self) -> None:
+        """Scored groups, oldest generation first: a group whose scoring is slow (its reward worker
+        restarting) holds back the ones generated after it, as the staleness bound assumes (a group
+        never overtakes an earlier one into the buffer)."""
+        while self.scoring:
+            head = next(iter(self.scoring))
+            done, _ = ray.wait([head], num_returns=1, timeout=0)
+            if not done:
+                return
+            self._scored(head)
 
     def _expire(self) -> None:
         """A call past ``rollout.request_timeout_s``: its engine is hung. It is killed once (Ray

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import ray
 
 from miles_ray.openai_api.app import EngineBackend, OpenAIService, create_app
 from miles_ray.openai_api.protocol import RequestError, ServeSettings, parse_chat, parse_completion
@@ -211,6 +212,7 @@ def serve_endpoint(request, local_ray, model_cache):
     url = start_openai(cfg, [engine])
     yield url
     stop_openai()
+    ray.kill(engine)
 
 
 @pytest.mark.ray
