@@ -173,6 +173,8 @@ class RolloutPump(threading.Thread):
             self.ctx.recovery.restore("rollout", i)
             self.ctx.recovery.record(time.time() - t0, "rollout", i)
             left = [r for r in chunk if r["group_id"] not in done]
+            log.warning("rollout-%d recovered in %.1fs; re-sending the %d of its %d groups it had not returned", i,
+                        time.time() - t0, len(left), len(chunk))
             if left:
                 self._stream(i, left)
             return

@@ -86,8 +86,10 @@ def test_async_engine_and_reward_worker_killed_mid_run(local_ray, tmp_path, mode
              '{"role": "rollout", "rank": 1, "step": 2, "kind": "hang", "seconds": 600}]')
     cfg, rows = _faults_run(tmp_path, model_cache, "faults-async", kills, "rollout.backend=native",
                             "async_rl.enabled=true", "async_rl.staleness=1", "rollout.request_timeout_s=5")
-    assert rows[-1]["fault/recoveries"] >= 3
-    # engine 1's next call hangs: restarted and regenerated (maybe while the run drains: after the last row)
+    # every fault recovered; some recoveries may come while the run drains (after the last row): the
+    # hung engine's restart, a scoring call to the dead reward worker still queued behind older groups
+    assert rows[-1]["fault/recoveries"] >= 1
+    assert "rollout-0 recovered in" in caplog.text and "reward-1 recovered in" in caplog.text
     assert "rollout-1 did not answer within rollout.request_timeout_s=5s (hung): restarting it" in caplog.text
     assert rows[-1]["fault/fired"] == 3
     check_run(tmp_path, cfg, tokenizer)
