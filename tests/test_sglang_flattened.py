@@ -73,6 +73,8 @@ def test_format_both_ways_against_sglangs_dataclass(sglang_module):
     assert all(torch.equal(a, b) and a.dtype == b.dtype for (_, a), (_, b) in zip(got, named))
 
     bucket = to_buckets({"a": torch.randn(2, 5), "b": torch.randn(7)}, 1)[0]
+    # SGLang's side of the format is plain pickle (MultiprocessingSerializer); here it reads bytes this
+    # test encoded a line above, in this process: never data from a network or another user's file
     ours = pickle.loads(base64.b64decode(encode_flattened(bucket.flat, metas_for(bucket.entries, bucket.dtype))[0]))
     assert set(ours) == {"flattened_tensor", "metadata"}
     assert all(type(m) is sglang_module and isinstance(m.shape, torch.Size) for m in ours["metadata"])

@@ -135,16 +135,16 @@ class RewardRunner:
         ``i`` the failure score without calling the reward."""
         stats, skip = RewardStats(), skip or [""] * len(items)
         scores = [self.failure_score] * len(items)
-        todo = [i for i, why in enumerate(skip) if not why]
+        to_score = [i for i, why in enumerate(skip) if not why]
         for i, why in enumerate(skip):
             if why:
                 stats.skipped += 1
                 stats.failed("rollout_fn", why)
         if self.batched:
-            got = self._score_batch([items[i] for i in todo], stats) if todo else []
+            got = self._score_batch([items[i] for i in to_score], stats) if to_score else []
         else:
-            got = [self.score_one(*items[i], stats) for i in todo]
-        for i, s in zip(todo, got):
+            got = [self.score_one(*items[i], stats) for i in to_score]
+        for i, s in zip(to_score, got):
             scores[i] = s
         if stats.errors or stats.timeouts or stats.skipped:
             log.warning("reward '%s': %d errors, %d timeouts, %d failed rollouts out of %d (first: %s)", self.spec,
