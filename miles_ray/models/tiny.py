@@ -109,7 +109,13 @@ def write_tiny_model(out_dir: str | Path, arch: str = "qwen3", seed: int = 0, hi
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")  # write aside, then rename: safe for racing writers
+    return save_once(out, model, tokenizer)
+
+
+def save_once(out: Path, model, tokenizer) -> Path:
+    """Save ``model`` and ``tokenizer`` to ``out``: written aside, then renamed (safe for racing
+    writers; a writer that loses the race drops its identical copy)."""
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

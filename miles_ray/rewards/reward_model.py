@@ -11,8 +11,6 @@ Pure torch/transformers: no Ray here.
 """
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 from miles_ray.errors import UserPathError
@@ -27,7 +25,7 @@ def write_tiny_reward_model(out_dir: str | Path, arch: str = "qwen3", seed: int 
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from miles_ray.models.tiny import tiny_model_config, train_tokenizer
+    from miles_ray.models.tiny import save_once, tiny_model_config, train_tokenizer
 
     if arch not in TINY_REWARD_ARCHS:
         raise ValueError(f"unknown tiny reward-model arch '{arch}'; choose one of {TINY_REWARD_ARCHS}")
@@ -38,15 +36,7 @@ def write_tiny_reward_model(out_dir: str | Path, arch: str = "qwen3", seed: int 
     config.num_labels = 1
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_config(config)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(out)
-    except OSError:  # another process finished first; its copy is identical (same seed)
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return save_once(out, model, tokenizer)
 
 
 def resolve_reward_model_path(spec: str | None, cache_dir: str = "runs/_models") -> str:
