@@ -12,7 +12,7 @@ from miles_ray.config import Config
 @ray.remote
 class DraftTrainerActor(ActorBase):
     def __init__(self, cfg: dict):
-        from miles_ray.training.draft import DraftTrainer
+        from miles_ray.training.fsdp.draft import DraftTrainer
 
         self.cfg = Config.model_validate(cfg)
         setup_worker_process(self.cfg.seed + 2000)

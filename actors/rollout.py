@@ -20,14 +20,16 @@ class RolloutEngineActor(ActorBase):
 
     def __init__(self, cfg: dict, rank: int = 0, token: str | None = None):
         """``token``: the run's bearer token, required by an engine server bound beyond loopback."""
-        from miles_ray.rollout.engines import make_rollout_engine
+        from miles_ray.agents.wrap import with_rollout_fn
+        from miles_ray.rollout.backends import make_rollout_engine
         from miles_ray.rollout.types import engine_seed
 
         self.cfg = Config.model_validate(cfg)
         setup_worker_process(engine_seed(self.cfg.seed, rank), self.cfg, "rollout")
         self.rank, self.channel, self.reader = rank, None, None
-        self.engine = make_rollout_engine(self.cfg, rank, server_host(self.cfg.rollout.server_host),
-                                          restarted=_reconstructed(), token=token)
+        engine = make_rollout_engine(self.cfg, rank, server_host(self.cfg.rollout.server_host),
+                                     restarted=_reconstructed(), token=token)
+        self.engine = with_rollout_fn(self.cfg, engine)
 
     def url(self) -> str | None:
         return self.engine.url()

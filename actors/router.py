@@ -1,4 +1,4 @@
-"""RouterActor: runs the router in front of the engine servers: ours (:mod:`miles_ray.rollout.router`,
+"""RouterActor: runs the router in front of the engine servers: ours (:mod:`miles_ray.rollout.http.router`,
 in this actor) or SGLang's ``sglang_router`` (a subprocess; what SGLang users deploy).
 
 Binds 127.0.0.1 unless ``host`` (``node_ip``: this node's address); with ``token`` every endpoint
@@ -18,8 +18,8 @@ from actors.common import ActorBase
 def _native(self, worker_urls: list, health_interval: float, token: str | None) -> None:
     import uvicorn
 
-    from miles_ray.rollout.http_guard import Guard
-    from miles_ray.rollout.router import create_app
+    from miles_ray.rollout.http.guard import Guard
+    from miles_ray.rollout.http.router import create_app
 
     app = Guard(create_app(worker_urls, health_interval, token), token, 64 << 20)
     self.server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, log_level="warning"))
@@ -30,7 +30,7 @@ def _native(self, worker_urls: list, health_interval: float, token: str | None) 
 
 
 def _sglang_router(self, worker_urls: list, health_interval: float, token: str | None) -> None:
-    from miles_ray.rollout.launch import start_router_process
+    from miles_ray.rollout.http.launch import start_router_process
 
     self.process = start_router_process(worker_urls, self.host, self.port, token)
 

@@ -28,7 +28,7 @@ class _RankActor(ActorBase):
     def setup(self, master_addr: str | None, master_port: int | None) -> bool:
         """Join the data-parallel group (when world_size > 1), then build the trainer."""
         if self.world_size > 1:
-            from miles_ray.training.base import init_distributed
+            from miles_ray.training.collectives import init_distributed
 
             init_distributed(self.rank, self.world_size, master_addr, master_port, dist_backend(self.cfg))
         self.trainer = self.build()
@@ -125,7 +125,7 @@ class TrainerActor(_RankActor):
 class CriticActor(_RankActor):
     def build(self):
         from miles_ray.models import load_tokenizer
-        from miles_ray.training.critic import CriticTrainer
+        from miles_ray.training.fsdp.critic import CriticTrainer
 
         c = self.cfg
         pad = load_tokenizer(c.model.path, c.model.tiny_cache_dir).pad_token_id or 0

@@ -74,7 +74,8 @@ def write_model(folder: Path) -> Path:
 def decode_speed(folder: Path, quantization, backend: str) -> float | str:
     import torch
 
-    from miles_ray.rollout import NativeEngine, SamplingParams
+    from miles_ray.rollout.native import NativeEngine
+    from miles_ray.rollout import SamplingParams
 
     try:
         engine = NativeEngine(str(folder), dtype="bfloat16", tiny_cache_dir=str(folder.parent), seed=0,

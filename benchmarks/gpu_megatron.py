@@ -30,7 +30,7 @@ def _port() -> int:
 
 def megatron_trainer(cache: str, spec: str, train: dict):
     from miles_ray.config import AlgorithmConfig, TrainConfig
-    from miles_ray.megatron.trainer import MegatronPolicyTrainer
+    from miles_ray.training.megatron.trainer import MegatronPolicyTrainer
 
     return MegatronPolicyTrainer(spec, TrainConfig(**train), AlgorithmConfig(**ALGO), tiny_cache_dir=cache,
                                  parallel_cfg={"tensor_parallel": 1, "pipeline_parallel": 1})
@@ -43,8 +43,8 @@ def main(argv=None) -> None:
     cuda = torch.cuda.is_available()  # CPU: the same check over gloo (a smoke run of this script)
     if cuda:
         torch.cuda.set_device(0)
-    from miles_ray.megatron.model import spec_name
-    from miles_ray.training.base import init_distributed
+    from miles_ray.training.megatron.model import spec_name
+    from miles_ray.training.collectives import init_distributed
 
     init_distributed(0, 1, "127.0.0.1", _port(), backend="nccl" if cuda else "gloo")
     used = spec_name("auto")

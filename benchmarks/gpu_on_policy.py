@@ -24,8 +24,9 @@ def case(spec: str, dtype: str, cache: str) -> dict:
 
     from miles_ray.config import AlgorithmConfig, TrainConfig
     from miles_ray.errors import UserError
-    from miles_ray.rollout import NativeEngine, SamplingParams
-    from miles_ray.training import PolicyTrainer
+    from miles_ray.rollout.native import NativeEngine
+    from miles_ray.rollout import SamplingParams
+    from miles_ray.training.fsdp import PolicyTrainer
 
     verdict = "passed"
     try:

@@ -70,7 +70,7 @@ def measure(folder: Path, name: str, steps: int, total: int, profile: bool = Fal
     import torch
 
     from miles_ray.config import AlgorithmConfig, TrainConfig
-    from miles_ray.training import PolicyTrainer
+    from miles_ray.training.fsdp import PolicyTrainer
 
     cfg = TrainConfig(**{"precision": "bf16_mixed", "packing": True, "max_tokens_per_micro_batch": 4096, "lr": 1e-6,
                          **train})

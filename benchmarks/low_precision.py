@@ -33,8 +33,9 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 def mismatch(cache: str) -> float:
     from miles_ray.config import AlgorithmConfig, TrainConfig
-    from miles_ray.rollout import NativeEngine, SamplingParams
-    from miles_ray.training import PolicyTrainer
+    from miles_ray.rollout.native import NativeEngine
+    from miles_ray.rollout import SamplingParams
+    from miles_ray.training.fsdp import PolicyTrainer
     from miles_ray.weights import to_buckets
 
     engine = NativeEngine("tiny:qwen3", tiny_cache_dir=cache, seed=0, quantization="fp8")

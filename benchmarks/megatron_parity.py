@@ -48,7 +48,7 @@ def samples(n: int = 6, seed: int = 0) -> list:
 
 def hf_logprobs(cache: str, batch_samples: list, spec: str = "tiny:qwen3") -> list:
     from miles_ray.config import AlgorithmConfig, TrainConfig
-    from miles_ray.training import PolicyTrainer
+    from miles_ray.training.fsdp import PolicyTrainer
 
     trainer = PolicyTrainer(spec, TrainConfig(packing=False), AlgorithmConfig(), tiny_cache_dir=cache)
     return trainer.compute_logprobs(batch_samples)
@@ -56,8 +56,8 @@ def hf_logprobs(cache: str, batch_samples: list, spec: str = "tiny:qwen3") -> li
 
 def _logprob_worker(rank, world, port, cache, tp, pp, out, spec):
     from miles_ray.config import AlgorithmConfig, TrainConfig
-    from miles_ray.megatron.trainer import MegatronPolicyTrainer
-    from miles_ray.training.base import init_distributed
+    from miles_ray.training.megatron.trainer import MegatronPolicyTrainer
+    from miles_ray.training.collectives import init_distributed
 
     init_distributed(rank, world, "127.0.0.1", port)
     trainer = MegatronPolicyTrainer(spec, TrainConfig(packing=False), AlgorithmConfig(), tiny_cache_dir=cache,
@@ -101,7 +101,7 @@ def fsdp_step(cache: str, batch: list, spec: str = "tiny:qwen3") -> dict:
     import copy
 
     from miles_ray.config import AlgorithmConfig, TrainConfig
-    from miles_ray.training import PolicyTrainer
+    from miles_ray.training.fsdp import PolicyTrainer
 
     trainer = PolicyTrainer(spec, TrainConfig(**TRAIN), AlgorithmConfig(**ALGO), tiny_cache_dir=cache)
     mine = copy.deepcopy(batch)
@@ -112,8 +112,8 @@ def fsdp_step(cache: str, batch: list, spec: str = "tiny:qwen3") -> dict:
 
 def _step_worker(rank, world, port, cache, tp, pp, batch, out, spec):
     from miles_ray.config import AlgorithmConfig, TrainConfig
-    from miles_ray.megatron.trainer import MegatronPolicyTrainer
-    from miles_ray.training.base import init_distributed
+    from miles_ray.training.megatron.trainer import MegatronPolicyTrainer
+    from miles_ray.training.collectives import init_distributed
     from miles_ray.training.batching import shard_minibatches
 
     init_distributed(rank, world, "127.0.0.1", port)

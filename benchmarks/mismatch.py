@@ -55,8 +55,9 @@ def r3(cache: str) -> tuple[float, float]:
     import torch
 
     from miles_ray.config import AlgorithmConfig, TrainConfig
-    from miles_ray.rollout import NativeEngine, SamplingParams
-    from miles_ray.training import PolicyTrainer
+    from miles_ray.rollout.native import NativeEngine
+    from miles_ray.rollout import SamplingParams
+    from miles_ray.training.fsdp import PolicyTrainer
 
     spec = "tiny:qwen3_moe:128x8"
     engine = NativeEngine(spec, dtype="float32", tiny_cache_dir=cache, seed=0)
@@ -84,7 +85,8 @@ def r3(cache: str) -> tuple[float, float]:
 
 
 def slowdown(cache: str) -> float:
-    from miles_ray.rollout import NativeEngine, SamplingParams
+    from miles_ray.rollout.native import NativeEngine
+    from miles_ray.rollout import SamplingParams
 
     reqs = [{"prompt": f"What is {i % 10}+{(7 * i) % 10}?", "label": "", "prompt_index": i, "group_id": i}
             for i in range(16)]

@@ -20,7 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from miles_ray.rollout import NativeEngine, SamplingParams  # noqa: E402
+from miles_ray.rollout.native import NativeEngine  # noqa: E402
+from miles_ray.rollout import SamplingParams  # noqa: E402
 
 
 def copy_bandwidth(nbytes: int) -> float:

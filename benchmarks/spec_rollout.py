@@ -31,10 +31,10 @@ from miles_ray.config import AlgorithmConfig, TrainConfig  # noqa: E402
 from miles_ray.data import synthetic_rows, validate_rows  # noqa: E402
 from miles_ray.rollout import SamplingParams  # noqa: E402
 from miles_ray.rollout.native.engine import NativeEngine  # noqa: E402
-from miles_ray.training import PolicyTrainer  # noqa: E402
-from miles_ray.training.draft import DraftTrainer  # noqa: E402
+from miles_ray.training.fsdp import PolicyTrainer  # noqa: E402
+from miles_ray.training.fsdp.draft import DraftTrainer  # noqa: E402
 from miles_ray.training.sft import sft_samples  # noqa: E402
-from miles_ray.training.trainer import train_on_samples  # noqa: E402
+from miles_ray.training.fsdp.trainer import train_on_samples  # noqa: E402
 
 PHRASES = ("The sum of {a} and {b} is {c}.", "{a} plus {b} equals {c}.", "Adding {a} to {b} gives {c}.")
 

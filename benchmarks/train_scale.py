@@ -67,7 +67,7 @@ def child_throughput(args) -> dict:
     import torch
 
     from miles_ray.config import AlgorithmConfig, TrainConfig
-    from miles_ray.training import PolicyTrainer
+    from miles_ray.training.fsdp import PolicyTrainer
 
     torch.set_num_threads(os.cpu_count() or 1)
     layout = dict(packing=True, max_tokens_per_micro_batch=4096) if args.mode == "packed" else \
@@ -90,7 +90,7 @@ def child_throughput(args) -> dict:
 def child_logprob_mem(args) -> dict:
     import torch
 
-    from miles_ray.training.logprobs import head_logprobs
+    from miles_ray.training.fsdp.logprobs import head_logprobs
 
     torch.manual_seed(0)
     head = torch.nn.Linear(896, 151936, bias=False)
@@ -112,7 +112,7 @@ def child_ckpt_mem(args) -> dict:
     import torch
 
     from miles_ray.config import AlgorithmConfig, TrainConfig
-    from miles_ray.training import PolicyTrainer
+    from miles_ray.training.fsdp import PolicyTrainer
     from miles_ray.training.batching import pack
 
     cfg = TrainConfig(gradient_checkpointing=args.mode == "ckpt", max_tokens_per_micro_batch=4096)

@@ -2,7 +2,7 @@
 another number of ranks), engine sampling RNG, the prompt cursor, step and weight version; the
 policy as an HF folder at the end (and every ``checkpoint.export_hf_every`` steps); for the async
 driver also its buffered groups and in-flight requests (``async_state.json``). Nothing here is
-loaded with pickle: JSON, DCP (:mod:`miles_ray.training.checkpoint_io`) and ``weights_only`` tensors.
+loaded with pickle: JSON, DCP (:mod:`miles_ray.training.fsdp.checkpoint`) and ``weights_only`` tensors.
 
 Invariant: a checkpoint after ``step`` train steps holds weight version
 ``versioning.after_steps(step)`` (written into its meta, asserted on restore)."""
@@ -17,13 +17,13 @@ import ray
 import torch
 
 from jobs.cluster import RunActors
-from miles_ray import checkpoint as ckpt
+from miles_ray.training import checkpoint_format as ckpt
 from miles_ray import versioning
 from miles_ray.config import Config
 from miles_ray.errors import UserPathError, UserValueError
 from miles_ray.sample import Sample
 
-log = logging.getLogger("miles_ray.checkpoint")
+log = logging.getLogger("miles_ray.training.checkpoint_format")
 
 
 def root(cfg: Config) -> Path:

@@ -30,7 +30,7 @@ EXAMPLES = """examples:
 
 
 def cmd_serve(args) -> int:
-    from miles_ray.rollout.server import main as serve
+    from miles_ray.rollout.http.server import main as serve
 
     serve(args.server_args)
     return 0

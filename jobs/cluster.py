@@ -16,7 +16,7 @@ from actors import BufferActor, CriticActor, DraftTrainerActor, RankGroup, Rewar
 from miles_ray.config import Config
 from miles_ray.eval import dedicated_engines
 from miles_ray.models import resolve_model_path
-from miles_ray.rollout.http_guard import new_token, register
+from miles_ray.rollout.http.guard import new_token, register
 from placement.groups import actor_options, create_groups, remove_groups
 from placement.plan import plan_placement
 

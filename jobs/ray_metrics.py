@@ -20,7 +20,7 @@ import ray
 from ray.util.metrics import Counter, Gauge, Histogram
 
 from jobs.cluster import RunActors
-from miles_ray.ops.names import prom_name, scalars
+from miles_ray.utils.metric_names import prom_name, scalars
 from miles_ray.rollout.health import READY, RELEASED, STALE
 
 TIME_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)

@@ -75,7 +75,7 @@ def rollout(run: Run, step: int, stats: dict | None = None, on_done=None) -> lis
 
 def _rollout_http(run: Run, reqs: list[dict], on_done=None) -> list:
     """Engines served over HTTP: one request per prompt group to the router, in parallel."""
-    from miles_ray.rollout.client import EngineClient
+    from miles_ray.rollout.sglang.client import EngineClient
 
     client, n = EngineClient(run.actors.router_url), run.cfg.rollout.n_samples_per_prompt
 

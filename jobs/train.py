@@ -25,7 +25,7 @@ from jobs.reward_services import check_reward_services, start_reward_services, s
 from jobs.sync_driver import train_loop
 from miles_ray.config import Config
 from miles_ray.data import PromptSampler, load_prompts
-from miles_ray.megatron.validate import validate_config as validate_backend
+from miles_ray.training.megatron.validate import validate_config as validate_backend
 from miles_ray.models import load_tokenizer
 from miles_ray.rewards.registry import check_reward_spec
 from miles_ray.utils.tracking import MetricsLogger

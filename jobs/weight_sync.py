@@ -10,7 +10,7 @@ engines and the evaluation engines (:attr:`RunActors.eval_engines`): they serve 
   (POSIX shared memory on CPU, CUDA IPC on a GPU) and copy from them. Engines over HTTP with
   ``weight_sync.sglang_load_format=flattened_bucket`` never open them: the engine actor forwards
   each handle unopened inside SGLang's ``flattened_bucket`` payload and the server maps it
-  (``miles_ray.weights.sglang_flat``); cuda_ipc over HTTP needs that (config validation).
+  (``miles_ray.weights.sglang_flattened``); cuda_ipc over HTTP needs that (config validation).
 
 A restarted engine or a rebuilt trainer group loses the transport's state (group, handles):
 :meth:`WeightSync.reset` makes the next sync open it again; :meth:`WeightSync.refit` loads a

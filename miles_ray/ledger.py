@@ -18,7 +18,7 @@ import collections
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from miles_ray.ops.names import group_key
+from miles_ray.utils.metric_names import group_key
 
 GROUPS_KEY, PROMPTS_KEY, SIZES_KEY = (group_key(k) for k in ("ledger_groups", "ledger_prompts", "ledger_sizes"))
 

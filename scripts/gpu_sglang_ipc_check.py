@@ -1,7 +1,7 @@
 """GPU check: SGLang's update_weights_from_tensor payload with CUDA IPC handles, made by our client
 (serialize_named_tensors) and decoded in another process by the allow-list unpickler."""
 import json, subprocess, sys, torch
-from miles_ray.rollout.sglang_tensors import serialize_named_tensors, deserialize_named_tensors, RefusedPayload
+from miles_ray.weights.sglang_tensor import serialize_named_tensors, deserialize_named_tensors, RefusedPayload
 if sys.argv[1:] == ["child"]:
     entries = json.loads(sys.stdin.read())
     out = []

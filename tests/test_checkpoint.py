@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from miles_ray import checkpoint as ckpt
+from miles_ray.training import checkpoint_format as ckpt
 from miles_ray.config import load_config
 
 pytestmark = pytest.mark.ray

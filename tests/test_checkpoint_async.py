@@ -3,7 +3,7 @@ the in-flight requests; a run stopped and resumed trains every submitted group e
 import pytest
 
 from jobs.checkpointing import load_async_state
-from miles_ray import checkpoint as ckpt
+from miles_ray.training import checkpoint_format as ckpt
 from miles_ray.config import load_config
 from miles_ray.errors import UserError
 from tests.helpers.ledger import check_run, final_weights, rows

@@ -10,8 +10,8 @@ import torch.multiprocessing as mp
 
 from miles_ray.config import AlgorithmConfig, TrainConfig
 from miles_ray.sample import Sample
-from miles_ray.training import PolicyTrainer
-from miles_ray.training.base import init_distributed
+from miles_ray.training.fsdp import PolicyTrainer
+from miles_ray.training.collectives import init_distributed
 from miles_ray.training.batching import make_minibatches, shard_minibatches
 
 

@@ -115,7 +115,7 @@ def test_eval_keys_keep_their_names_in_jsonl_wandb_and_ray(tmp_path):
     import re
 
     from miles_ray.config import LoggingConfig
-    from miles_ray.ops.names import group_of, prom_name, scalars
+    from miles_ray.utils.metric_names import group_of, prom_name, scalars
     from miles_ray.utils.tracking import MetricsLogger
 
     sampled = [[_s(1.0), _s(0.0)], [_s(0.0), _s(0.0)]]

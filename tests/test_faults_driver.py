@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from miles_ray import checkpoint as ckpt
+from miles_ray.training import checkpoint_format as ckpt
 from miles_ray.config import load_config
 from tests.helpers.ledger import check_run, rows
 

@@ -42,8 +42,8 @@ def test_cuda_ipc_handle_forwarded_to_strict_server_over_http(tiny_dir, tmp_path
 
     from test_sglang_http import _assert_serves, _perturbed_trainer, _tokenizer
 
-    from miles_ray.rollout.http_engine import HttpEngine, free_port
-    from miles_ray.rollout.launch import launch_server
+    from miles_ray.rollout.http.engine import HttpEngine, free_port
+    from miles_ray.rollout.http.launch import launch_server
     from miles_ray.weights import ipc, to_buckets
 
     proc, client = launch_server("native", tiny_dir, free_port(), "127.0.0.1", ["--strict-sglang", "--tp-size", "1"],
@@ -64,8 +64,9 @@ def test_cuda_ipc_handle_forwarded_to_strict_server_over_http(tiny_dir, tmp_path
 
 def test_engine_logprobs_match_trainer_on_gpu(model_cache):
     from miles_ray.config import AlgorithmConfig, TrainConfig
-    from miles_ray.rollout import HFRolloutEngine, SamplingParams
-    from miles_ray.training import PolicyTrainer
+    from miles_ray.rollout.hf_engine import HFRolloutEngine
+    from miles_ray.rollout import SamplingParams
+    from miles_ray.training.fsdp import PolicyTrainer
 
     engine = HFRolloutEngine("tiny:qwen3", tiny_cache_dir=model_cache)
     trainer = PolicyTrainer("tiny:qwen3", TrainConfig(), AlgorithmConfig(), tiny_cache_dir=model_cache)

@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-from miles_ray.rollout.client import EngineClient
-from miles_ray.rollout.launch import launch_server, server_command
+from miles_ray.rollout.sglang.client import EngineClient
+from miles_ray.rollout.http.launch import launch_server, server_command
 
 
 def _port():
@@ -32,7 +32,7 @@ def cluster(model_cache, tiny_dir, tmp_path_factory):
         servers[port] = proc
     rport = _port()
     urls = [f"http://127.0.0.1:{p}" for p in servers]
-    router = subprocess.Popen([sys.executable, "-m", "miles_ray.rollout.router", "--worker-urls", *urls, "--port",
+    router = subprocess.Popen([sys.executable, "-m", "miles_ray.rollout.http.router", "--worker-urls", *urls, "--port",
                                str(rport), "--health-interval", "0.5"], start_new_session=True)
     rclient = EngineClient(f"http://127.0.0.1:{rport}")
     rclient.wait_healthy(60, router)
@@ -92,7 +92,7 @@ def test_abort_a_long_request(cluster):
 
 def test_weight_update_then_logprobs_match_trainer(cluster, model_cache):
     from miles_ray.config import AlgorithmConfig, TrainConfig
-    from miles_ray.training import PolicyTrainer
+    from miles_ray.training.fsdp import PolicyTrainer
     from miles_ray.weights import to_buckets
 
     trainer = PolicyTrainer(cluster["tiny_dir"], TrainConfig(), AlgorithmConfig())
@@ -154,7 +154,7 @@ def test_release_resume_memory_and_health(cluster):
 
 def test_lenient_server_never_unpickles(cluster, tmp_path):
     """Our own format carries no pickle: SGLang's pickled payload is refused with a 400 naming why."""
-    from miles_ray.rollout.sglang_tensors import serialize_named_tensors
+    from miles_ray.weights.sglang_tensor import serialize_named_tensors
 
     direct = EngineClient(cluster["urls"][1])
     body = {"serialized_named_tensors": serialize_named_tensors([("x", torch.zeros(2))])}

@@ -15,8 +15,8 @@ import torch.multiprocessing as mp
 
 from miles_ray.config import AlgorithmConfig, TrainConfig
 from miles_ray.errors import UserValueError
-from miles_ray.megatron import convert
-from miles_ray.megatron.validate import validate_layout
+from miles_ray.training.megatron import convert
+from miles_ray.training.megatron.validate import validate_layout
 from miles_ray.models.tiny import tiny_model_config
 from miles_ray.sample import Sample
 
@@ -44,7 +44,7 @@ def _port():
 @pytest.fixture(scope="module")
 def reference(model_cache):
     """HF log-probs, and the FSDP backend's parameters after one GRPO step (1 rank)."""
-    from miles_ray.training import PolicyTrainer
+    from miles_ray.training.fsdp import PolicyTrainer
 
     torch.set_num_threads(1)
     trainer = PolicyTrainer("tiny:qwen3", TrainConfig(**TRAIN), AlgorithmConfig(**ALGO), tiny_cache_dir=model_cache)
@@ -61,9 +61,9 @@ def reference(model_cache):
 
 
 def _worker(rank, world, port, cache, tp, pp, ref, out, ckpt, sp):
-    from miles_ray.megatron import parallel
-    from miles_ray.megatron.trainer import MegatronPolicyTrainer
-    from miles_ray.training.base import init_distributed
+    from miles_ray.training.megatron import parallel
+    from miles_ray.training.megatron.trainer import MegatronPolicyTrainer
+    from miles_ray.training.collectives import init_distributed
     from miles_ray.training.batching import shard_minibatches
     from miles_ray.weights.buckets import iter_tensors
 
@@ -215,7 +215,7 @@ def test_run_with_a_bad_layout_fails_before_any_actor(tmp_path, model_cache):
 
 def test_run_log_line_names_layout_and_layer_spec(model_cache):
     from miles_ray.config import load_config
-    from miles_ray.megatron.validate import validate_config
+    from miles_ray.training.megatron.validate import validate_config
 
     cfg = load_config("examples/grpo_arith_tiny_megatron.yaml", [f"model.tiny_cache_dir={model_cache}"])
     line = validate_config(cfg)
@@ -226,7 +226,7 @@ def test_run_log_line_names_layout_and_layer_spec(model_cache):
 
 def test_shims_document_what_they_replace():
     """(Applied only in the spawned ranks above: never patch torch in the pytest process.)"""
-    from miles_ray.megatron import shims
+    from miles_ray.training.megatron import shims
 
     for target in ("torch.cuda.current_device", "torch.cuda.synchronize", "_get_cuda_rng_state", "schedules.py",
                    "torch.Tensor.cuda"):

@@ -5,10 +5,11 @@ import torch
 
 from miles_ray.config import AlgorithmConfig, TrainConfig
 from miles_ray.models import load_model, load_tokenizer
-from miles_ray.rollout import HFRolloutEngine, SamplingParams
+from miles_ray.rollout.hf_engine import HFRolloutEngine
+from miles_ray.rollout import SamplingParams
 from miles_ray.sample import Sample
-from miles_ray.training import PolicyTrainer
-from miles_ray.training.trainer import train_on_samples
+from miles_ray.training.fsdp import PolicyTrainer
+from miles_ray.training.fsdp.trainer import train_on_samples
 from miles_ray.training.sft import sft_samples
 from miles_ray.data import synthetic_rows, validate_rows
 

@@ -8,8 +8,9 @@ import torch
 from miles_ray.config import AlgorithmConfig, TrainConfig, load_config
 from miles_ray.models.exact import ExactForward, self_test
 from miles_ray.models.moe import Routing, decode, encode, find_routers
-from miles_ray.rollout import NativeEngine, SamplingParams
-from miles_ray.training import PolicyTrainer
+from miles_ray.rollout.native import NativeEngine
+from miles_ray.rollout import SamplingParams
+from miles_ray.training.fsdp import PolicyTrainer
 
 REQS = [{"prompt": f"What is {i}+{(3 * i) % 10}?", "label": "", "prompt_index": i, "group_id": i} for i in range(6)]
 
@@ -116,7 +117,7 @@ def test_routing_traces_travel_over_http(model_cache, tmp_path):
     import socket
 
     from miles_ray.models import resolve_model_path
-    from miles_ray.rollout.launch import launch_server
+    from miles_ray.rollout.http.launch import launch_server
 
     folder = resolve_model_path("tiny:qwen3_moe", model_cache)["path"]
     with socket.socket() as s:

@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from miles_ray.config import AlgorithmConfig, TrainConfig
-from miles_ray.rollout import NativeEngine, SamplingParams
+from miles_ray.rollout.native import NativeEngine
+from miles_ray.rollout import SamplingParams
 from miles_ray.rollout.native.sampling import sample
-from miles_ray.training import PolicyTrainer
+from miles_ray.training.fsdp import PolicyTrainer
 
 PROMPTS = ["What is 3+4?", "hello world, what is the sum of 12+7 please", "compute 5+5", "x"]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from miles_ray.ops.names import GROUPS, group_key, grouped, prom_name, scalars
+from miles_ray.utils.metric_names import GROUPS, group_key, grouped, prom_name, scalars
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "tests" / "data" / "obs_run"

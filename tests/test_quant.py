@@ -7,8 +7,9 @@ import torch
 from miles_ray.config import AlgorithmConfig, TrainConfig, load_config
 from miles_ray.quant import formats as fmt
 from miles_ray.quant.modules import FakeQuantLinear, QuantLinear, quantizable, quantize_state
-from miles_ray.rollout import NativeEngine, SamplingParams
-from miles_ray.training import PolicyTrainer
+from miles_ray.rollout.native import NativeEngine
+from miles_ray.rollout import SamplingParams
+from miles_ray.training.fsdp import PolicyTrainer
 from miles_ray.weights import to_buckets
 
 REQS = [{"prompt": f"What is {i % 10}+{(3 * i) % 10}?", "label": "", "prompt_index": i, "group_id": i} for i in range(8)]

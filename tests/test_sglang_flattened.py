@@ -16,11 +16,11 @@ import pytest
 import torch
 from test_sglang_http import _assert_serves, _perturbed_trainer, _tokenizer
 
-from miles_ray.rollout import sglang_tensors
-from miles_ray.rollout.http_engine import HttpEngine, free_port
-from miles_ray.rollout.launch import launch_server
+from miles_ray.weights import sglang_tensor as sglang_tensors
+from miles_ray.rollout.http.engine import HttpEngine, free_port
+from miles_ray.rollout.http.launch import launch_server
 from miles_ray.weights import ipc, to_buckets
-from miles_ray.weights.sglang_flat import SGLANG_META, encode_flattened, forward_flattened, metas_for
+from miles_ray.weights.sglang_flattened import SGLANG_META, encode_flattened, forward_flattened, metas_for
 
 FLAT = "flattened_bucket"
 
@@ -180,7 +180,7 @@ def test_malicious_and_inconsistent_payloads_refused(servers, tmp_path):
     assert r.status_code == 400 and "no constructor arguments" in r.text
 
     def meta(**kw):
-        from miles_ray.weights.sglang_flat import FlatTensorMeta
+        from miles_ray.weights.sglang_flattened import FlatTensorMeta
 
         d = {"name": name, "shape": tuple(t.shape), "dtype": t.dtype, "start_idx": 0, "end_idx": n, "numel": n, **kw}
         return FlatTensorMeta(**d)
@@ -261,7 +261,7 @@ def test_decoder_property_views_inside_and_exact():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from miles_ray.weights.sglang_flat import FlatTensorMeta
+    from miles_ray.weights.sglang_flattened import FlatTensorMeta
 
     flat = torch.arange(64, dtype=torch.float32)
     ints = st.integers(-3, 300)

@@ -16,10 +16,10 @@ import httpx
 import pytest
 import torch
 
-from miles_ray.rollout.client import EngineClient
-from miles_ray.rollout.http_engine import HttpEngine, free_port
-from miles_ray.rollout.http_guard import new_token
-from miles_ray.rollout.launch import launch_server
+from miles_ray.rollout.sglang.client import EngineClient
+from miles_ray.rollout.http.engine import HttpEngine, free_port
+from miles_ray.rollout.http.guard import new_token
+from miles_ray.rollout.http.launch import launch_server
 from miles_ray.weights import to_buckets
 
 
@@ -119,7 +119,7 @@ def test_strict_request_rules_and_response_shapes(strict):
 
 def _perturbed_trainer(tiny_dir, seed):
     from miles_ray.config import AlgorithmConfig, TrainConfig
-    from miles_ray.training import PolicyTrainer
+    from miles_ray.training.fsdp import PolicyTrainer
 
     trainer = PolicyTrainer(tiny_dir, TrainConfig(), AlgorithmConfig())
     g = torch.Generator().manual_seed(seed)
@@ -192,7 +192,7 @@ def _tokenizer(tiny_dir):
 def _fuzz_strategies():
     from hypothesis import strategies as st
 
-    from miles_ray.rollout.sglang_api import GENERATE_FIELDS, SAMPLING_FIELDS
+    from miles_ray.rollout.sglang.api import GENERATE_FIELDS, SAMPLING_FIELDS
 
     scalar = (st.none() | st.booleans() | st.integers(-(2 ** 66), 2 ** 66) | st.integers(-3, 8)
               | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12))

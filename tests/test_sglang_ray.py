@@ -39,7 +39,7 @@ def test_multi_gpu_strict_engine_beyond_loopback_all_weight_paths(local_ray_gpus
     from miles_ray.data import synthetic_rows, validate_rows
     from miles_ray.models import load_tokenizer
     from miles_ray.rollout import SamplingParams
-    from miles_ray.rollout.client import EngineClient
+    from miles_ray.rollout.sglang.client import EngineClient
     from miles_ray.training.sft import sft_samples
 
     cfg = _cfg(tmp_path, model_cache, *STRICT, "cluster.use_gpu=true", "cluster.gpus_per_engine=2",
@@ -96,7 +96,7 @@ def test_router_choice_builds_sglang_router_command():
     import sys
 
     from actors.router import ROUTERS
-    from miles_ray.rollout.launch import router_command
+    from miles_ray.rollout.http.launch import router_command
 
     assert set(ROUTERS) == {"native", "sglang_router"}
     cmd = router_command(["http://a:1", "http://b:2"], "127.0.0.1", 30100, "tok")
@@ -109,7 +109,7 @@ def test_router_choice_builds_sglang_router_command():
 def test_server_args_dtype_tp_size_mem_fraction(tmp_path, model_cache):
     """HTTP engines serve model.dtype; gpus_per_engine is SGLang's --tp-size; colocated engines get
     --mem-fraction-static (config, else 0.5); strict mode reaches the native server."""
-    from miles_ray.rollout.http_engine import server_args
+    from miles_ray.rollout.http.engine import server_args
 
     def args(*extra):
         return server_args(_cfg(tmp_path, model_cache, "rollout.backend=native", "rollout.serve_http=true", *extra), 0)

@@ -156,7 +156,7 @@ def test_sampled_tokens_follow_the_target(model_cache):
 
 def test_draft_trainer_loss_falls_and_acceptance_rises(model_cache):
     """Training the draft online on the policy's rollouts lowers its loss and raises acceptance."""
-    from miles_ray.training.draft import DraftTrainer
+    from miles_ray.training.fsdp.draft import DraftTrainer
 
     eng = NativeEngine("tiny:qwen3", tiny_cache_dir=model_cache, draft="layers:1", num_draft_tokens=4, seed=0)
     drafter = DraftTrainer("layers:1", "tiny:qwen3", TrainConfig(micro_batch_size=64), lr=3e-3,

@@ -35,7 +35,7 @@ def test_sync_run_with_online_draft(local_ray, tmp_path, model_cache):
     assert [r["train/draft_version"] for r in online] == [40 + 2 * (i + 1) for i in range(3)]
     assert sum(r["train/draft_loss_last"] for r in online) < sum(r["train/draft_loss"] for r in online)
     assert "train/draft_loss" not in frozen[0]  # draft.online=false: no draft trainer
-    from miles_ray import checkpoint as ckpt
+    from miles_ray.training import checkpoint_format as ckpt
 
     assert (ckpt.latest(tmp_path / "spec-online" / "checkpoints") / "draft" / ".metadata").is_file()  # resumable
     # the trained draft reached the engines: it accepts far more than the untrained one

@@ -10,10 +10,10 @@ import torch
 
 from miles_ray.config import AlgorithmConfig, TrainConfig
 from miles_ray.sample import Sample
-from miles_ray.training import PolicyTrainer
+from miles_ray.training.fsdp import PolicyTrainer
 from miles_ray.training.base import TrainerOutOfMemory
 from miles_ray.training.batching import make_minibatches, pack
-from miles_ray.training.logprobs import head_logprobs, naive_logprobs
+from miles_ray.training.fsdp.logprobs import head_logprobs, naive_logprobs
 from miles_ray.training.packing import karmarkar_karp, plan_micro_batches, rank_parts, tokens
 from miles_ray.training.schedule import lr_factor
 
@@ -195,7 +195,7 @@ def test_sharded_checkpoint_round_trip_and_safe_metadata(model_cache, tmp_path):
 @pytest.mark.gpu
 def test_cuda_varlen_kernel_matches_padded_in_bf16(model_cache):
     """On CUDA, packed rows run one flash varlen call per layer; bf16 log-probs match padded ones."""
-    from miles_ray.training.varlen import _flash_kernel
+    from miles_ray.training.fsdp.varlen import _flash_kernel
 
     assert _flash_kernel() is not None
     samples = _samples(long=True)

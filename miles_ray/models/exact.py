@@ -165,7 +165,7 @@ class ExactForward:
         return self.max_len
 
     def new_cache(self, slots: int, capacity: int):
-        from miles_ray.rollout.native.model import SlotCache
+        from miles_ray.models.kv_cache import SlotCache
 
         self.cache_capacity(capacity)
         p = next(self.hf.parameters())

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from miles_ray.errors import UserPathError
-from miles_ray.ops.names import grouped
+from miles_ray.utils.metric_names import grouped
 
 
 def metrics_rows(run_dir: str | Path) -> list[dict]:

@@ -1,10 +1,10 @@
-"""The rollout-engine interface, and the factory that picks an implementation from the config.
+"""The rollout-engine interface (the factory that picks an implementation: :mod:`.backends`).
 
 Every engine a :class:`actors.RolloutEngineActor` holds implements :class:`RolloutEngine`:
 
 - :class:`miles_ray.rollout.in_process.InProcessEngine`: the ``hf`` or ``native`` engine in the
   actor's process (native engines run continuous batching in an :class:`EngineLoop` thread).
-- :class:`miles_ray.rollout.http_engine.HttpEngine`: an engine server (our native server or
+- :class:`miles_ray.rollout.http.engine.HttpEngine`: an engine server (our native server or
   ``sglang.launch_server``) launched as a subprocess in the actor's bundle, driven over HTTP.
 
 Health (see :mod:`miles_ray.rollout.health`): an engine serves only when READY; a restarted
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from miles_ray.config import Config
 from miles_ray.rollout.types import SamplingParams
 from miles_ray.sample import Sample
 
@@ -78,33 +77,3 @@ def stream_by_request(engine, requests: list[dict], n: int, params: SamplingPara
         futures = [pool.submit(engine.generate, [r], n, params) for r in requests]
         for fut in as_completed(futures):
             yield fut.result()
-
-
-def make_rollout_engine(cfg: Config, rank: int, host: str = "127.0.0.1", restarted: bool = False,
-                        token: str | None = None) -> RolloutEngine:
-    """The engine the config asks for: over HTTP (``rollout.serve_http`` or the sglang backend,
-    listening on ``host``, requiring ``token`` when given) or in-process. ``restarted``: the actor
-    was restarted by Ray, so the engine starts STALE until a refit."""
-    if cfg.rollout.over_http:
-        from miles_ray.rollout.http_engine import HttpEngine
-
-        engine = HttpEngine.launch(cfg, rank, host, token)
-    else:
-        from miles_ray.rollout.in_process import InProcessEngine
-
-        engine = InProcessEngine.from_config(cfg, rank, restarted)
-    return with_rollout_fn(cfg, engine)
-
-
-def with_rollout_fn(cfg: Config, engine: RolloutEngine) -> RolloutEngine:
-    """``rollout.fn`` set: the engine runs that function per sample (:class:`AgentEngine`)."""
-    if not cfg.rollout.fn:
-        return engine
-    from miles_ray.agents import multi_turn as _builtin  # noqa: F401  (registers the built-in functions)
-    from miles_ray.agents.runner import AgentEngine, AgentLimits
-    from miles_ray.models.loading import load_tokenizer
-
-    a = cfg.agent
-    limits = AgentLimits(a.max_turns, a.max_tokens, a.timeout_s, a.env)
-    return AgentEngine(engine, cfg.rollout.fn, load_tokenizer(cfg.model.path, cfg.model.tiny_cache_dir), limits,
-                       a.concurrency)

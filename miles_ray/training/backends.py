@@ -15,7 +15,7 @@ def _common(c) -> dict:
 
 @POLICY_BACKENDS.register("fsdp")
 def _fsdp(c):
-    from miles_ray.training.trainer import PolicyTrainer
+    from miles_ray.training.fsdp.trainer import PolicyTrainer
 
     return PolicyTrainer(c.model.path, c.train, c.algorithm, exact_max_len=c.exact_max_len,
                          engine_quant=c.rollout.precision if c.rollout.precision != "bf16" else None, **_common(c))
@@ -23,7 +23,7 @@ def _fsdp(c):
 
 @POLICY_BACKENDS.register("megatron")
 def _megatron(c):
-    from miles_ray.megatron.trainer import MegatronPolicyTrainer
+    from miles_ray.training.megatron.trainer import MegatronPolicyTrainer
 
     return MegatronPolicyTrainer(c.model.path, c.train, c.algorithm, parallel_cfg=c.megatron, **_common(c),
                                  keep_export_buffers=c.weight_sync.transport in ("shm", "cuda_ipc"))

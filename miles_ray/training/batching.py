@@ -5,7 +5,7 @@ Two layouts, one convention (:class:`TokenBatch`):
 - padded: one row per sample, right-padded to the longest; positions 0..len-1.
 - packed (``train.packing``): samples concatenated into one row, positions restarting at 0 for
   each sample; attention is confined to each sample by the varlen attention of
-  :mod:`miles_ray.training.varlen` (``seqlens``), so no token sees another sample.
+  :mod:`miles_ray.training.fsdp.varlen` (``seqlens``), so no token sees another sample.
 
 In both, every per-token tensor has the shape of ``input_ids`` and position t holds what scores
 the *next* token of the same sample (``targets[t]``). ``mask`` is 1 where that next token is a

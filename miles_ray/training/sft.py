@@ -1,11 +1,12 @@
 """Supervised fine-tuning: samples from (prompt, target) pairs (SFT warm-start) and the SFT step
-shared by the policy trainer and the draft trainer (:mod:`miles_ray.training.draft`)."""
+shared by the policy trainer and the draft trainer (:mod:`miles_ray.training.fsdp.draft`)."""
 from __future__ import annotations
 
 from miles_ray.algorithms import LOSS_AGGREGATIONS
 from miles_ray.algorithms.losses import sft_token_loss
 from miles_ray.sample import Sample
-from miles_ray.training.base import all_sum, padded_micro_batches
+from miles_ray.training.base import padded_micro_batches
+from miles_ray.training.collectives import all_sum
 from miles_ray.training.batching import loss_tokens, pack
 
 
@@ -22,7 +23,7 @@ def sft_samples(items, tokenizer, target_fn=lambda item: item.label) -> list[Sam
 
 class SFTMixin:
     """``sft_step`` for a :class:`~miles_ray.training.base.TorchTrainerBase` whose ``model`` is a
-    :class:`~miles_ray.training.logprobs.CausalLMForTraining` and that has ``pad_id``."""
+    :class:`~miles_ray.training.fsdp.logprobs.CausalLMForTraining` and that has ``pad_id``."""
 
     def sft_step(self, samples, lr: float | None = None) -> dict:
         """One supervised step: token-mean NLL of the response tokens of this rank's ``samples``

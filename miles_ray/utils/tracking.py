@@ -1,7 +1,7 @@
 """Per-step metrics: ``metrics.jsonl`` in the run folder (one JSON object per step), wandb, and any
 extra sinks (the Ray exporter, :mod:`jobs.ray_metrics`).
 
-Keys are grouped (:mod:`miles_ray.ops.names`) when a row is written: drivers keep their flat names
+Keys are grouped (:mod:`miles_ray.utils.metric_names`) when a row is written: drivers keep their flat names
 in memory; every reader of ``metrics.jsonl``, wandb and Ray sees ``train/loss``,
 ``rollout/reward_mean``, ... List-valued fields (the ledger) go to ``metrics.jsonl`` only.
 """
@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable
 
-from miles_ray.ops.names import grouped, scalars
+from miles_ray.utils.metric_names import grouped, scalars
 
 Probe = Callable[[], dict]  # extra fields measured when a row is logged (engine states, restarts)
 Sink = Callable[[int, dict], None]  # gets each grouped row (step, row)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from jobs.checkpointing import load_async_state
-from miles_ray import checkpoint as ckpt
+from miles_ray.training import checkpoint_format as ckpt
 from miles_ray.data import PromptSampler, load_prompts
 from miles_ray.ledger import GROUPS_KEY, PROMPTS_KEY, check_rows
 

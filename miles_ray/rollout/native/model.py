@@ -11,40 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from miles_ray.models.kv_cache import SlotCache  # noqa: F401  (re-exported: the engine's cache)
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")  # MoE blocks run as the HF module
-
-
-class SlotCache:
-    """K/V of ``[layers, slots, kv_heads, capacity, head_dim]`` and a length per slot."""
-
-    def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, capacity: int, dtype, device):
-        shape = (layers, slots, kv_heads, capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
-
-    @property
-    def slots(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[3]
-
-    def grown(self, slots: int, capacity: int) -> "SlotCache":
-        """A larger cache holding this one's contents."""
-        L, S, H, C, D = self.k.shape
-        new = SlotCache(L, max(S, slots), H, D, max(C, capacity), self.k.dtype, self.k.device)
-        new.k[:, :S, :, :C] = self.k
-        new.v[:, :S, :, :C] = self.v
-        new.lengths[:S] = self.lengths
-        return new
-
-    def copy_slot(self, src: int, dst: int) -> None:
-        n = int(self.lengths[src])
-        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
-        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
-        self.lengths[dst] = n
 
 
 def _rotate_half(x):

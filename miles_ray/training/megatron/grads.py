@@ -1,5 +1,5 @@
 """Gradient reduction and clipping for a megatron stage under plain ``torch.optim`` (megatron's DDP
-grad buffers and optimizer wrapper are CUDA-only; see :mod:`miles_ray.megatron.shims`).
+grad buffers and optimizer wrapper are CUDA-only; see :mod:`miles_ray.training.megatron.shims`).
 
 After the schedule's backward each rank holds the gradient of *its* samples' loss (normalised by
 the global token / sequence counts) w.r.t. its shard. :func:`finalize` then
@@ -65,7 +65,7 @@ def finalize(model, sequence_parallel: bool) -> None:
 def grad_norm(model) -> torch.Tensor:
     from megatron.core import parallel_state as ps
 
-    from miles_ray.megatron.convert import tp_dim
+    from miles_ray.training.megatron.convert import tp_dim
 
     tp_rank, tied = ps.get_tensor_model_parallel_rank(), _tied_copy(model)
     total = torch.zeros((), dtype=torch.float64)

@@ -20,7 +20,7 @@ def initialize(tp: int, pp: int, seed: int = 0) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
-    from miles_ray.megatron import shims
+    from miles_ray.training.megatron import shims
 
     shims.apply()
     if not dist.is_initialized():  # one process: a world of one over gloo

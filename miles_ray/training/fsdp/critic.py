@@ -10,9 +10,11 @@ import torch
 from miles_ray.algorithms.losses import value_loss
 from miles_ray.models.loading import DTYPES, resolve_model_path
 from miles_ray.training import precision as prec
-from miles_ray.training.base import TorchTrainerBase, all_sum, padded_micro_batches
+from miles_ray.training.base import padded_micro_batches
+from miles_ray.training.collectives import all_sum
+from miles_ray.training.fsdp.base import FSDPTrainerBase
 from miles_ray.training.batching import loss_tokens, pack, unpack
-from miles_ray.training.logprobs import ValueModelForTraining
+from miles_ray.training.fsdp.logprobs import ValueModelForTraining
 
 
 def load_value_model(spec: str, dtype: str = "float32", tiny_cache_dir: str = "runs/_models"):
@@ -25,7 +27,7 @@ def load_value_model(spec: str, dtype: str = "float32", tiny_cache_dir: str = "r
     return model
 
 
-class CriticTrainer(TorchTrainerBase):
+class CriticTrainer(FSDPTrainerBase):
     def __init__(self, model_spec: str, train_cfg, dtype: str = "float32", tiny_cache_dir: str = "runs/_models",
                  pad_id: int = 0, seed: int = 0, schedule_steps: int = 0):
         torch.manual_seed(seed)

@@ -1,6 +1,6 @@
 """A router that balances /generate over engine servers (native or SGLang) and survives engine loss.
 
-    python -m miles_ray.rollout.router --worker-urls http://127.0.0.1:30000 http://127.0.0.1:30001 --port 30100
+    python -m miles_ray.rollout.http.router --worker-urls http://127.0.0.1:30000 http://127.0.0.1:30001 --port 30100
 
 Picks the healthy worker with the fewest requests in flight. A worker that refuses a connection or
 answers 503 is marked unhealthy and the request is re-sent to another; a background check of
@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 class Router:
     def __init__(self, urls: list[str], health_interval: float = 1.0, max_attempts: int = 4, token: str | None = None):
         """``token``: sent to the workers (a run's servers share one token)."""
-        from miles_ray.rollout.http_guard import auth_headers
+        from miles_ray.rollout.http.guard import auth_headers
 
         self.workers = {u.rstrip("/"): {"healthy": True, "inflight": 0, "served": 0, "failures": 0} for u in urls}
         self.health_interval, self.max_attempts = health_interval, max_attempts
@@ -133,7 +133,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     import uvicorn
 
-    from miles_ray.rollout.http_guard import Guard, take_env_token
+    from miles_ray.rollout.http.guard import Guard, take_env_token
 
     token = take_env_token()
     app = Guard(create_app(args.worker_urls, args.health_interval, token), token, 64 << 20)

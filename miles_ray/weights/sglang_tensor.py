@@ -14,7 +14,7 @@ their arguments are checked: a torch shared-memory handle name, a torch manager 
 sizes) and refuses every other global with :class:`RefusedPayload` (the server answers 400).
 
 ``load_format="flattened_bucket"`` (:func:`deserialize_flattened_bucket`, format in
-:mod:`miles_ray.weights.sglang_flat`): :class:`FlatUnpickler` also resolves SGLang's
+:mod:`miles_ray.weights.sglang_flattened`): :class:`FlatUnpickler` also resolves SGLang's
 ``FlattenedTensorMetadata`` to a data record (no constructor arguments, a type-checked field dict,
 copied into our own dataclass), and every range is checked against the flattened tensor.
 
@@ -36,7 +36,7 @@ import torch
 import torch.multiprocessing
 import torch.multiprocessing.reductions as reductions
 
-from miles_ray.weights.sglang_flat import META_FIELDS, SGLANG_META, FlatTensorMeta
+from miles_ray.weights.sglang_flattened import META_FIELDS, SGLANG_META, FlatTensorMeta
 
 torch.multiprocessing.set_sharing_strategy("file_system")  # CPU tensors travel as shm file names
 
@@ -203,7 +203,7 @@ def deserialize_named_tensors(text) -> list[tuple[str, torch.Tensor]]:
     return named
 
 
-# -- load_format="flattened_bucket" (format: miles_ray.weights.sglang_flat) -------------------------
+# -- load_format="flattened_bucket" (format: miles_ray.weights.sglang_flattened) -------------------------
 class _MetaRecord:
     """What SGLang's ``FlattenedTensorMetadata`` global resolves to here: a data record. It is built
     only the way a dataclass instance unpickles (NEWOBJ without arguments, then BUILD with the

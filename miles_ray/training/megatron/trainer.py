@@ -2,15 +2,15 @@
 :class:`miles_ray.training.PolicyTrainer` (the FSDP backend) to the actor and driver.
 
 - Model: this rank's TP x PP stage of a ``GPTModel`` built from the HF config
-  (:mod:`miles_ray.megatron.model`), loaded from the HF weights (:mod:`~miles_ray.megatron.convert`).
+  (:mod:`miles_ray.training.megatron.model`), loaded from the HF weights (:mod:`~miles_ray.training.megatron.convert`).
 - Data: the driver scatters samples over all ranks; the ranks of one model-parallel group train on
-  the union of their parts (:func:`~miles_ray.megatron.parallel.gather_model_parallel`), and
+  the union of their parts (:func:`~miles_ray.training.megatron.parallel.gather_model_parallel`), and
   :meth:`compute_logprobs` returns each rank its own part. Loss normalisation uses the global
   token / sequence counts, as on the FSDP backend, so gradients do not depend on the layout.
 - Loss: :class:`~miles_ray.training.policy_loss.PolicyLossMixin` (the registry functions, one copy)
   on log-probs from the vocab-parallel logits, through megatron's pipeline schedules.
 - Optimizer: plain ``torch.optim.AdamW`` over the local shard (elementwise: identical to AdamW on
-  the whole model), gradients reduced and clipped by :mod:`~miles_ray.megatron.grads`.
+  the whole model), gradients reduced and clipped by :mod:`~miles_ray.training.megatron.grads`.
 - Rows are right-padded (``train.packing`` is off here: megatron's RoPE takes positions 0..L-1 per
   row, which packed rows would break).
 """
@@ -22,16 +22,17 @@ import torch
 
 from miles_ray.algorithms import LOSS_AGGREGATIONS
 from miles_ray.algorithms.losses import sft_token_loss
-from miles_ray.megatron import grads, parallel, weights
-from miles_ray.megatron.forward import vocab_parallel_logprobs
-from miles_ray.megatron.model import build_gpt_model, layer_spec, transformer_config
-from miles_ray.megatron.schedule import run_micro_batches
+from miles_ray.training.megatron import grads, parallel, weights
+from miles_ray.training.megatron.forward import vocab_parallel_logprobs
+from miles_ray.training.megatron.model import build_gpt_model, layer_spec, transformer_config
+from miles_ray.training.megatron.schedule import run_micro_batches
 from miles_ray.models import load_model, load_tokenizer
-from miles_ray.training.base import TorchTrainerBase, all_max, all_sum, device, padded_micro_batches, world
+from miles_ray.training.base import TorchTrainerBase, padded_micro_batches
+from miles_ray.training.collectives import all_max, all_sum, device, world
 from miles_ray.training.batching import loss_tokens, pack, unpack
 from miles_ray.training.policy_loss import SUMMED_METRICS, PolicyLossMixin
 
-log = logging.getLogger("miles_ray.megatron")
+log = logging.getLogger("miles_ray.training.megatron")
 
 
 def _parallel(cfg) -> dict:
@@ -49,7 +50,7 @@ class MegatronPolicyTrainer(PolicyLossMixin, TorchTrainerBase):
     def __init__(self, model_spec: str, train_cfg, algo_cfg, dtype: str = "float32",
                  tiny_cache_dir: str = "runs/_models", temperature: float = 1.0, seed: int = 0, off_policy=None,
                  schedule_steps: int = 0, parallel_cfg=None, keep_export_buffers: bool = False):
-        from miles_ray.megatron.validate import validate_layout
+        from miles_ray.training.megatron.validate import validate_layout
 
         torch.manual_seed(seed)
         self.algo, self.temperature = algo_cfg, temperature or 1.0
@@ -174,20 +175,20 @@ class MegatronPolicyTrainer(PolicyLossMixin, TorchTrainerBase):
         return out
 
     def clip_gradients(self) -> torch.Tensor:
-        """Reduce the gradients over DP (and SP), then clip (:mod:`miles_ray.megatron.grads`); the
+        """Reduce the gradients over DP (and SP), then clip (:mod:`miles_ray.training.megatron.grads`); the
         base class's :meth:`optimizer_step` does the rest (AdamW at the scheduled learning rate)."""
         grads.finalize(self.model, self.sequence_parallel)
         return grads.clip(self.model, self.cfg.grad_clip)
 
     # -- checkpoints: megatron distributed checkpointing --------------------------------------------
     def save_checkpoint(self, folder: str) -> None:
-        """Collective (:mod:`miles_ray.megatron.checkpoint`)."""
-        from miles_ray.megatron import checkpoint
+        """Collective (:mod:`miles_ray.training.megatron.checkpoint`)."""
+        from miles_ray.training.megatron import checkpoint
 
         checkpoint.save(folder, self.model, self.optimizer, self.counters())
 
     def load_checkpoint(self, folder: str) -> None:
-        from miles_ray.megatron import checkpoint
+        from miles_ray.training.megatron import checkpoint
 
         counters = checkpoint.load(folder, self.model, self.optimizer)
         self.version, self.opt_steps = counters["version"], counters["opt_steps"]
@@ -198,16 +199,16 @@ class MegatronPolicyTrainer(PolicyLossMixin, TorchTrainerBase):
         return weights.gather_hf_state(self.model, self.hf_config)
 
     def engine_state(self, to_cpu: bool = True):
-        """What engines load: an :class:`~miles_ray.megatron.export.HFStream` on every rank (its
+        """What engines load: an :class:`~miles_ray.training.megatron.export.HFStream` on every rank (its
         buckets are gathered and converted as :meth:`iter_export` packs them)."""
-        from miles_ray.megatron.export import HFStream
+        from miles_ray.training.megatron.export import HFStream
 
         return HFStream(self.model, self.hf_config)
 
     def iter_export(self, state, version: int, bucket_bytes: int):
         """Buckets on rank 0, one at a time (collective). Kept after the export only for the
         shm / cuda_ipc transports, whose handles must outlive the engines' load."""
-        from miles_ray.megatron.export import iter_buckets
+        from miles_ray.training.megatron.export import iter_buckets
 
         kept = []
         for bucket in iter_buckets(state, version, bucket_bytes):

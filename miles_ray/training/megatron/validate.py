@@ -10,7 +10,7 @@ failure is a :class:`~miles_ray.errors.UserValueError` that names the numbers an
 from __future__ import annotations
 
 from miles_ray.errors import UserValueError
-from miles_ray.megatron.model import arch_flags, spec_name
+from miles_ray.training.megatron.model import arch_flags, spec_name
 
 
 def _divisors(n: int) -> list[int]:

@@ -1,9 +1,9 @@
 """SGLang-specific glue (GPU only, imported lazily inside the engine actor).
 
-The server is started by :func:`miles_ray.rollout.launch.launch_server` with backend ``sglang``;
+The server is started by :func:`miles_ray.rollout.http.launch.launch_server` with backend ``sglang``;
 every endpoint, weight updates included, is spoken in SGLang's own formats by
-:class:`miles_ray.rollout.http_engine.HttpEngine` (verified against our server's strict mode,
-:mod:`miles_ray.rollout.sglang_api`; NOT VERIFIED against a real SGLang yet, see
+:class:`miles_ray.rollout.http.engine.HttpEngine` (verified against our server's strict mode,
+:mod:`miles_ray.rollout.sglang.api`; NOT VERIFIED against a real SGLang yet, see
 docs/sglang_http.md). What is left here: the speculative-decoding launch flags.
 """
 from __future__ import annotations

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from miles_ray.megatron import convert
-from miles_ray.megatron.parallel import gather_tp_shards, layout
+from miles_ray.training.megatron import convert
+from miles_ray.training.megatron.parallel import gather_tp_shards, layout
 
 
 def layer_offset(model) -> int:

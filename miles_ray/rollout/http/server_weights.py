@@ -3,11 +3,11 @@
 - ``/update_weights_from_tensor`` (io_struct.py UpdateWeightsFromTensorReqInput: serialized_named_tensors,
   load_format, flush_cache, abort_all_requests, weight_version). Strict mode: SGLang's payload, one
   ``serialized_named_tensors`` entry per TP rank, decoded by the allow-list unpickler
-  (:mod:`miles_ray.rollout.sglang_tensors`); ``load_format`` null (named tensors) or
+  (:mod:`miles_ray.weights.sglang_tensor`); ``load_format`` null (named tensors) or
   ``"flattened_bucket"`` (one flattened tensor + FlattenedTensorMetadata per rank, whose names,
   shapes, dtypes and ranges are checked against the model and the tensor). Lenient mode: our
   pickle-free ``load_format=miles_raw``
-  (:mod:`miles_ray.rollout.raw_weights`) only; a pickled payload gets 400.
+  (:mod:`miles_ray.weights.raw`) only; a pickled payload gets 400.
 - ``/update_weight_version`` (UpdateWeightVersionReqInput: new_version, abort_all_requests): the
   loads posted before it become weight version ``new_version`` (checked complete).
 - ``/init_weights_update_group`` (InitWeightsUpdateGroupReqInput: master_address, master_port,
@@ -28,10 +28,10 @@ import time
 import torch
 from fastapi import FastAPI, Request
 
-from miles_ray.rollout import raw_weights, sglang_tensors
-from miles_ray.rollout.http_bodies import read_object
-from miles_ray.rollout.sglang_api import BadRequest
-from miles_ray.weights import sglang_flat
+from miles_ray.weights import raw as raw_weights, sglang_tensor as sglang_tensors
+from miles_ray.rollout.http.bodies import read_object
+from miles_ray.rollout.sglang.api import BadRequest
+from miles_ray.weights import sglang_flattened as sglang_flat
 from miles_ray.weights.buckets import iter_tensors
 
 # model_runner.py update_weights_from_tensor: load_format None -> [(name, tensor)] per rank,

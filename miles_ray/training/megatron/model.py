@@ -91,7 +91,7 @@ def spec_name(choice: str) -> str:
 class SequenceParallelRMSNorm(torch.nn.RMSNorm):
     """``torch.nn.RMSNorm`` for megatron's local spec under sequence parallelism (its
     ``WrappedTorchNorm`` refuses SP; TE's norms support it). The same math on each sequence shard;
-    the weight is marked ``sequence_parallel`` so :mod:`miles_ray.megatron.grads` sums its
+    the weight is marked ``sequence_parallel`` so :mod:`miles_ray.training.megatron.grads` sums its
     gradient over TP."""
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):

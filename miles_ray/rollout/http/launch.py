@@ -10,12 +10,12 @@ import os
 import subprocess
 import sys
 
-from miles_ray.rollout.client import EngineClient
+from miles_ray.rollout.sglang.client import EngineClient
 
 
 def server_command(backend: str, model_path: str, port: int, host: str = "127.0.0.1", extra: list | None = None) -> list:
     if backend == "native":
-        cmd = [sys.executable, "-m", "miles_ray.rollout.server", "--model-path", model_path]
+        cmd = [sys.executable, "-m", "miles_ray.rollout.http.server", "--model-path", model_path]
     elif backend == "sglang":
         # --enable-memory-saver gives release/resume_memory_occupation for colocation
         cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--enable-memory-saver",
@@ -41,7 +41,7 @@ def launch_server(backend: str, model_path: str, port: int, host: str = "127.0.0
                   wait_s: float = 180.0, log_path: str | None = None, env: dict | None = None, token: str | None = None):
     """Start the server and block until /health answers 200. Returns (process, client).
     ``token``: the bearer token the server requires (given to it in its environment, not argv)."""
-    from miles_ray.rollout.http_guard import TOKEN_ENV
+    from miles_ray.rollout.http.guard import TOKEN_ENV
 
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
     child_env = {**os.environ, **(env or {}), **({TOKEN_ENV: token} if token else {})}

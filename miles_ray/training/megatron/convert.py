@@ -20,7 +20,7 @@ import re
 
 import torch
 
-from miles_ray.megatron.model import arch_flags, head_dim
+from miles_ray.training.megatron.model import arch_flags, head_dim
 
 # megatron suffix inside a layer -> (HF suffix inside ``model.layers.<i>.``, TP split dim or None)
 LAYER_PLAIN = {

@@ -4,7 +4,7 @@ bucket (plus one parameter in flight) at a time, never the whole model.
 
 :class:`HFStream` is what ``engine_state`` returns on *every* rank: the HF names, shapes and dtypes
 of the export (known from meta-tensor conversion, no data moved). :func:`iter_buckets` is
-collective: every rank drives the gathers of :func:`~miles_ray.megatron.weights.iter_hf` in the
+collective: every rank drives the gathers of :func:`~miles_ray.training.megatron.weights.iter_hf` in the
 same order; rank 0 packs and yields the buckets, the others yield nothing. The existing transports
 (object store streaming, broadcast, shm) then move the buckets as for the FSDP backend.
 """
@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from miles_ray.megatron import convert
-from miles_ray.megatron.parallel import layout
-from miles_ray.megatron.weights import iter_hf, layer_offset
+from miles_ray.training.megatron import convert
+from miles_ray.training.megatron.parallel import layout
+from miles_ray.training.megatron.weights import iter_hf, layer_offset
 from miles_ray.weights.buckets import Bucket, plan_buckets
 
 

@@ -17,7 +17,7 @@ import socket
 
 from miles_ray.config import Config
 from miles_ray.models import load_tokenizer
-from miles_ray.rollout.client import EngineClient
+from miles_ray.rollout.sglang.client import EngineClient
 from miles_ray.rollout.types import SamplingParams, engine_seed
 from miles_ray.sample import Sample
 from miles_ray.weights.buckets import iter_tensors
@@ -43,7 +43,7 @@ def _post_flattened(client: EngineClient, bucket, tp_size: int) -> None:
     import torch
 
     from miles_ray.weights.ipc import HandleBucket
-    from miles_ray.weights.sglang_flat import encode_flattened, forward_flattened, metas_for
+    from miles_ray.weights.sglang_flattened import encode_flattened, forward_flattened, metas_for
 
     metas = metas_for(bucket.entries, bucket.dtype)
     handle = bucket.take_handle() if tp_size == 1 and isinstance(bucket, HandleBucket) else None
@@ -81,7 +81,7 @@ def server_args(cfg: Config, rank: int) -> list[str]:
                 c.model.tiny_cache_dir, "--max-request-mb", str(r.max_request_mb)]
     extra = [*common, *r.sglang_args]
     if c.draft.enabled:
-        from miles_ray.rollout.sglang_backend import speculative_args
+        from miles_ray.rollout.sglang.backend import speculative_args
 
         extra += speculative_args(c.draft, c.model.path, c.output_dir, c.model.dtype, c.model.tiny_cache_dir)
     return extra
@@ -104,7 +104,7 @@ class HttpEngine:
     @classmethod
     def launch(cls, cfg: Config, rank: int, host: str = "127.0.0.1", token: str | None = None,
                env: dict | None = None) -> "HttpEngine":
-        from miles_ray.rollout.launch import launch_server
+        from miles_ray.rollout.http.launch import launch_server
 
         r = cfg.rollout
         extra = server_args(cfg, rank)
@@ -144,7 +144,7 @@ class HttpEngine:
         return True
 
     def receive_broadcast(self, metas: list, version: int) -> int:
-        from miles_ray.rollout.raw_weights import dtype_name
+        from miles_ray.weights.raw import dtype_name
 
         entries = [(e, m["dtype"]) for m in metas for e in m["entries"]]
         self.client.update_weights_from_distributed([e[0] for e, _ in entries], [dtype_name(d) for _, d in entries],

@@ -4,7 +4,7 @@ engines through this class, whichever backend serves them.
 It speaks SGLang 0.5.x as SGLang answers it: ``/health`` may have an empty body, weight versions
 come back as strings (parsed to int here), top-k "disabled" is sent as -1 (SGLang refuses 0). The
 bearer token of a server beyond loopback is sent with every call (given, or registered for the
-URL in :mod:`miles_ray.rollout.http_guard`).
+URL in :mod:`miles_ray.rollout.http.guard`).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 
 import httpx
 
-from miles_ray.rollout.http_guard import auth_headers, token_for
+from miles_ray.rollout.http.guard import auth_headers, token_for
 from miles_ray.rollout.types import SamplingParams
 from miles_ray.sample import Sample
 
@@ -113,10 +113,10 @@ class EngineClient:
     def server_info(self) -> dict:
         return self.http.get(f"{self.url}/get_server_info").json()
 
-    # -- weights (formats: miles_ray.rollout.raw_weights, sglang_tensors) -----------------------
+    # -- weights (formats: miles_ray.weights.raw, sglang_tensors) -----------------------
     def update_weights_raw(self, buckets: list, version: int | None = None):
         """Our pickle-free format (lenient server)."""
-        from miles_ray.rollout.raw_weights import FORMAT, encode_buckets
+        from miles_ray.weights.raw import FORMAT, encode_buckets
 
         body = {"load_format": FORMAT, "buckets": encode_buckets(buckets)}
         if version is not None:
@@ -125,7 +125,7 @@ class EngineClient:
 
     def update_weights_from_tensor(self, named: list, tp_size: int = 1, version: int | None = None):
         """SGLang's format: handles to ``named`` tensors, one entry per TP rank."""
-        from miles_ray.rollout.sglang_tensors import serialize_named_tensors
+        from miles_ray.weights.sglang_tensor import serialize_named_tensors
 
         body = {"serialized_named_tensors": serialize_named_tensors(named, tp_size), "load_format": None,
                 "flush_cache": False}
@@ -135,8 +135,8 @@ class EngineClient:
 
     def update_weights_flattened(self, serialized: list[str], version: int | None = None):
         """SGLang's ``load_format="flattened_bucket"``: ``serialized`` holds one entry per TP rank
-        (:mod:`miles_ray.weights.sglang_flat`: a flattened tensor and its FlattenedTensorMetadata)."""
-        from miles_ray.weights.sglang_flat import FORMAT
+        (:mod:`miles_ray.weights.sglang_flattened`: a flattened tensor and its FlattenedTensorMetadata)."""
+        from miles_ray.weights.sglang_flattened import FORMAT
 
         body = {"serialized_named_tensors": serialized, "load_format": FORMAT, "flush_cache": False}
         if version is not None:

@@ -14,14 +14,16 @@ import torch
 
 from miles_ray.models import load_model, load_tokenizer
 from miles_ray.training import precision as prec
-from miles_ray.training.base import TorchTrainerBase, all_max, all_sum, padded_micro_batches, shard_fsdp2, world
+from miles_ray.training.base import padded_micro_batches
+from miles_ray.training.collectives import all_max, all_sum, world
+from miles_ray.training.fsdp.base import FSDPTrainerBase, shard_fsdp2
 from miles_ray.training.batching import loss_tokens, make_minibatches, pack, unpack
-from miles_ray.training.logprobs import CausalLMForTraining
+from miles_ray.training.fsdp.logprobs import CausalLMForTraining
 from miles_ray.training.policy_loss import SUMMED_METRICS, PolicyLossMixin
 from miles_ray.training.sft import SFTMixin
-from miles_ray.training.varlen import use_varlen_attention
+from miles_ray.training.fsdp.varlen import use_varlen_attention
 
-class PolicyTrainer(PolicyLossMixin, SFTMixin, TorchTrainerBase):
+class PolicyTrainer(PolicyLossMixin, SFTMixin, FSDPTrainerBase):
     def __init__(self, model_spec: str, train_cfg, algo_cfg, dtype: str = "float32",
                  tiny_cache_dir: str = "runs/_models", temperature: float = 1.0, seed: int = 0, off_policy=None,
                  schedule_steps: int = 0, exact_max_len: int = 0, engine_quant: str | None = None):

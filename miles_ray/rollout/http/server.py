@@ -1,19 +1,19 @@
 """HTTP server for one native engine, speaking the subset of SGLang's native API that RL needs.
 
-    python -m miles_ray.rollout.server --model-path tiny:qwen3 --port 30000 [--host 127.0.0.1] [--strict-sglang]
+    python -m miles_ray.rollout.http.server --model-path tiny:qwen3 --port 30000 [--host 127.0.0.1] [--strict-sglang]
 
 Endpoints: POST /generate, GET /health, GET /health_generate, POST /abort_request,
 POST /flush_cache, POST /pause_generation, POST /continue_generation,
 POST /release_memory_occupation, POST /resume_memory_occupation, GET /get_model_info,
 GET /get_server_info, GET /get_weight_version and the weight endpoints of
-:mod:`miles_ray.rollout.server_weights`.
+:mod:`miles_ray.rollout.http.server_weights`.
 
 Two modes. ``--strict-sglang`` accepts exactly what SGLang 0.5.x accepts and answers with its
-shapes (rules and citations: :mod:`miles_ray.rollout.sglang_api`); the default (lenient) mode adds
+shapes (rules and citations: :mod:`miles_ray.rollout.sglang.api`); the default (lenient) mode adds
 our extensions (health state and integer versions in /health, per-token weight versions).
 Both: bodies are validated (400 naming the problem; 409 for a request id already running), no
-request ever reaches ``pickle`` (:mod:`miles_ray.rollout.sglang_tensors`), weight loads run off the
-event loop (``/health`` answers during a load), and :class:`miles_ray.rollout.http_guard.Guard`
+request ever reaches ``pickle`` (:mod:`miles_ray.weights.sglang_tensor`), weight loads run off the
+event loop (``/health`` answers during a load), and :class:`miles_ray.rollout.http.guard.Guard`
 checks the bearer token (when one is set) and the body size.
 
 The engine runs in one background thread (:class:`EngineLoop`); handlers hand it work under a
@@ -30,12 +30,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from miles_ray.rollout.health import READY, EngineNotReady
-from miles_ray.rollout.http_bodies import Conflict, error as _error, read_json, read_object
+from miles_ray.rollout.http.bodies import Conflict, error as _error, read_json, read_object
 from miles_ray.rollout.native.loop import EngineLoop
-from miles_ray.rollout.raw_weights import BadWeights
-from miles_ray.rollout.sglang_api import BadRequest, finish_reason, parse_generate
-from miles_ray.rollout.server_weights import add_weight_routes
-from miles_ray.rollout.sglang_tensors import RefusedPayload
+from miles_ray.weights.raw import BadWeights
+from miles_ray.rollout.sglang.api import BadRequest, finish_reason, parse_generate
+from miles_ray.rollout.http.server_weights import add_weight_routes
+from miles_ray.weights.sglang_tensor import RefusedPayload
 
 CLIENT_ERRORS = (BadRequest, BadWeights, RefusedPayload, KeyError)
 
@@ -220,7 +220,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     import uvicorn
 
-    from miles_ray.rollout.http_guard import Guard, take_env_token
+    from miles_ray.rollout.http.guard import Guard, take_env_token
     from miles_ray.rollout.native.engine import NativeEngine
 
     token = take_env_token()

@@ -6,7 +6,7 @@ import json
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from miles_ray.rollout.sglang_api import BadRequest
+from miles_ray.rollout.sglang.api import BadRequest
 
 
 class Conflict(ValueError):

@@ -13,12 +13,12 @@ import torch
 
 from miles_ray.models import load_tokenizer
 from miles_ray.models.draft import build_draft
-from miles_ray.training.base import TorchTrainerBase
-from miles_ray.training.logprobs import CausalLMForTraining
+from miles_ray.training.fsdp.base import FSDPTrainerBase
+from miles_ray.training.fsdp.logprobs import CausalLMForTraining
 from miles_ray.training.sft import SFTMixin
 
 
-class DraftTrainer(SFTMixin, TorchTrainerBase):
+class DraftTrainer(SFTMixin, FSDPTrainerBase):
     def __init__(self, draft_spec: str, target_spec: str, train_cfg, lr: float, dtype: str = "float32",
                  tiny_cache_dir: str = "runs/_models", seed: int = 0):
         torch.manual_seed(seed)

@@ -13,7 +13,7 @@ from functools import partial
 
 import torch
 
-from miles_ray.megatron.forward import stage_forward
+from miles_ray.training.megatron.forward import stage_forward
 
 
 def _loss_adapter(loss_fn, batch, output):

@@ -24,9 +24,9 @@ CUDA device. On a torch without CUDA, :func:`apply` replaces exactly these (and 
    value megatron's own code tests for (MoE models only).
 
 Not shimmed (kept out of the way instead): megatron's optimizer wrapper (``optimizer.py``
-hard-codes ``device='cuda'``) - :mod:`miles_ray.megatron.trainer` uses a plain ``torch.optim``
+hard-codes ``device='cuda'``) - :mod:`miles_ray.training.megatron.trainer` uses a plain ``torch.optim``
 optimizer behind the same interface as the FSDP backend; megatron's DDP grad buffers - gradients
-are reduced by :mod:`miles_ray.megatron.grads`.
+are reduced by :mod:`miles_ray.training.megatron.grads`.
 
 Idempotent; a no-op where ``torch.cuda.is_available()``, except 6, which :func:`apply_te_absent`
 applies wherever Transformer Engine is absent (found on an H100 without TE: the MoE router's
