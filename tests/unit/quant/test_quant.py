@@ -97,19 +97,6 @@ def test_config_guards():
         load_config(None, ["rollout.precision=fp8", "rollout.backend=native", "rollout.serve_http=true"])
 
 
-@pytest.mark.ray
-def test_int4_qat_run_end_to_end(local_ray, tmp_path, model_cache):
-    from jobs.train import run
-
-    cfg = load_config(None, [f"output_dir={tmp_path}", f"model.tiny_cache_dir={model_cache}", "total_steps=2",
-                             "rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=2", "train.qat=int4",
-                             "rollout.precision=int4", "rollout.backend=native", "logging.wandb=false",
-                             "logging.progress_bar=false", "run_name=int4"])
-    assert run(cfg)["steps"] == 2
-    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
-    assert all(r["train/mismatch_abs"] < 1e-5 for r in rows)  # engines serve exactly what QAT trains on
-
-
 def test_w4a16_export_decodes_to_the_trained_values(model_cache, tmp_path):
     """The compressed-tensors checkpoint of an INT4-QAT policy decodes (q * scale, as vLLM / SGLang
     do) to exactly the fake-quantized weights the trainer computed with."""

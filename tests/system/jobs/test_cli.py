@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers.paths import ROOT  # noqa: E402
 SCRIPT = Path(sys.executable).parent / "miles-ray"  # installed by `pip install -e .` ([project.scripts])
 
 

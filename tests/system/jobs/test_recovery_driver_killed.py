@@ -21,7 +21,7 @@ from miles_ray.config import load_config
 from tests.helpers.ledger import check_run, rows
 
 pytestmark = pytest.mark.ray
-ROOT = Path(__file__).resolve().parents[1]
+from helpers.paths import ROOT  # noqa: E402
 STEPS = 4  # killed after checkpoint 2, resumed for the rest
 COMMON = [f"total_steps={STEPS}", "rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=2",
           "rollout.backend=native", "rollout.max_new_tokens=32", "rollout.ignore_eos=true", "checkpoint.every=1", "checkpoint.export_hf=false",

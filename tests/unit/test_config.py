@@ -1,3 +1,4 @@
+from helpers.paths import ROOT
 import pytest
 
 from miles_ray.config import ConfigError, load_config
@@ -58,5 +59,5 @@ def test_missing_file():
 def test_example_configs_load():
     from pathlib import Path
 
-    for path in (Path(__file__).parents[1] / "examples").glob("*.yaml"):
+    for path in (ROOT / "examples").glob("*.yaml"):
         load_config(path)

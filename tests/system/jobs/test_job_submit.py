@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.ray
-ROOT = Path(__file__).resolve().parents[1]
+from helpers.paths import ROOT  # noqa: E402
 RAY = str(Path(sys.executable).parent / "ray")
 
 

@@ -30,7 +30,7 @@ from miles_ray.rollout.types import SamplingParams
 from miles_ray.sample import Sample
 from tests.helpers.tool_sft import TOOLS, write_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers.paths import ROOT  # noqa: E402
 MODEL = "miles-ray"
 USER = [{"role": "user", "content": "What is 2+3?"}]
 
