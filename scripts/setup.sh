@@ -7,6 +7,7 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
+bash scripts/fetch_sglang_wheels.sh || true   # SGLang wheels (never installed) for tests/unit/rollout/sglang/test_contract.py
 stamp=.venv/.miles-ray-installed
 want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
