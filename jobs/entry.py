@@ -28,13 +28,16 @@ def add_config_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def config_from(args: argparse.Namespace):
     """The validated config named by ``config`` and ``overrides`` (an override in the config slot
-    counts as an override)."""
+    counts as an override), its plug-ins checked (:func:`jobs.plugins.check_plugins`)."""
+    from jobs.plugins import check_plugins
     from miles_ray.config import load_config
 
     path, overrides = args.config, list(args.overrides)
     if path is not None and "=" in path:
         path, overrides = None, [path, *overrides]
-    return load_config(path, overrides)
+    cfg = load_config(path, overrides)
+    check_plugins(cfg)
+    return cfg
 
 
 def guarded(fn: Callable[[], int], debug: bool) -> int:
@@ -49,8 +52,12 @@ def guarded(fn: Callable[[], int], debug: bool) -> int:
         return 2
 
 
-def standalone(prog: str, description: str, command: Callable[[argparse.Namespace], int], argv=None) -> int:
-    """``python -m jobs.<module> CONFIG [overrides]``: the same arguments as the miles-ray subcommand."""
+def standalone(prog: str, description: str, command: Callable[[argparse.Namespace], int], argv=None,
+               extend: Callable[[argparse.ArgumentParser], object] | None = None) -> int:
+    """``python -m jobs.<module> CONFIG [overrides]``: the same arguments as the miles-ray subcommand
+    (``extend`` adds the subcommand's own flags)."""
     p = add_config_args(argparse.ArgumentParser(prog=prog, description=description))
+    if extend is not None:
+        extend(p)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     return guarded(lambda: command(args), args.debug)

@@ -20,6 +20,7 @@ from miles_ray.config_sections import (  # noqa: F401  (re-exported: the section
     MegatronConfig, AgentConfig, ServeConfig, EvalConfig, EvalDataset,
     RewardServiceConfig, SandboxConfig,
 )
+from miles_ray.errors import UserError
 
 
 class Config(Section):
@@ -48,32 +49,27 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check_registries(self) -> "Config":
-        from miles_ray.algorithms import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
+        """Plug-ins of the registries below the config (a name or a checked ``pkg.module:attr``; a
+        PluginError names the key). Rewards, rollout functions, environments, lr schedules and training
+        backends live above it: ``jobs.plugins.check_plugins`` checks them before any actor starts."""
+        from miles_ray.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
+        from miles_ray.async_rl import GROUP_FILTERS
+        from miles_ray.data import check_source
 
-        for key, value, registry in (
-            ("algorithm.advantage", self.algorithm.advantage, ADVANTAGE_ESTIMATORS),
-            ("algorithm.policy_loss", self.algorithm.policy_loss, POLICY_LOSSES),
-            ("algorithm.loss_agg", self.algorithm.loss_agg, LOSS_AGGREGATIONS),
-        ):
-            if value not in registry:
-                raise ValueError(f"{key}={value!r} is not registered; choose one of {sorted(registry)}")
+        a = self.algorithm
+        for value, registry in ((a.advantage, ADVANTAGE_ESTIMATORS), (a.policy_loss, POLICY_LOSSES),
+                                (a.loss_agg, LOSS_AGGREGATIONS), (a.kl_estimator, KL_ESTIMATORS),
+                                (self.async_rl.filter, GROUP_FILTERS)):
+            registry.check(value)
+        check_source(self.data.source)
         per_minibatch = self.rollout.prompts_per_step * self.rollout.n_samples_per_prompt // self.train.num_minibatches
         if per_minibatch < self.cluster.num_trainers:
             raise ValueError(f"each mini-batch has {per_minibatch} samples, fewer than cluster.num_trainers="
                              f"{self.cluster.num_trainers}; lower train.num_minibatches or raise rollout.prompts_per_step")
-        from miles_ray.async_rl import GROUP_FILTERS
+        from miles_ray.weights.registry import weight_transport
 
-        if self.async_rl.filter not in GROUP_FILTERS:
-            raise ValueError(f"async_rl.filter={self.async_rl.filter!r} is not registered; choose one of "
-                             f"{sorted(GROUP_FILTERS)}")
-        forwarded = (self.cluster.colocate and self.cluster.use_gpu and self.rollout.sglang_api
-                     and self.weight_sync.sglang_load_format == "flattened_bucket")  # CUDA IPC handle forwarding
-        if self.rollout.over_http and self.weight_sync.transport == "cuda_ipc" and not forwarded:
-            raise ValueError("engines served over HTTP take weights through object_store, shm (handles forwarded to "
-                             "update_weights_from_tensor) or broadcast (update_weights_from_distributed); "
-                             "weight_sync.transport=cuda_ipc over HTTP needs cluster.colocate=true, "
-                             "cluster.use_gpu=true, an SGLang-API engine (rollout.backend=sglang or "
-                             "rollout.strict_sglang=true) and weight_sync.sglang_load_format=flattened_bucket")
+        if problem := weight_transport(self.weight_sync.transport).config_problem(self):  # the transport's own rules
+            raise ValueError(problem)
         if self.cluster.colocate and self.cluster.use_gpu and self.cluster.gpus_per_engine > 1:
             raise ValueError("cluster.gpus_per_engine > 1 gives one engine several GPUs in its own bundle: it needs "
                              "cluster.colocate=false (colocated multi-GPU engines are not supported yet)")
@@ -108,8 +104,6 @@ class Config(Section):
             raise ValueError("rollout.serve_http needs rollout.backend=native or sglang")
         if self.rollout.fn == "multi_turn" and not self.agent.env:
             raise ValueError("rollout.fn=multi_turn talks with an environment: set agent.env (e.g. calculator)")
-        if self.weight_sync.transport == "cuda_ipc" and not (self.cluster.colocate and self.cluster.use_gpu):
-            raise ValueError("weight_sync.transport=cuda_ipc needs cluster.colocate=true and cluster.use_gpu=true")
         from miles_ray.eval import config_problem
 
         if problem := config_problem(self):
@@ -209,6 +203,12 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def _format_validation(err: ValidationError) -> str:
+    """One ``config key 'k': why`` line per error; a single :class:`UserError` raised by a validator (a
+    plug-in that does not load) keeps its own one-line message."""
+    errors = err.errors()
+    own = errors[0].get("ctx", {}).get("error") if len(errors) == 1 else None
+    if isinstance(own, UserError):
+        return str(own)
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"

@@ -27,7 +27,8 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    source: str = Field("synthetic:arithmetic", description="jsonl/parquet path or 'synthetic:arithmetic'")
+    source: str = Field("synthetic:arithmetic", description="jsonl/parquet path, 'synthetic:<task>' (arithmetic, "
+                        "calculator) or a data source 'pkg.module:function' (docs/customization.md)")
     prompt_key: str = "prompt"
     label_key: str = "label"
     apply_chat_template: bool = True
@@ -165,7 +166,7 @@ class ServeConfig(Section):
 class EvalDataset(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
                       description="metrics are eval/<name>/...: letters, digits, '_', '.', '-'")
-    source: str = Field(description="jsonl/parquet path or synthetic:arithmetic")
+    source: str = Field(description="jsonl/parquet path, synthetic:<task> or a data source 'pkg.module:function'")
     n_samples: int = Field(1, ge=1, description="samples per prompt (pass@k for k <= n_samples)")
     greedy: bool = Field(True, description="also one greedy sample per prompt (pass@1 greedy)")
     temperature: float = Field(1.0, gt=0, description="temperature of the sampled ones")
@@ -198,15 +199,17 @@ class EvalConfig(Section):
 
 
 class AlgorithmConfig(Section):
-    advantage: str = Field("grpo", description="grpo | rloo | reinforce_pp | reinforce_pp_baseline | gae")
+    advantage: str = Field("grpo", description="grpo | rloo | reinforce_pp | reinforce_pp_baseline | gae | "
+                           "'pkg.module:function'")
     normalize_std: bool = Field(True, description="GRPO std normalisation (false: Dr.GRPO)")
-    policy_loss: str = Field("ppo_clip", description="ppo_clip | gspo")
+    policy_loss: str = Field("ppo_clip", description="ppo_clip | gspo | 'pkg.module:function'")
     eps_low: float = Field(0.2, gt=0, description="lower clip: ratio >= 1 - eps_low")
     eps_high: float = Field(0.2, gt=0, description="upper clip: ratio <= 1 + eps_high")
     dual_clip: Optional[float] = Field(None, gt=1, description="dual-clip constant c > 1 (None: off)")
-    loss_agg: str = Field("token_mean", description="token_mean | seq_mean_token_sum | seq_mean_token_mean")
+    loss_agg: str = Field("token_mean", description="token_mean | seq_mean_token_sum | seq_mean_token_mean | "
+                          "'pkg.module:function'")
     kl_coef: float = Field(0.0, ge=0)
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_estimator: str = Field("k3", description="k1 | k2 | k3 | 'pkg.module:function'")
     kl_mode: Literal["loss", "reward"] = Field("loss", description="KL as a loss term or as a reward penalty")
     entropy_coef: float = Field(0.0, ge=0)
     routing_replay: Literal["none", "r3"] = Field(
@@ -228,9 +231,9 @@ class TrainConfig(Section):
     max_tokens_per_micro_batch: int = Field(
         0, ge=0, description="token budget of a micro-batch (packed row, or padded batch); 0: by count, or 4096 "
         "when packing")
-    backend: Literal["fsdp", "megatron"] = Field(
+    backend: str = Field(
         "fsdp", description="fsdp: HF model under torch DDP/FSDP2 (train.strategy); megatron: megatron-core GPTModel "
-        "with tensor/pipeline parallelism (the megatron section)")
+        "with tensor/pipeline parallelism (the megatron section); or 'pkg.module:function' building a trainer")
     strategy: Literal["ddp", "fsdp2"] = Field("ddp", description="data-parallel wrapper when num_trainers > 1")
     precision: Literal["auto", "fp32", "bf16_mixed", "bf16", "fp8_unified"] = Field(
         "auto", description="fp32 | bf16_mixed (bf16 compute, fp32 master weights, gradient reduction and optimizer "
@@ -244,7 +247,8 @@ class TrainConfig(Section):
                           "tokens, attention confined to each sample (false: right-padded batches)")
     logprob_chunk_tokens: int = Field(512, ge=1, description="tokens per chunk through the LM head (log-probs and "
                                       "entropy never materialise a whole [tokens, vocab] tensor)")
-    lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="RL learning-rate decay")
+    lr_schedule: str = Field("constant", description="RL learning-rate decay: constant | linear | cosine | "
+                             "'pkg.module:function'")
     warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear learning-rate warm-up")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="linear/cosine decay ends at lr * min_lr_ratio")
     ppo_epochs: int = Field(1, ge=1, description="passes over each rollout batch (each pass: num_minibatches steps)")
@@ -263,9 +267,10 @@ class TrainConfig(Section):
 
 
 class WeightSyncConfig(Section):
-    transport: Literal["object_store", "broadcast", "shm", "cuda_ipc"] = Field(
-        "object_store", description="object_store (any layout), broadcast (torch.distributed), "
-        "shm (same node, CPU), cuda_ipc (colocated, GPU)")
+    transport: str = Field(
+        "object_store", description="object_store (any layout) | broadcast (torch.distributed) | shm (same node, "
+        "CPU) | cuda_ipc (colocated, GPU) | 'pkg.module:Class' (a miles_ray.weights.WeightTransport; checked with "
+        "the config, docs/architecture.md 'Weight transports')")
     bucket_mb: float = Field(256, gt=0, description="bucket size bound in MiB")
     sglang_load_format: Optional[Literal["flattened_bucket"]] = Field(
         None, description="SGLang-API engines (rollout.backend=sglang or strict_sglang): load_format of "
@@ -278,6 +283,8 @@ class ClusterConfig(Section):
     gpus_per_engine: int = Field(1, ge=1)
     colocate: bool = False
     use_gpu: bool = Field(False, description="request GPU resources in bundles (fake GPUs work on CPU)")
+    gpu_memory_gib: float = Field(80.0, gt=0, description="memory of one GPU in GiB: a GPU run whose memory plan "
+                                  "(miles-ray plan) needs more on some GPU is refused at start (--force overrides)")
     cpus_per_actor: float = Field(0.5, gt=0)
     local_num_cpus: Optional[int] = Field(None, description="logical CPUs for a locally started Ray")
     local_num_gpus: int = Field(0, ge=0, description="GPUs declared for a locally started Ray (may be fake)")
@@ -305,7 +312,8 @@ class OffPolicyConfig(Section):
 class AsyncConfig(Section):
     enabled: bool = Field(False, description="overlap rollout and training (jobs.async_driver)")
     staleness: int = Field(1, ge=0, description="max policy versions a sample may lag (0 = synchronous)")
-    filter: str = Field("none", description="dynamic sampling group filter: none | nonzero_std")
+    filter: str = Field("none", description="dynamic sampling group filter: none | nonzero_std | "
+                        "'pkg.module:function'")
     watchdog_s: float = Field(300.0, gt=0, description="no progress for this long ends the run with a report")
     off_policy: OffPolicyConfig = OffPolicyConfig()
 

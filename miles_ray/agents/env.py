@@ -8,14 +8,16 @@ final answer (``Sample.response_text``), so environments need not know how answe
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from miles_ray.errors import UserValueError
 from miles_ray.utils.registry import Registry
+from miles_ray.utils.resolve import Contract
 
-ENVIRONMENTS = Registry("environment")
+ENVIRONMENTS = Registry("environment", "agent.env", Contract(
+    "cls() (one instance per conversation)", "an Environment (reset(prompt, label, messages) -> Observation, "
+    "step(content, tool_calls) -> StepResult)", attrs=("reset", "step")))
 
 
 @dataclass
@@ -44,18 +46,10 @@ def register_env(name: str):
 
 
 def make_env(spec: str, **kwargs) -> Environment:
-    """A registered name or ``pkg.module:Class``; errors name the key and the fix."""
-    if ":" not in spec:
-        if spec not in ENVIRONMENTS:
-            raise UserValueError(f"agent.env='{spec}' is not a registered environment ({sorted(ENVIRONMENTS)}) and "
-                                 "not an import path like 'my_pkg.envs:MyEnv'")
-        return ENVIRONMENTS[spec](**kwargs)
-    module_name, _, attr = spec.partition(":")
-    try:
-        cls = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise UserValueError(f"agent.env='{spec}': cannot load it ({err})") from None
-    env = cls(**kwargs)
+    """A registered name or ``pkg.module:Class`` (checked: it takes ``kwargs`` and has ``reset`` and
+    ``step``), instantiated with ``kwargs``; errors name the key and the fix."""
+    env = ENVIRONMENTS.get_fn(spec)(**kwargs)
     if not (callable(getattr(env, "reset", None)) and callable(getattr(env, "step", None))):
-        raise UserValueError(f"agent.env='{spec}': {attr} must have reset() and step() (miles_ray.agents.env)")
+        raise UserValueError(f"agent.env='{spec}': {type(env).__name__} must have reset() and step() "
+                             "(miles_ray.agents.env)")
     return env

@@ -16,7 +16,6 @@ Invariant: ``generate`` returns exactly ``n`` Samples per request, in request or
 """
 from __future__ import annotations
 
-import importlib
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -27,8 +26,10 @@ from miles_ray.errors import UserValueError
 from miles_ray.rollout.types import SamplingParams
 from miles_ray.sample import Sample
 from miles_ray.utils.registry import Registry
+from miles_ray.utils.resolve import Contract
 
-ROLLOUT_FUNCTIONS = Registry("rollout function")
+ROLLOUT_FUNCTIONS = Registry("rollout function", "rollout.fn", Contract(
+    "fn(ctx: RolloutContext)", "a miles_ray.sample.Sample (check_sample)", args=("ctx",)))
 
 
 @dataclass
@@ -70,19 +71,8 @@ def register_rollout_fn(name: str):
 
 
 def resolve_rollout_fn(spec: str) -> Callable:
-    if ":" not in spec:
-        if spec not in ROLLOUT_FUNCTIONS:
-            raise UserValueError(f"rollout.fn='{spec}' is not a registered rollout function "
-                                 f"({sorted(ROLLOUT_FUNCTIONS)}) and not an import path like 'my_pkg.agent:generate'")
-        return ROLLOUT_FUNCTIONS[spec]
-    module_name, _, attr = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise UserValueError(f"rollout.fn='{spec}': cannot load it ({err})") from None
-    if not callable(fn):
-        raise UserValueError(f"rollout.fn='{spec}' is not callable")
-    return fn
+    """A registered name or ``pkg.module:function`` taking one :class:`RolloutContext` (checked)."""
+    return ROLLOUT_FUNCTIONS.get_fn(spec)
 
 
 def check_sample(out, ctx: RolloutContext) -> Sample:

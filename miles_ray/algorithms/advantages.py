@@ -16,7 +16,8 @@ from typing import Optional
 
 import torch
 
-from miles_ray.algorithms.registry import ADVANTAGE_ESTIMATORS
+from miles_ray.algorithms.registry import ADVANTAGE_ESTIMATORS, is_tensor, tiny_batch, what
+from miles_ray.utils.resolve import Contract
 
 EPS = 1e-6
 
@@ -32,6 +33,20 @@ class AdvantageInputs:
     gamma: float = 1.0
     lam: float = 1.0
     normalize_std: bool = True
+
+
+def _probe(fn):
+    """One call on a group of two samples x 3 tokens: ``(advantages, returns or None)`` of that shape."""
+    _, _, _, mask = tiny_batch()
+    out = fn(AdvantageInputs(torch.tensor([1.0, 0.0]), torch.tensor([0, 0]), mask))
+    if not (isinstance(out, tuple) and len(out) == 2 and is_tensor(out[0], mask.shape)
+            and (out[1] is None or is_tensor(out[1], mask.shape))):
+        return f"returned {what(out)}, not (advantages Tensor [2, 3], returns Tensor [2, 3] or None)"
+    return None
+
+
+ADVANTAGE_ESTIMATORS.contract = Contract("fn(inputs: AdvantageInputs)", "(advantages [N, T] Tensor, returns "
+                                         "[N, T] Tensor or None)", args=("inputs",), probe=_probe)
 
 
 def _group_stats(x: torch.Tensor, group_ids: torch.Tensor):

@@ -1,17 +1,23 @@
-"""Synthetic tasks a small model can learn on CPU."""
+"""Synthetic tasks a small model can learn on CPU: the data-source registry (``data.source:
+synthetic:<name>``). A data source is ``fn(n, max_operand=, seed=) -> list[dict]`` of rows; a
+``pkg.module:function`` import path (``data.source: my_pkg.data:rows``) is called the same way."""
 from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
-SYNTHETIC_TASKS = {}
+from miles_ray.utils.registry import Registry
+from miles_ray.utils.resolve import Contract, PluginError, is_import_path
+
+DATA_SOURCES = Registry("data source", "data.source", Contract(
+    "fn(n: int, max_operand=: int, seed=: int)", "a list of dict rows (data.prompt_key and data.label_key)",
+    args=("n",), kwargs=("max_operand", "seed")))
+SYNTHETIC_TASKS = DATA_SOURCES  # the name it had before import paths
 
 
 def _register(name):
-    def deco(fn):
-        SYNTHETIC_TASKS[name] = fn
-        return fn
-    return deco
+    return DATA_SOURCES.register(name)
 
 
 @_register("arithmetic")
@@ -41,7 +47,22 @@ def calculator_rows(n: int, max_operand: int = 99, seed: int = 0) -> list[dict]:
     return rows
 
 
-def synthetic_rows(name: str, n: int, max_operand: int, seed: int) -> list[dict]:
-    if name not in SYNTHETIC_TASKS:
-        raise ValueError(f"unknown synthetic task '{name}'; choose one of {sorted(SYNTHETIC_TASKS)}")
-    return SYNTHETIC_TASKS[name](n, max_operand=max_operand, seed=seed)
+def synthetic_rows(name: str, n: int, max_operand: int, seed: int, field: str = "data.source") -> list:
+    """The rows of data source ``name`` (registered or an import path); a result that is not a list is
+    a :class:`~miles_ray.utils.resolve.PluginError` naming ``field``."""
+    rows = DATA_SOURCES.get_fn(name, field)(n, max_operand=max_operand, seed=seed)
+    if not isinstance(rows, (list, tuple)):  # rows that are not dicts are skipped and reported by validate_rows
+        c = DATA_SOURCES.contract
+        raise PluginError(f"{field}='{name}': wrong return type: returned {type(rows).__name__}, not a list of dict "
+                          f"rows; fix: a data source is called as {c.call} and returns {c.returns}")
+    return list(rows)
+
+
+def source_function(source: str):
+    """The data-source name or import path ``source`` selects (``synthetic:<name>``, or
+    ``pkg.module:function`` that is not a file), ``None`` for a file path."""
+    if source.startswith("synthetic:"):
+        return source.split(":", 1)[1]
+    if is_import_path(source) and not Path(source).exists():
+        return source
+    return None

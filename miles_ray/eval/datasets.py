@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from miles_ray.data import PromptItem, load_prompts
-from miles_ray.data.synthetic import SYNTHETIC_TASKS
+from miles_ray.data import PromptItem, check_source, load_prompts
+from miles_ray.data.synthetic import SYNTHETIC_TASKS, source_function
 
 
 @dataclass
@@ -35,7 +35,8 @@ def load_eval_sets(cfg, tokenizer) -> list[EvalSet]:
     out = []
     for spec in cfg.eval.datasets:
         seed = cfg.seed + 1 if spec.seed is None else spec.seed
-        items, _ = load_prompts(_data_config(cfg, spec), tokenizer, seed=seed)
+        field = f"eval.datasets[{spec.name}].source"
+        items, _ = load_prompts(_data_config(cfg, spec), tokenizer, seed=seed, field=field)
         out.append(EvalSet(spec, items[:spec.max_prompts]))
     return out
 
@@ -53,7 +54,9 @@ def config_problem(cfg) -> str:
         if spec.source.startswith("synthetic:") and spec.source.split(":", 1)[1] not in SYNTHETIC_TASKS:
             return (f"eval.datasets[{spec.name}].source={spec.source!r}: unknown synthetic task; choose one of "
                     f"{['synthetic:' + t for t in sorted(SYNTHETIC_TASKS)]}")
-        if not spec.source.startswith("synthetic:") and not spec.source.endswith((".jsonl", ".json", ".parquet")):
-            return (f"eval.datasets[{spec.name}].source={spec.source!r}: use a .jsonl / .parquet file or "
-                    "synthetic:<task>")
+        if source_function(spec.source) is not None:  # a data source plug-in: a PluginError if unusable
+            check_source(spec.source, f"eval.datasets[{spec.name}].source")
+        elif not spec.source.endswith((".jsonl", ".json", ".parquet")):
+            return (f"eval.datasets[{spec.name}].source={spec.source!r}: use a .jsonl / .parquet file, "
+                    "synthetic:<task> or a data source 'pkg.module:function'")
     return ""

@@ -9,14 +9,16 @@ clients that keep many requests in flight); it runs in the worker's process.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from miles_ray.errors import UserValueError
 from miles_ray.utils.registry import Registry
+from miles_ray.utils.resolve import Contract
 
-REWARD_FUNCTIONS = Registry("reward function")
+REWARD_FUNCTIONS = Registry("reward", "reward.fn", Contract(
+    "fn(prompt: str, response: str, label: str)", "float or RewardResult", args=("prompt", "response", "label"),
+    batched=Contract("fn(items: list[tuple[prompt, response, label]])", "a list of float or RewardResult, one per item",
+                     args=("items",))))
 REWARD_FACTORIES = Registry("reward factory")
 
 
@@ -40,10 +42,10 @@ def known_rewards() -> list[str]:
     return sorted(set(REWARD_FUNCTIONS) | set(REWARD_FACTORIES))
 
 
-def check_reward_spec(spec: str) -> None:
+def check_reward_spec(spec: str, field: str = "reward.fn") -> None:
     """Fail at start on a reward name or import path that cannot be used."""
     if spec not in REWARD_FACTORIES:
-        resolve_reward_fn(spec)
+        resolve_reward_fn(spec, field)
 
 
 def build_reward_fn(spec: str, options: dict | None = None) -> Callable:
@@ -53,21 +55,7 @@ def build_reward_fn(spec: str, options: dict | None = None) -> Callable:
     return resolve_reward_fn(spec)
 
 
-def resolve_reward_fn(spec: str) -> Callable:
-    """A registered name, or ``pkg.module:function``; errors say what to fix."""
-    if ":" not in spec:
-        if spec not in REWARD_FUNCTIONS:
-            raise UserValueError(
-                f"reward.fn='{spec}' is not a registered reward ({known_rewards()}) "
-                "and not an import path like 'my_pkg.rewards:score'"
-            )
-        return REWARD_FUNCTIONS[spec]
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise UserValueError(f"reward.fn='{spec}': cannot import module '{module_name}': {err}") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise UserValueError(f"reward.fn='{spec}': module '{module_name}' has no function '{attr}'")
-    return fn
+def resolve_reward_fn(spec: str, field: str = "reward.fn") -> Callable:
+    """A registered name, or ``pkg.module:function`` (checked against the reward contract); errors say
+    what to fix (:func:`miles_ray.utils.resolve.resolve`)."""
+    return REWARD_FUNCTIONS.get_fn(spec, field, choices=known_rewards())

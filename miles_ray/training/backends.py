@@ -1,11 +1,14 @@
 """``train.backend`` -> the policy trainer rank class, built from a run config (a registry, so the
 actor never branches on the backend). Both present the same interface to the actor and driver:
-prepare / compute_logprobs / train_step / sft_step, checkpoints, HF export and weight export."""
+prepare / compute_logprobs / train_step / sft_step, checkpoints, HF export and weight export.
+A ``pkg.module:function`` import path works too (``fn(cfg) -> trainer``)."""
 from __future__ import annotations
 
 from miles_ray.utils.registry import Registry
+from miles_ray.utils.resolve import Contract
 
-POLICY_BACKENDS = Registry("train.backend")
+POLICY_BACKENDS = Registry("training backend", "train.backend", Contract(
+    "fn(cfg: Config)", "a policy trainer (the interface of training.fsdp.trainer.PolicyTrainer)", args=("cfg",)))
 
 
 def _common(c) -> dict:
@@ -25,8 +28,7 @@ def _fsdp(c):
 def _megatron(c):
     from miles_ray.training.megatron.trainer import MegatronPolicyTrainer
 
-    return MegatronPolicyTrainer(c.model.path, c.train, c.algorithm, parallel_cfg=c.megatron, **_common(c),
-                                 keep_export_buffers=c.weight_sync.transport in ("shm", "cuda_ipc"))
+    return MegatronPolicyTrainer(c.model.path, c.train, c.algorithm, parallel_cfg=c.megatron, **_common(c))
 
 
 def build_policy_trainer(cfg):

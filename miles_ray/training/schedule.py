@@ -1,12 +1,26 @@
 """Learning-rate schedules (``train.lr_schedule``): a registry of small functions of the optimizer
-step, each a factor on ``train.lr``; linear warm-up over ``train.warmup_steps`` first."""
+step, each a factor on ``train.lr``; linear warm-up over ``train.warmup_steps`` first.
+
+A schedule is ``fn(progress: float, min_ratio: float) -> float`` (progress 0..1 over the decay); a
+``pkg.module:function`` import path works too (checked at progress 0.5 when the config is checked).
+"""
 from __future__ import annotations
 
 import math
 
 from miles_ray.utils.registry import Registry
+from miles_ray.utils.resolve import Contract
 
-LR_SCHEDULES = Registry("learning-rate schedule")
+
+def _probe(fn):
+    out = fn(0.5, 0.1)
+    ok = isinstance(out, (int, float)) and not isinstance(out, bool)
+    return None if ok else f"returned {type(out).__name__}, not float"
+
+
+LR_SCHEDULES = Registry("learning-rate schedule", "train.lr_schedule", Contract(
+    "fn(progress: float, min_ratio: float)", "float (factor on train.lr)", args=("progress", "min_ratio"),
+    probe=_probe))
 
 
 @LR_SCHEDULES.register("constant")
