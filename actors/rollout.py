@@ -3,13 +3,13 @@
 Thin: it holds one :class:`miles_ray.rollout.engines.RolloutEngine` (in-process, or an engine
 server launched in this actor's bundle and driven over HTTP) and forwards calls to it. Only what
 needs Ray lives here: the node address for servers beyond loopback, whether Ray restarted this
-actor, and opening shared-memory / CUDA IPC handles and broadcast groups of the weight sync.
+actor, and holding this engine's side of the weight transports (:mod:`miles_ray.weights`).
 """
 from __future__ import annotations
 
 import ray
 
-from actors.common import ActorBase, dist_backend, setup_worker_process
+from actors.common import ActorBase, setup_worker_process
 from miles_ray.config import Config
 
 
@@ -26,7 +26,7 @@ class RolloutEngineActor(ActorBase):
 
         self.cfg = Config.model_validate(cfg)
         setup_worker_process(engine_seed(self.cfg.seed, rank), self.cfg, "rollout")
-        self.rank, self.channel, self.reader = rank, None, None
+        self.rank, self.transports = rank, {}  # weight_sync.transport -> this engine's side
         engine = make_rollout_engine(self.cfg, rank, server_host(self.cfg.rollout.server_host),
                                      restarted=_reconstructed(), token=token)
         self.engine = with_rollout_fn(self.cfg, engine)
@@ -76,23 +76,27 @@ class RolloutEngineActor(ActorBase):
     def resume_memory(self) -> None:
         self.engine.resume_memory()
 
-    # -- weight loading, one method per transport ------------------------------------------------
-    def load_buckets(self, buckets: list, version: int) -> int:
-        return self.engine.load_buckets(buckets, version)
+    # -- weight loading over a transport (miles_ray.weights; driven by jobs/weight_sync.py) ---------
+    def _transport(self, name: str):
+        """This engine's side of the transport ``name`` (one instance per name, kept across syncs)."""
+        from miles_ray.weights.registry import weight_transport
 
-    def update_weights(self, weights: dict, version: int) -> int:
-        from miles_ray.weights import to_buckets
+        if name not in self.transports:
+            self.transports[name] = weight_transport(name)()
+        return self.transports[name]
 
-        return self.engine.load_buckets(to_buckets(weights, version), version)
+    def transport_place(self, name: str) -> dict:
+        return {"node_id": ray.get_runtime_context().get_node_id(), **self._transport(name).describe(self.engine)}
 
-    def load_part(self, item) -> None:
-        """One streamed bucket: a Bucket (object store) or a (meta, handle) pair (shm / cuda_ipc)."""
-        if isinstance(item, tuple):
-            from miles_ray.weights.ipc import HandleReader
+    def open_transport(self, name: str, args: dict) -> bool:
+        transport = self._transport(name)
+        transport.release()
+        transport.open_receiver(args, self.engine)
+        return True
 
-            self.reader = self.reader or HandleReader()
-            item = self.reader.open([item], keep=True)[0]
-        self.engine.load_part(item)
+    def load_part(self, name: str, payload) -> None:
+        """One streamed bucket's payload; the engine serves only after :meth:`finish_load`."""
+        self._transport(name).receive(payload, self.engine)
 
     def finish_load(self, version: int) -> int:
         return self.engine.finish_load(version)
@@ -104,25 +108,6 @@ class RolloutEngineActor(ActorBase):
     def spec_stats(self) -> dict:
         """Speculation counters since the last call (acceptance rate, accepted length, rounds)."""
         return self.engine.spec_stats()
-
-    def broadcast_ranks(self) -> int:
-        """Ranks this engine takes in the weight broadcast group (a real SGLang: one per TP rank)."""
-        return getattr(self.engine, "group_ranks", 1)
-
-    def open_broadcast(self, addr: str, port: int, rank: int, world_size: int) -> bool:
-        """Join the trainer's broadcast group: an engine server joins it itself (SGLang's
-        init_weights_update_group), an in-actor engine through this actor."""
-        if hasattr(self.engine, "open_broadcast"):
-            return self.engine.open_broadcast(addr, port, rank, world_size, dist_backend(self.cfg))
-        from miles_ray.weights import BroadcastChannel
-
-        self.channel = BroadcastChannel(rank, world_size, addr, port, dist_backend(self.cfg))
-        return True
-
-    def receive_broadcast(self, metas: list, version: int) -> int:
-        if hasattr(self.engine, "receive_broadcast"):
-            return self.engine.receive_broadcast(metas, version)
-        return self.engine.load_buckets(self.channel.receive(metas), version)
 
     def __del__(self):
         if getattr(self, "engine", None) is not None:

@@ -16,8 +16,7 @@ class _RankActor(ActorBase):
         self.rank, self.world_size = rank, world_size
         setup_worker_process(self.cfg.seed + rank, self.cfg, "trainer")
         self.trainer = None
-        self._ipc_keep = None
-        self._pending = None
+        self.transports: dict = {}  # weight_sync.transport -> this rank's side (TrainerActor)
 
     def master_address(self) -> tuple[str, int]:
         with socket.socket() as s:
@@ -77,48 +76,39 @@ class TrainerActor(_RankActor):
             self.trainer.save_w4a16(f"{folder}-w4a16")
         return True
 
-    # -- weight export (rank 0 returns data; other ranks take part in FSDP gathers) ------------
-    def export_buckets(self, version: int) -> list | None:
-        return self.trainer.export_buckets(version, _bucket_bytes(self.cfg))
+    # -- weight export over a transport (miles_ray.weights; driven by jobs/weight_sync.py) --------
+    def _transport(self, name: str):
+        """This rank's side of the transport ``name`` (one instance per name, kept across syncs)."""
+        from miles_ray.weights.registry import weight_transport
 
-    def open_broadcast(self, addr: str, port: int, world_size: int) -> bool:
-        from miles_ray.weights import BroadcastChannel
+        if name not in self.transports:
+            self.transports[name] = weight_transport(name)()
+        return self.transports[name]
 
-        self.channel = BroadcastChannel(0, world_size, addr, port, dist_backend(self.cfg))
+    def transport_place(self, name: str) -> dict:
+        """Where this rank is, for the transport's set-up plan: node, address, a free port, backend."""
+        addr, port = self.master_address()
+        return {"node_id": ray.get_runtime_context().get_node_id(), "addr": addr, "port": port,
+                "backend": dist_backend(self.cfg)}
+
+    def open_transport(self, name: str, args: dict) -> bool:
+        transport = self._transport(name)
+        transport.release()
+        transport.open_sender(args)
         return True
 
-    def prepare_broadcast(self, version: int) -> list | None:
-        self._pending = self.trainer.export_buckets(version, _bucket_bytes(self.cfg))
-        return [b.meta() for b in self._pending] if self._pending is not None else None
-
-    def send_broadcast(self) -> bool:
-        """Flat buckets to in-actor engines; one broadcast per tensor to engine servers (SGLang's
-        update_weights_from_distributed receives tensor by tensor)."""
-        send = self.channel.send_tensors if self.cfg.rollout.over_http else self.channel.send
-        send(self._pending)
-        self._pending = None
-        return True
-
-    def export_handles(self, version: int, device: str) -> list | None:
-        """shm / cuda_ipc: handles to persistent bucket buffers (kept alive until the next export)."""
-        from miles_ray.weights import ipc
-
-        buckets = self.trainer.export_buckets(version, _bucket_bytes(self.cfg), to_cpu=device == "cpu")
-        return ipc.export_handles(buckets, device) if buckets is not None else None
-
-    def stream_export(self, version: int, mode: str):
-        """Generator (call with num_returns="streaming"): one item per bucket as soon as it is
-        packed, so engines load bucket k while bucket k+1 is packed. ``mode``: object_store
-        (the bucket itself), cpu or cuda (a handle). Other ranks only take part in gathers."""
-        from miles_ray.weights import ipc
-
-        state = self.trainer.engine_state(to_cpu=mode != "cuda")
+    def stream_export(self, version: int, name: str):
+        """Generator (call with num_returns="streaming"): one payload per bucket as soon as it is
+        packed, so engines load bucket k while bucket k+1 is packed; the transport's collective part
+        (``push``) runs after each payload went out. Other ranks only take part in the gathers."""
+        transport = self._transport(name)
+        state = self.trainer.engine_state(to_cpu=transport.to_cpu)
         if state is None:
             return
         for bucket in self.trainer.iter_export(state, version, _bucket_bytes(self.cfg)):
-            yield bucket if mode == "object_store" else ipc.export_handles([bucket], mode)[0]
-        if mode == "cpu":  # shm: parameters live in the shared buckets from now on (one copy per sync)
-            self.trainer.adopt_export_buffers()
+            yield transport.export(bucket)
+            transport.push(bucket)
+        transport.finish_export(self.trainer)
 
 
 @ray.remote

@@ -2,15 +2,12 @@
 new version (checked). Versions follow :mod:`miles_ray.versioning`. "Every engine" is the rollout
 engines and the evaluation engines (:attr:`RunActors.eval_engines`): they serve the same version.
 
-- object_store: trainer rank 0 yields its buckets into the object store; every engine loads the
-  same objects (zero-copy reads on a node).
-- broadcast: a torch.distributed group {trainer rank 0, engines} (gloo on CPU, NCCL on GPU),
-  opened on first use; bucket metadata goes through Ray, data through the group.
-- shm / cuda_ipc: same node; engines open handles to the trainer's persistent bucket buffers
-  (POSIX shared memory on CPU, CUDA IPC on a GPU) and copy from them. Engines over HTTP with
-  ``weight_sync.sglang_load_format=flattened_bucket`` never open them: the engine actor forwards
-  each handle unopened inside SGLang's ``flattened_bucket`` payload and the server maps it
-  (``miles_ray.weights.sglang_flattened``); cuda_ipc over HTTP needs that (config validation).
+One driver for every transport (:class:`miles_ray.weights.transport.WeightTransport`, named by
+``weight_sync.transport``: a registered name or ``pkg.module:Class``): the set-up plan on the first
+sync (places -> open arguments -> open on trainer rank 0 and every engine), then per version the
+payloads trainer rank 0 streams, each forwarded to every engine as soon as it is yielded, then
+``finish_load`` (complete, READY). What moves and how is the transport's business (its module in
+``miles_ray/weights/``); the actors only hold each side's instance.
 
 A restarted engine or a rebuilt trainer group loses the transport's state (group, handles):
 :meth:`WeightSync.reset` makes the next sync open it again; :meth:`WeightSync.refit` loads a
@@ -24,11 +21,15 @@ import ray
 from ray.actor import ActorHandle
 
 from jobs.cluster import RunActors
+from miles_ray.weights.registry import weight_transport
+
+REFIT_TRANSPORT = "object_store"  # needs no set-up: reaches engines in any state
 
 
 class WeightSync:
     def __init__(self, actors: RunActors, transport: str):
         self.actors, self.transport = actors, transport
+        self.kind = weight_transport(transport)  # an unknown name or a bad import path fails here
         self._opened = False
 
     @property
@@ -45,8 +46,10 @@ class WeightSync:
         t0 = time.time()
         if not self.actors.engines or not self.actors.policy.actors:
             return 0.0  # training from a dump, or pure inference: nothing to sync
-        served = getattr(self, f"_{self.transport}")(version)
-        self._check(served, version)
+        if not self._opened:
+            self._open(self.targets)
+            self._opened = True
+        self._check(self._stream(version, self.transport, self.targets), version)
         self._push_draft(version, self.targets)
         return time.time() - t0
 
@@ -55,7 +58,7 @@ class WeightSync:
         Without trainer ranks (inference only) there is nothing to load."""
         if not self.actors.policy.actors:
             return
-        self._check(self._stream(version, "object_store", engines), version)
+        self._check(self._stream(version, REFIT_TRANSPORT, engines), version)
         self._push_draft(version, engines)
 
     @staticmethod
@@ -71,52 +74,26 @@ class WeightSync:
         weights = self.actors.draft.get_weights.remote()
         ray.get([e.load_draft.remote(weights, version) for e in engines])
 
-    def _stream(self, version: int, mode: str, engines: list[ActorHandle] | None = None) -> list:
-        """Forward each bucket (or handle) to every engine as soon as trainer rank 0 yields it."""
-        engines = self.targets if engines is None else engines
+    def _open(self, engines: list[ActorHandle]) -> None:
+        """The transport's set-up: every party's place -> the plan -> open on all of them at once
+        (a collective group forms while they wait for each other)."""
+        rank0, name = self.actors.policy.actors[0], self.transport
+        places = ray.get([rank0.transport_place.remote(name)] + [e.transport_place.remote(name) for e in engines])
+        plan = self.kind.plan(places[0], places[1:])
+        if plan is None:
+            return
+        sender, receivers = plan
+        ray.get([rank0.open_transport.remote(name, sender)] +
+                [e.open_transport.remote(name, args) for e, args in zip(engines, receivers)])
+
+    def _stream(self, version: int, name: str, engines: list[ActorHandle]) -> list:
+        """Forward each payload to every engine as soon as trainer rank 0 yields it."""
         ranks = self.actors.policy.actors
-        stream = ranks[0].stream_export.options(num_returns="streaming").remote(version, mode)
-        others = [r.stream_export.options(num_returns="streaming").remote(version, mode) for r in ranks[1:]]
+        stream = ranks[0].stream_export.options(num_returns="streaming").remote(version, name)
+        others = [r.stream_export.options(num_returns="streaming").remote(version, name) for r in ranks[1:]]
         for ref in stream:
             for e in engines:
-                e.load_part.remote(ref)
+                e.load_part.remote(name, ref)
         for gen in others:  # they yield nothing; wait for them to finish the gathers
             list(gen)
         return ray.get([e.finish_load.remote(version) for e in engines])
-
-    def _object_store(self, version: int) -> list:
-        return self._stream(version, "object_store")
-
-    def _open_broadcast(self) -> None:
-        rank0, engines = self.actors.policy.actors[0], self.targets
-        addr, port = ray.get(rank0.master_address.remote())
-        ranks = ray.get([e.broadcast_ranks.remote() for e in engines])  # a real SGLang: one rank per TP rank
-        offsets = [1 + sum(ranks[:i]) for i in range(len(engines))]
-        world = 1 + sum(ranks)
-        ray.get([rank0.open_broadcast.remote(addr, port, world)] +
-                [e.open_broadcast.remote(addr, port, off, world) for off, e in zip(offsets, engines)])
-        self._opened = True
-
-    def _broadcast(self, version: int) -> list:
-        if not self._opened:
-            self._open_broadcast()
-        metas = self.actors.policy.get(self.actors.policy.call("prepare_broadcast", version))[0]
-        send = self.actors.policy.actors[0].send_broadcast.remote()
-        served = ray.get([e.receive_broadcast.remote(metas, version) for e in self.targets])
-        ray.get(send)
-        return served
-
-    def _handles(self, version: int, device: str) -> list:
-        if not self._opened:
-            nodes = ray.get([a.where.remote() for a in [self.actors.policy.actors[0], *self.targets]])
-            if len({n["node_id"] for n in nodes}) > 1:
-                raise RuntimeError(f"weight_sync.transport={self.transport} needs the engines on the node of trainer "
-                                   "rank 0; use object_store or broadcast across nodes")
-            self._opened = True
-        return self._stream(version, device)
-
-    def _shm(self, version: int) -> list:
-        return self._handles(version, "cpu")
-
-    def _cuda_ipc(self, version: int) -> list:
-        return self._handles(version, "cuda")

@@ -130,13 +130,9 @@ class TorchTrainerBase:
     def counters(self) -> dict:
         return {"version": getattr(self, "version", 0), "opt_steps": self.opt_steps}
 
-    def export_buckets(self, version: int, bucket_bytes: int, to_cpu: bool = True) -> list | None:
-        """Weights as size-bounded buckets on rank 0 (None elsewhere); call on all ranks."""
-        state = self.engine_state(to_cpu=to_cpu)
-        return list(self.iter_export(state, version, bucket_bytes)) if state is not None else None
-
     def iter_export(self, state: dict, version: int, bucket_bytes: int):
-        """Yield buckets of ``state``, reusing the buffers of the previous export (persistent)."""
+        """Yield buckets of ``state``, reusing the buffers of the previous export (persistent); a
+        weight transport (:mod:`miles_ray.weights`) turns each into its payload as it comes."""
         from miles_ray.weights.buckets import iter_buckets
 
         previous, fresh = getattr(self, "_buckets", None), []

@@ -6,6 +6,9 @@ whole buckets (:class:`miles_ray.weights.buckets.Bucket`). Decoding checks every
 an allow-list, offsets and shapes inside the data) and raises :class:`BadWeights` (HTTP 400).
 
 Invariant (tested): ``decode_buckets(encode_buckets(b))`` reproduces the buckets' tensors bit for bit.
+
+:class:`RawFormat` is this format as a :class:`~miles_ray.weights.transport.PayloadFormat` (name ``raw``:
+what HTTP engines send to our lenient server).
 """
 from __future__ import annotations
 
@@ -14,7 +17,9 @@ import binascii
 
 import torch
 
-from miles_ray.weights.buckets import Bucket
+from miles_ray.weights.buckets import Bucket, iter_tensors
+from miles_ray.weights.registry import WEIGHT_FORMATS
+from miles_ray.weights.transport import PayloadFormat
 
 DTYPES = {name: getattr(torch, name) for name in ("float32", "float16", "bfloat16", "float64", "int8", "uint8",
                                                  "int32", "int64", "float8_e4m3fn")}
@@ -73,3 +78,24 @@ def decode_buckets(items) -> list[Bucket]:
     if not isinstance(items, list) or not items:
         raise BadWeights("'buckets' must be a non-empty list")
     return [decode_bucket(d, i, len(items)) for i, d in enumerate(items)]
+
+
+def request_body(buckets: list[Bucket], version: int | None = None) -> dict:
+    """An ``/update_weights_from_tensor`` body carrying ``buckets`` (and, given, the version they make)."""
+    body = {"load_format": FORMAT, "buckets": encode_buckets(buckets)}
+    if version is not None:
+        body["weight_version"] = str(version)
+    return body
+
+
+@WEIGHT_FORMATS.register("raw")
+class RawFormat(PayloadFormat):
+    load_format, sglang_api = FORMAT, False
+
+    @classmethod
+    def body(cls, bucket: Bucket, tp_size: int) -> dict:
+        return request_body([bucket])  # every TP rank of our server reads the same bytes
+
+    @classmethod
+    def decode(cls, body: dict, tp_size: int) -> list:
+        return [nt for b in decode_buckets(body.get("buckets")) for nt in iter_tensors(b)]

@@ -13,10 +13,9 @@ with :class:`AllowListUnpickler`, which admits only torch's tensor-rebuild funct
 their arguments are checked: a torch shared-memory handle name, a torch manager socket, integer
 sizes) and refuses every other global with :class:`RefusedPayload` (the server answers 400).
 
-``load_format="flattened_bucket"`` (:func:`deserialize_flattened_bucket`, format in
-:mod:`miles_ray.weights.sglang_flattened`): :class:`FlatUnpickler` also resolves SGLang's
-``FlattenedTensorMetadata`` to a data record (no constructor arguments, a type-checked field dict,
-copied into our own dataclass), and every range is checked against the flattened tensor.
+:class:`SGLangTensorFormat` (name ``sglang_tensor``) is this format as a
+:class:`~miles_ray.weights.transport.PayloadFormat`; SGLang's ``load_format="flattened_bucket"``,
+decoded with the same allow-list, is :mod:`miles_ray.weights.sglang_flattened`.
 
 Invariant (tested): decoding a payload whose pickle names any other callable raises
 :class:`RefusedPayload` before anything but the allow-listed rebuilds ran.
@@ -26,7 +25,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import math
 import pickle
 import re
 import warnings
@@ -36,7 +34,9 @@ import torch
 import torch.multiprocessing
 import torch.multiprocessing.reductions as reductions
 
-from miles_ray.weights.sglang_flattened import META_FIELDS, SGLANG_META, FlatTensorMeta
+from miles_ray.weights.buckets import Bucket, iter_tensors
+from miles_ray.weights.registry import WEIGHT_FORMATS
+from miles_ray.weights.transport import PayloadFormat
 
 torch.multiprocessing.set_sharing_strategy("file_system")  # CPU tensors travel as shm file names
 
@@ -176,7 +176,7 @@ class AllowListUnpickler(pickle.Unpickler):
         raise RefusedPayload("persistent ids are not allowed")
 
 
-def _load(text, unpickler=AllowListUnpickler):
+def load_payload(text, unpickler=AllowListUnpickler):
     """base64 -> object through ``unpickler``; RefusedPayload for anything malformed."""
     if not isinstance(text, str):
         raise RefusedPayload(f"serialized_named_tensors entries must be base64 strings, got {type(text).__name__}")
@@ -195,7 +195,7 @@ def _load(text, unpickler=AllowListUnpickler):
 def deserialize_named_tensors(text) -> list[tuple[str, torch.Tensor]]:
     """One rank's entry of ``serialized_named_tensors`` -> [(name, tensor)]; RefusedPayload if
     it is not base64 of an allow-listed pickle of a list of (str, tensor) pairs."""
-    named = _load(text)
+    named = load_payload(text)
     ok = isinstance(named, list) and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)
                                          and isinstance(x[1], torch.Tensor) for x in named)
     if not ok:
@@ -203,64 +203,44 @@ def deserialize_named_tensors(text) -> list[tuple[str, torch.Tensor]]:
     return named
 
 
-# -- load_format="flattened_bucket" (format: miles_ray.weights.sglang_flattened) -------------------------
-class _MetaRecord:
-    """What SGLang's ``FlattenedTensorMetadata`` global resolves to here: a data record. It is built
-    only the way a dataclass instance unpickles (NEWOBJ without arguments, then BUILD with the
-    field dict, each field type-checked) and then read into our own :class:`FlatTensorMeta`."""
-
-    def __new__(cls, *args, **kwargs):
-        if args or kwargs:
-            raise RefusedPayload("FlattenedTensorMetadata is a data record: it takes no constructor arguments")
-        return object.__new__(cls)
-
-    def __setstate__(self, state):
-        if not isinstance(state, dict) or set(state) != set(META_FIELDS):
-            raise RefusedPayload(f"FlattenedTensorMetadata state must be a dict of exactly {list(META_FIELDS)}")
-        ok = (isinstance(state["name"], str) and isinstance(state["shape"], torch.Size)
-              and isinstance(state["dtype"], torch.dtype)
-              and all(type(state[k]) is int for k in ("start_idx", "end_idx", "numel")))
-        if not ok:
-            raise RefusedPayload("FlattenedTensorMetadata fields: name str, shape torch.Size, dtype torch.dtype, "
-                                 "start_idx / end_idx / numel int")
-        self.meta = FlatTensorMeta(state["name"], tuple(state["shape"]), state["dtype"], state["start_idx"],
-                                   state["end_idx"], state["numel"])
+def tensor_body(named: list, tp_size: int = 1, version: int | None = None) -> dict:
+    """An ``/update_weights_from_tensor`` body: handles to ``named`` tensors, one entry per TP rank."""
+    body = {"serialized_named_tensors": serialize_named_tensors(named, tp_size), "load_format": None,
+            "flush_cache": False}
+    if version is not None:
+        body["weight_version"] = str(version)
+    return body
 
 
-class FlatUnpickler(AllowListUnpickler):
-    """The allow-list, plus SGLang's metadata class as a :class:`_MetaRecord`."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) == SGLANG_META:
-            return _MetaRecord
-        return super().find_class(module, name)
-
-
-def _view(flat: torch.Tensor, m: FlatTensorMeta) -> torch.Tensor:
-    """``flat[start:end].view(dtype).reshape(shape)`` (tensor_bucket.py reconstruct_tensors), after
-    checking the range lies in ``flat`` and holds exactly the shape's bytes."""
-    item, flat_item = m.dtype.itemsize, flat.element_size()
-    if not (0 <= m.start_idx <= m.end_idx <= flat.numel() and m.numel == m.end_idx - m.start_idx):
-        raise RefusedPayload(f"'{m.name}': range [{m.start_idx}, {m.end_idx}) (numel {m.numel}) is not inside the "
-                             f"flattened tensor of {flat.numel()} elements")
-    if m.numel * flat_item != math.prod(m.shape) * item or (m.start_idx * flat_item) % item:
-        raise RefusedPayload(f"'{m.name}': {m.numel} {flat.dtype} elements at {m.start_idx} do not hold an aligned "
-                             f"{m.dtype} tensor of shape {list(m.shape)}")
-    return flat[m.start_idx:m.end_idx].view(m.dtype).reshape(m.shape)
+def decode_ranks(body: dict, tp_size: int, decode) -> list:
+    """The server's side of ``serialized_named_tensors``: each of ``tp_size`` ranks decodes its entry
+    (``decode``); every rank must name the same tensors (our server holds one copy)."""
+    entries = body.get("serialized_named_tensors")
+    if not isinstance(entries, list) or len(entries) < tp_size:
+        raise RefusedPayload(f"serialized_named_tensors must be a list with one entry per TP rank ({tp_size})")
+    ranks = [decode(e) for e in entries[:tp_size]]
+    if any([n for n, _ in r] != [n for n, _ in ranks[0]] for r in ranks):
+        raise RefusedPayload("serialized_named_tensors entries name different tensors")
+    return ranks[0]
 
 
-def deserialize_flattened_bucket(text) -> list[tuple[str, torch.Tensor]]:
-    """One rank's ``flattened_bucket`` entry -> [(name, view of the flattened tensor)]."""
-    d = _load(text, FlatUnpickler)
-    if not (isinstance(d, dict) and set(d) == {"flattened_tensor", "metadata"}):
-        raise RefusedPayload("flattened_bucket payload must be {'flattened_tensor': tensor, 'metadata': [...]}")
-    flat, metas = d["flattened_tensor"], d["metadata"]
-    if not (isinstance(flat, torch.Tensor) and flat.dim() == 1 and flat.is_contiguous()):
-        raise RefusedPayload("flattened_tensor must be a contiguous 1-D tensor")
-    if not (isinstance(metas, list) and metas and all(isinstance(m, _MetaRecord) and hasattr(m, "meta")
-                                                      for m in metas)):
-        raise RefusedPayload("metadata must be a non-empty list of FlattenedTensorMetadata records")
-    names = [m.meta.name for m in metas]
-    if len(set(names)) != len(names):
-        raise RefusedPayload("metadata names a tensor twice")
-    return [(m.meta.name, _view(flat, m.meta)) for m in metas]
+def to_serving_device(bucket: Bucket) -> None:
+    """On a GPU machine, move ``bucket`` there first: SGLang maps CUDA IPC handles (one bucket at a time)."""
+    if torch.cuda.is_available() and not bucket.flat.is_cuda:
+        bucket.flat = bucket.flat.cuda()
+
+
+@WEIGHT_FORMATS.register("sglang_tensor")
+class SGLangTensorFormat(PayloadFormat):
+    """SGLang's named tensors (``load_format`` null)."""
+
+    load_format, sglang_api = None, True
+
+    @classmethod
+    def body(cls, bucket: Bucket, tp_size: int) -> dict:
+        to_serving_device(bucket)
+        return tensor_body(list(iter_tensors(bucket)), tp_size)
+
+    @classmethod
+    def decode(cls, body: dict, tp_size: int) -> list:
+        return decode_ranks(body, tp_size, deserialize_named_tensors)

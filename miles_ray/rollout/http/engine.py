@@ -1,15 +1,15 @@
 """HttpEngine: an engine server launched as a subprocess (our native server or
 ``sglang.launch_server``) and driven over its SGLang-native HTTP API.
 
-Weights go bucket by bucket as they stream in (:meth:`load_part`), in the server's format
-(:data:`WEIGHT_POSTERS`): SGLang's ``update_weights_from_tensor`` (handles to the bucket's
-tensors, one entry per TP rank, or its ``flattened_bucket`` format: one flattened tensor per rank,
-an unopened shm / CUDA IPC handle forwarded as it came; a real SGLang, or our server with
-``--strict-sglang``) or our
-pickle-free ``miles_raw`` bytes (lenient native server); :meth:`finish_load` then makes them
-version ``v`` with ``/update_weight_version``. Over a broadcast group the engine server itself
-joins the trainer's group (``init_weights_update_group``) and receives each tensor
-(``update_weights_from_distributed``): no copy through this actor.
+Weights go bucket by bucket as they stream in (:meth:`load_part`), each in the server's payload
+format (:func:`weight_format` picks its name in :data:`miles_ray.weights.registry.WEIGHT_FORMATS`):
+SGLang's ``update_weights_from_tensor`` named tensors (``sglang_tensor``) or ``flattened_bucket``
+(``sglang_flattened``, an unopened shm / CUDA IPC handle forwarded as it came) for a real SGLang or
+our server with ``--strict-sglang``, our pickle-free ``miles_raw`` bytes (``raw``) for the lenient
+native server; :meth:`finish_load` then makes them version ``v`` with ``/update_weight_version``.
+Over a broadcast group the engine server itself joins the trainer's group
+(``init_weights_update_group``, :meth:`open_broadcast`) and receives each tensor
+(``update_weights_from_distributed``, :meth:`receive_broadcast`): no copy through this actor.
 """
 from __future__ import annotations
 
@@ -20,50 +20,15 @@ from miles_ray.models import load_tokenizer
 from miles_ray.rollout.sglang.client import EngineClient
 from miles_ray.rollout.types import SamplingParams, engine_seed
 from miles_ray.sample import Sample
-from miles_ray.weights.buckets import iter_tensors
-
-
-def _post_raw(client: EngineClient, bucket, tp_size: int) -> None:
-    client.update_weights_raw([bucket])
-
-
-def _post_sglang(client: EngineClient, bucket, tp_size: int) -> None:
-    import torch
-
-    if torch.cuda.is_available() and not bucket.flat.is_cuda:  # SGLang maps CUDA IPC handles: one bucket at a time
-        bucket.flat = bucket.flat.cuda()
-    client.update_weights_from_tensor(list(iter_tensors(bucket)), tp_size)
-
-
-def _post_flattened(client: EngineClient, bucket, tp_size: int) -> None:
-    """SGLang's ``flattened_bucket``: the bucket's ``flat`` and its metadata, one entry per TP rank.
-    A bucket still unopened handle (shm / cuda_ipc, :class:`~miles_ray.weights.ipc.HandleBucket`)
-    with one TP rank is forwarded: the server maps the trainer's buffer itself, this actor never
-    does (a CUDA IPC tensor opened here could not be shared again)."""
-    import torch
-
-    from miles_ray.weights.ipc import HandleBucket
-    from miles_ray.weights.sglang_flattened import encode_flattened, forward_flattened, metas_for
-
-    metas = metas_for(bucket.entries, bucket.dtype)
-    handle = bucket.take_handle() if tp_size == 1 and isinstance(bucket, HandleBucket) else None
-    if handle is not None:
-        client.update_weights_flattened([forward_flattened(handle, metas)])
-        return
-    if torch.cuda.is_available() and not bucket.flat.is_cuda:  # SGLang maps CUDA IPC handles: one bucket at a time
-        bucket.flat = bucket.flat.cuda()
-    client.update_weights_flattened(encode_flattened(bucket.flat, metas, tp_size))
-
-
-WEIGHT_POSTERS = {"raw": _post_raw, "sglang": _post_sglang, "sglang_flat": _post_flattened}
+from miles_ray.weights.registry import payload_format
 
 
 def weight_format(cfg: Config) -> str:
-    """raw (lenient native server), sglang (named tensors) or sglang_flat
-    (``weight_sync.sglang_load_format=flattened_bucket``)."""
+    """The payload format's name: ``raw`` (lenient native server), ``sglang_tensor`` (named tensors) or
+    ``sglang_flattened`` (``weight_sync.sglang_load_format=flattened_bucket``)."""
     if not cfg.rollout.sglang_api:
         return "raw"
-    return "sglang_flat" if cfg.weight_sync.sglang_load_format == "flattened_bucket" else "sglang"
+    return "sglang_flattened" if cfg.weight_sync.sglang_load_format == "flattened_bucket" else "sglang_tensor"
 
 
 def server_args(cfg: Config, rank: int) -> list[str]:
@@ -96,8 +61,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 class HttpEngine:
     def __init__(self, backend: str, client: EngineClient, tokenizer, process=None, fmt: str = "raw",
                  tp_size: int = 1):
+        """``fmt``: a payload format's name (:func:`weight_format`)."""
         self.backend, self.client, self.tokenizer, self.process = backend, client, tokenizer, process
-        self.fmt, self.tp_size = fmt, tp_size
+        self.fmt, self.tp_size = payload_format(fmt), tp_size
         self.group_ranks = tp_size if backend == "sglang" else 1  # a real SGLang joins one rank per TP rank
         self.version = 0  # SGLang's /health has no body: the last version posted is kept here
 
@@ -127,7 +93,7 @@ class HttpEngine:
         self.client.resume()
 
     def load_part(self, bucket) -> None:
-        WEIGHT_POSTERS[self.fmt](self.client, bucket, self.tp_size)
+        self.client.post_weights(self.fmt.body(bucket, self.tp_size))
 
     def finish_load(self, version: int) -> int:
         self.version = self.client.update_weight_version(version)
@@ -143,13 +109,14 @@ class HttpEngine:
         self.client.init_weights_update_group(addr, port, rank, world_size, backend)
         return True
 
-    def receive_broadcast(self, metas: list, version: int) -> int:
+    def receive_broadcast(self, metas: list) -> None:
+        """The server receives the buckets ``metas`` describe, one broadcast per tensor; the engine is
+        STALE until :meth:`finish_load`."""
         from miles_ray.weights.raw import dtype_name
 
         entries = [(e, m["dtype"]) for m in metas for e in m["entries"]]
         self.client.update_weights_from_distributed([e[0] for e, _ in entries], [dtype_name(d) for _, d in entries],
                                                     [list(e[1]) for e, _ in entries])
-        return self.finish_load(version)
 
     def release_memory(self) -> None:
         self.client.release_memory()

@@ -28,16 +28,12 @@ import time
 import torch
 from fastapi import FastAPI, Request
 
-from miles_ray.weights import raw as raw_weights, sglang_tensor as sglang_tensors
 from miles_ray.rollout.http.bodies import read_object
 from miles_ray.rollout.sglang.api import BadRequest
-from miles_ray.weights import sglang_flattened as sglang_flat
-from miles_ray.weights.buckets import iter_tensors
+from miles_ray.weights import raw as raw_weights, sglang_flattened
+from miles_ray.weights.broadcast import BroadcastChannel
+from miles_ray.weights.registry import accepted_load_formats, format_for
 
-# model_runner.py update_weights_from_tensor: load_format None -> [(name, tensor)] per rank,
-# "flattened_bucket" -> {"flattened_tensor", "metadata"} (_update_weights_from_flattened_bucket)
-TENSOR_DECODERS = {None: sglang_tensors.deserialize_named_tensors,
-                   sglang_flat.FORMAT: sglang_tensors.deserialize_flattened_bucket}
 TENSOR_FIELDS = {"serialized_named_tensors", "load_format", "flush_cache", "abort_all_requests", "weight_version",
                  "disable_draft_model"}
 LENIENT_TENSOR_FIELDS = {"buckets", "load_format", "flush_cache", "abort_all_requests", "weight_version"}
@@ -75,27 +71,23 @@ def _int(body: dict, key: str, low: int, high: int) -> int:
 
 
 def _named_from_tensor_body(body: dict, strict: bool, tp_size: int) -> list:
+    """Decode through the payload format the body names (:mod:`miles_ray.weights.registry`): in strict
+    mode SGLang's (model_runner.py update_weights_from_tensor: load_format None -> [(name, tensor)]
+    per rank, "flattened_bucket" -> {"flattened_tensor", "metadata"}), else our pickle-free one."""
     if strict:
         check_fields(body, TENSOR_FIELDS, "update_weights_from_tensor")
-        fmt = body.get("load_format")
-        decode = TENSOR_DECODERS.get(fmt) if fmt is None or isinstance(fmt, str) else None
-        if decode is None:
-            raise BadRequest(f"load_format {body['load_format']!r} is not implemented by the stand-in (null or "
-                             f"'{sglang_flat.FORMAT}')")
-        entries = body.get("serialized_named_tensors")
-        if not isinstance(entries, list) or len(entries) < tp_size:
-            raise BadRequest(f"serialized_named_tensors must be a list with one entry per TP rank ({tp_size})")
-        ranks = [decode(e) for e in entries[:tp_size]]
-        if any([n for n, _ in r] != [n for n, _ in ranks[0]] for r in ranks):
-            raise BadRequest("serialized_named_tensors entries name different tensors")
-        return ranks[0]
-    if "serialized_named_tensors" in body:
+    elif "serialized_named_tensors" in body:
         raise BadRequest("this server never unpickles: send load_format='miles_raw' with 'buckets' (SGLang's "
                          "pickled format is accepted only with --strict-sglang, by an allow-list decoder)")
-    check_fields(body, LENIENT_TENSOR_FIELDS, "update_weights_from_tensor")
-    if body.get("load_format") != raw_weights.FORMAT:
-        raise BadRequest(f"load_format must be '{raw_weights.FORMAT}'")
-    return [nt for b in raw_weights.decode_buckets(body.get("buckets")) for nt in iter_tensors(b)]
+    else:
+        check_fields(body, LENIENT_TENSOR_FIELDS, "update_weights_from_tensor")
+    fmt = body.get("load_format")
+    found = format_for(fmt, strict) if fmt is None or isinstance(fmt, str) else None
+    if found is None:
+        accepted = " or ".join("null" if f is None else repr(f) for f in accepted_load_formats(strict))
+        raise BadRequest(f"load_format {fmt!r} is not implemented by the {'stand-in' if strict else 'server'} "
+                         f"(load_format must be {accepted})")
+    return found.decode(body, tp_size)
 
 
 def _check_shapes(state, named: list, dtypes: list | None = None) -> None:
@@ -130,7 +122,7 @@ def add_weight_routes(app: FastAPI, state) -> None:
         body = await read_object(request)
         version = parse_version(body.get("weight_version"), state.strict)
         named = await asyncio.to_thread(_named_from_tensor_body, body, state.strict, state.tp_size)
-        flattened = state.strict and body.get("load_format") == sglang_flat.FORMAT  # metadata names dtypes: checked
+        flattened = state.strict and body.get("load_format") == sglang_flattened.FORMAT  # metadata names dtypes: checked
         _check_shapes(state, [(n, t.shape) for n, t in named], [t.dtype for _, t in named] if flattened else None)
         served = await state.held(load, named, version)
         return _ok(f"Succeeded to update {len(named)} tensors.", served)
@@ -147,8 +139,6 @@ def add_weight_routes(app: FastAPI, state) -> None:
 
     @app.post("/init_weights_update_group")
     async def init_group(request: Request):
-        from miles_ray.weights import BroadcastChannel
-
         b = await read_object(request)
         check_fields(b, GROUP_FIELDS, "init_weights_update_group")
         world = _int(b, "world_size", 2, 1 << 16)
@@ -195,12 +185,7 @@ def add_weight_routes(app: FastAPI, state) -> None:
         version = parse_version(b.get("weight_version"), state.strict)
 
         def receive() -> int | None:
-            named = []
-            for n, d, s in zip(names, dtypes, shapes):
-                t = torch.empty(s, dtype=raw_weights.DTYPES[d], device=channel.device)
-                channel.broadcast(t)
-                named.append((n, t))
-            return load(named, version)
+            return load(channel.receive_named(names, [raw_weights.DTYPES[d] for d in dtypes], shapes), version)
 
         served = await state.held(receive)
         return _ok(f"Succeeded to update {len(names)} tensors from the group.", served)

@@ -113,35 +113,30 @@ class EngineClient:
     def server_info(self) -> dict:
         return self.http.get(f"{self.url}/get_server_info").json()
 
-    # -- weights (formats: miles_ray.weights.raw, sglang_tensors) -----------------------
+    # -- weights (payload formats: miles_ray.weights.raw, sglang_tensor, sglang_flattened) ----------
+    def post_weights(self, body: dict):
+        """An ``/update_weights_from_tensor`` body built by a payload format
+        (:class:`miles_ray.weights.transport.PayloadFormat`)."""
+        return self._post("/update_weights_from_tensor", body)
+
     def update_weights_raw(self, buckets: list, version: int | None = None):
         """Our pickle-free format (lenient server)."""
-        from miles_ray.weights.raw import FORMAT, encode_buckets
+        from miles_ray.weights.raw import request_body
 
-        body = {"load_format": FORMAT, "buckets": encode_buckets(buckets)}
-        if version is not None:
-            body["weight_version"] = str(version)
-        return self._post("/update_weights_from_tensor", body)
+        return self.post_weights(request_body(buckets, version))
 
     def update_weights_from_tensor(self, named: list, tp_size: int = 1, version: int | None = None):
         """SGLang's format: handles to ``named`` tensors, one entry per TP rank."""
-        from miles_ray.weights.sglang_tensor import serialize_named_tensors
+        from miles_ray.weights.sglang_tensor import tensor_body
 
-        body = {"serialized_named_tensors": serialize_named_tensors(named, tp_size), "load_format": None,
-                "flush_cache": False}
-        if version is not None:
-            body["weight_version"] = str(version)
-        return self._post("/update_weights_from_tensor", body)
+        return self.post_weights(tensor_body(named, tp_size, version))
 
     def update_weights_flattened(self, serialized: list[str], version: int | None = None):
         """SGLang's ``load_format="flattened_bucket"``: ``serialized`` holds one entry per TP rank
         (:mod:`miles_ray.weights.sglang_flattened`: a flattened tensor and its FlattenedTensorMetadata)."""
-        from miles_ray.weights.sglang_flattened import FORMAT
+        from miles_ray.weights.sglang_flattened import flattened_body
 
-        body = {"serialized_named_tensors": serialized, "load_format": FORMAT, "flush_cache": False}
-        if version is not None:
-            body["weight_version"] = str(version)
-        return self._post("/update_weights_from_tensor", body)
+        return self.post_weights(flattened_body(serialized, version))
 
     def update_weight_version(self, version: int) -> int:
         return as_version(self._post("/update_weight_version", {"new_version": str(version)})["new_version"])

@@ -40,7 +40,7 @@ def test_cuda_ipc_handle_forwarded_to_strict_server_over_http(tiny_dir, tmp_path
     import os
     import signal
 
-    from test_sglang_http import _assert_serves, _perturbed_trainer, _tokenizer
+    from tests.helpers.engine_checks import assert_serves, perturbed_trainer, tokenizer_of
 
     from miles_ray.rollout.http.engine import HttpEngine, free_port
     from miles_ray.rollout.http.launch import launch_server
@@ -49,15 +49,15 @@ def test_cuda_ipc_handle_forwarded_to_strict_server_over_http(tiny_dir, tmp_path
     proc, client = launch_server("native", tiny_dir, free_port(), "127.0.0.1", ["--strict-sglang", "--tp-size", "1"],
                                  log_path=str(tmp_path / "server.log"))
     try:
-        engine = HttpEngine("native", client, _tokenizer(tiny_dir), fmt="sglang_flat", tp_size=1)
-        trainer = _perturbed_trainer(tiny_dir, 21)
+        engine = HttpEngine("native", client, tokenizer_of(tiny_dir), fmt="sglang_flattened", tp_size=1)
+        trainer = perturbed_trainer(tiny_dir, 21)
         buckets = to_buckets({k: v.cuda() for k, v in trainer.get_weights().items()}, 6, bucket_bytes=20000)
         received = ipc.HandleReader().open(ipc.export_handles(buckets, "cuda"), keep=True)
         for b in received:
             engine.load_part(b)
         assert not any(b.opened for b in received)  # never opened by the forwarding process
         assert engine.finish_load(6) == 6
-        _assert_serves(engine, trainer, 6)
+        assert_serves(engine, trainer, 6)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
 

@@ -14,13 +14,14 @@ from multiprocessing.reduction import ForkingPickler
 
 import pytest
 import torch
-from test_sglang_http import _assert_serves, _perturbed_trainer, _tokenizer
 
 from miles_ray.weights import sglang_tensor as sglang_tensors
 from miles_ray.rollout.http.engine import HttpEngine, free_port
 from miles_ray.rollout.http.launch import launch_server
 from miles_ray.weights import ipc, to_buckets
-from miles_ray.weights.sglang_flattened import SGLANG_META, encode_flattened, forward_flattened, metas_for
+from miles_ray.weights.sglang_flattened import (SGLANG_META, deserialize_flattened_bucket, encode_flattened,
+                                                forward_flattened, metas_for)
+from tests.helpers.engine_checks import assert_serves, perturbed_trainer, tokenizer_of
 
 FLAT = "flattened_bucket"
 
@@ -68,7 +69,7 @@ def test_format_both_ways_against_sglangs_dataclass(sglang_module):
         parts.append(flat)
         at += flat.numel()
     theirs = _sglang_serialize({"flattened_tensor": torch.cat(parts), "metadata": metas})
-    got = sglang_tensors.deserialize_flattened_bucket(theirs)
+    got = deserialize_flattened_bucket(theirs)
     assert [n for n, _ in got] == ["i", "w", "h"]
     assert all(torch.equal(a, b) and a.dtype == b.dtype for (_, a), (_, b) in zip(got, named))
 
@@ -101,12 +102,12 @@ def test_round_trip_two_tp_ranks(servers):
     """Each bucket one request, one flattened entry per TP rank; the served weights are the
     trainer's (the engine's log-probs match the trainer's)."""
     c = servers["tp2"]
-    engine = HttpEngine("native", c, _tokenizer(servers["tiny_dir"]), fmt="sglang_flat", tp_size=2)
-    trainer = _perturbed_trainer(servers["tiny_dir"], 11)
+    engine = HttpEngine("native", c, tokenizer_of(servers["tiny_dir"]), fmt="sglang_flattened", tp_size=2)
+    trainer = perturbed_trainer(servers["tiny_dir"], 11)
     buckets = to_buckets(trainer.get_weights(), 3, bucket_bytes=20000)
     assert len(buckets) > 3
     assert engine.load_buckets(buckets, 3) == 3 and c.weight_version() == 3
-    _assert_serves(engine, trainer, 3)
+    assert_serves(engine, trainer, 3)
 
 
 def test_shm_handles_forwarded_unopened(servers):
@@ -114,10 +115,10 @@ def test_shm_handles_forwarded_unopened(servers):
     reference) goes to the server inside SGLang's payload; the forwarding side never maps it.
     Twice, over the same persistent buffers (the handles stay valid: references balance)."""
     c = servers["tp1"]
-    engine = HttpEngine("native", c, _tokenizer(servers["tiny_dir"]), fmt="sglang_flat", tp_size=1)
+    engine = HttpEngine("native", c, tokenizer_of(servers["tiny_dir"]), fmt="sglang_flattened", tp_size=1)
     reader, reuse = ipc.HandleReader(), None
     for version, seed in ((4, 12), (5, 13)):
-        trainer = _perturbed_trainer(servers["tiny_dir"], seed)
+        trainer = perturbed_trainer(servers["tiny_dir"], seed)
         buckets = to_buckets(trainer.get_weights(), version, bucket_bytes=20000, reuse=reuse)
         reuse = buckets
         received = reader.open(ipc.export_handles(buckets, "cpu"), keep=True)
@@ -126,7 +127,7 @@ def test_shm_handles_forwarded_unopened(servers):
             engine.load_part(b)
         assert not any(b.opened for b in received)  # never mapped by the forwarding process
         assert engine.finish_load(version) == version
-        _assert_serves(engine, trainer, version)
+        assert_serves(engine, trainer, version)
 
 
 class _Planted:
@@ -164,7 +165,7 @@ def test_malicious_and_inconsistent_payloads_refused(servers, tmp_path):
     an unknown name, a wrong shape; the server serves its old version afterwards."""
     c = servers["tp1"]
     before = c.weight_version()
-    state = _perturbed_trainer(servers["tiny_dir"], 14).get_weights()
+    state = perturbed_trainer(servers["tiny_dir"], 14).get_weights()
     name = "model.norm.weight"
     t = state[name].contiguous()
     flat, n = t.flatten(), t.numel()
@@ -252,7 +253,7 @@ def test_cuda_handle_forwarded_verbatim_cpu(sglang_module):
     assert [(m.name, tuple(m.shape), m.start_idx, m.end_idx) for m in got["metadata"]] == [("a", (2, 3), 0, 6)]
     if not torch.cuda.is_available():
         with pytest.raises(sglang_tensors.RefusedPayload, match="no CUDA device"):
-            sglang_tensors.deserialize_flattened_bucket(entry)
+            deserialize_flattened_bucket(entry)
 
 
 def test_decoder_property_views_inside_and_exact():
@@ -273,7 +274,7 @@ def test_decoder_property_views_inside_and_exact():
     @given(st.lists(meta, min_size=1, max_size=3), st.sampled_from([flat, flat.view(torch.uint8), flat.half()]))
     def run(metas, tensor):
         try:
-            got = sglang_tensors.deserialize_flattened_bucket(encode_flattened(tensor, metas)[0])
+            got = deserialize_flattened_bucket(encode_flattened(tensor, metas)[0])
         except sglang_tensors.RefusedPayload:
             return
         base, end = tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()

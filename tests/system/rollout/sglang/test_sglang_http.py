@@ -8,7 +8,6 @@ import json
 import os
 import pickle
 import signal
-import socket
 import threading
 import time
 
@@ -21,21 +20,9 @@ from miles_ray.rollout.http.engine import HttpEngine, free_port
 from miles_ray.rollout.http.guard import new_token
 from miles_ray.rollout.http.launch import launch_server
 from miles_ray.weights import to_buckets
+from tests.helpers.engine_checks import HOST, assert_serves, perturbed_trainer, tokenizer_of
 
 
-def _non_loopback() -> str:
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("192.0.2.1", 9))  # no packet is sent: picks the outgoing interface
-            ip = s.getsockname()[0]
-        with socket.socket() as s:
-            s.bind((ip, 0))
-        return ip if not ip.startswith("127.") else "127.0.0.1"
-    except OSError:
-        return "127.0.0.1"
-
-
-HOST = _non_loopback()
 TP = 2
 
 
@@ -117,42 +104,20 @@ def test_strict_request_rules_and_response_shapes(strict):
     assert c.health()["status"] == 200
 
 
-def _perturbed_trainer(tiny_dir, seed):
-    from miles_ray.config import AlgorithmConfig, TrainConfig
-    from miles_ray.training.fsdp import PolicyTrainer
-
-    trainer = PolicyTrainer(tiny_dir, TrainConfig(), AlgorithmConfig())
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in trainer.model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return trainer
-
-
-def _assert_serves(engine, trainer, version):
-    from miles_ray.rollout import SamplingParams
-
-    reqs = [{"prompt": "What is 1+2?", "label": "3", "prompt_index": 0, "group_id": 0}]
-    samples = engine.generate(reqs, 2, SamplingParams(5, top_k=0))  # top_k 0 is sent as SGLang's -1
-    assert all(s.weight_version == version for s in samples)
-    for s, lp in zip(samples, trainer.compute_logprobs(samples)):
-        assert lp == pytest.approx(s.response_logprobs, abs=1e-4)
-
-
 def test_weight_formats_tensor_per_tp_rank_and_distributed(strict):
     """SGLang's two update paths against the strict server: named-tensor handles (one entry per TP
     rank, one request per bucket) and a gloo group the server joins as rank 1."""
     from miles_ray.weights import BroadcastChannel
 
     c = strict["client"]
-    engine = HttpEngine("native", c, _tokenizer(strict["tiny_dir"]), fmt="sglang", tp_size=TP)
-    trainer = _perturbed_trainer(strict["tiny_dir"], 1)
+    engine = HttpEngine("native", c, tokenizer_of(strict["tiny_dir"]), fmt="sglang_tensor", tp_size=TP)
+    trainer = perturbed_trainer(strict["tiny_dir"], 1)
     buckets = to_buckets(trainer.get_weights(), 7, bucket_bytes=20000)
     assert len(buckets) > 3
     assert engine.load_buckets(buckets, 7) == 7 and c.weight_version() == 7
-    _assert_serves(engine, trainer, 7)
+    assert_serves(engine, trainer, 7)
 
-    trainer = _perturbed_trainer(strict["tiny_dir"], 2)
+    trainer = perturbed_trainer(strict["tiny_dir"], 2)
     buckets = to_buckets(trainer.get_weights(), 8, bucket_bytes=20000)
     port = free_port()
     with cf.ThreadPoolExecutor(2) as pool:
@@ -160,9 +125,10 @@ def test_weight_formats_tensor_per_tp_rank_and_distributed(strict):
         assert engine.open_broadcast("127.0.0.1", port, 1, 2, "nccl")  # CPU server: gloo
         channel = root.result(30)
         send = pool.submit(channel.send_tensors, buckets)
-        assert engine.receive_broadcast([b.meta() for b in buckets], 8) == 8
+        engine.receive_broadcast([b.meta() for b in buckets])
         send.result(30)
-    _assert_serves(engine, trainer, 8)
+    assert engine.finish_load(8) == 8 and c.weight_version() == 8
+    assert_serves(engine, trainer, 8)
 
 
 def test_health_answers_during_a_slow_load(strict):
@@ -180,12 +146,6 @@ def test_health_answers_during_a_slow_load(strict):
             time.sleep(0.1)
         assert load.result()["success"] and time.time() - t0 >= 2
     assert times and max(times) < 1.0
-
-
-def _tokenizer(tiny_dir):
-    from miles_ray.models import load_tokenizer
-
-    return load_tokenizer(tiny_dir)
 
 
 # -- property-based fuzzing of every endpoint ------------------------------------------------------
@@ -282,7 +242,7 @@ def test_shm_export_adopts_parameters_one_copy(tiny_dir):
     export copies nothing (the buckets are the parameters) and still carries the new weights."""
     from miles_ray.weights.buckets import iter_tensors
 
-    trainer = _perturbed_trainer(tiny_dir, 3)
+    trainer = perturbed_trainer(tiny_dir, 3)
     first = list(trainer.iter_export(trainer.engine_state(), 1, 20000))
     for b in first:
         b.flat.share_memory_()

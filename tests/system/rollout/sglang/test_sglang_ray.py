@@ -12,7 +12,7 @@ import ray
 
 from jobs.cluster import start_actors, stop_actors
 from miles_ray.config import load_config
-from tests.test_sglang_http import HOST
+from tests.helpers.engine_checks import HOST
 
 pytestmark = pytest.mark.ray
 STRICT = ("rollout.backend=native", "rollout.serve_http=true", "rollout.strict_sglang=true")
