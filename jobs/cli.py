@@ -4,6 +4,7 @@
     miles-ray rollout CONFIG [key.sub=value ...]   inference only: generate, score, dump samples
     miles-ray serve --model-path SPEC [...]        one engine server (SGLang-compatible HTTP API)
     miles-ray config show [CONFIG] [key=value ...] the resolved config, defaults and descriptions
+    miles-ray plan CONFIG [key.sub=value ...]      per-GPU memory of every role and placement, and the verdict
     miles-ray plot RUN_DIR [--out DIR]             PNGs of a run (reward, lengths, KL, staleness, faults...)
     miles-ray analyze RUN_DIR [--json]             a run's summary: reward rise, speed, faults, ledger
 
@@ -24,6 +25,7 @@ EXAMPLES = """examples:
   miles-ray rollout examples/grpo_arith_tiny.yaml rollout.dump_path=runs/dump.jsonl
   miles-ray serve --model-path tiny:qwen3 --port 30000
   miles-ray config show examples/grpo_arith_tiny_async.yaml async_rl.staleness=2
+  miles-ray plan examples/plan_8xH100.yaml model.path=examples/models/Qwen3-30B-A3B
   miles-ray plot runs/grpo-arith-tiny --out plots/
   miles-ray analyze runs/grpo-arith-tiny
 """
@@ -41,6 +43,16 @@ def cmd_config_show(args) -> int:
 
     sys.stdout.write(render_config(config_from(args)))
     return 0
+
+
+def cmd_plan(args) -> int:
+    """Print the memory plan; exit 0 when the configured placement fits cluster.gpu_memory_gib, else 1."""
+    from miles_ray.plan import plan_for, render_plan
+
+    cfg = config_from(args)
+    plan = plan_for(cfg)
+    sys.stdout.write(render_plan(plan, cfg.model.path))
+    return 0 if plan.fits else 1
 
 
 def cmd_plot(args) -> int:
@@ -80,8 +92,11 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="miles-ray", description="Ray-native RL post-training for LLMs.",
                                  epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _sub(sub, "train", "Train a policy (sync or async driver, per the config).", train.command)
+    train.add_train_args(_sub(sub, "train", "Train a policy (sync or async driver, per the config).", train.command))
     _sub(sub, "rollout", "Inference only: generate and score batches, dump them as jsonl.", rollout_only.command)
+    _sub(sub, "plan", "Per-GPU memory of every role (trainer, critic, engine) and placement (colocated, "
+         "disaggregated) from the model's config.json alone, and whether it fits cluster.gpu_memory_gib "
+         "(exit 1 when not).", cmd_plan)
     serve = _sub(sub, "serve", "Run one engine server (SGLang-compatible HTTP API); `miles-ray serve --help` lists "
                  "its arguments.", cmd_serve, config_args=False, add_help=False)
     serve.add_argument("server_args", nargs=argparse.REMAINDER)

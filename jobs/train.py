@@ -25,6 +25,7 @@ from jobs.reward_services import check_reward_services, start_reward_services, s
 from jobs.sync_driver import train_loop
 from miles_ray.config import Config
 from miles_ray.data import PromptSampler, load_prompts
+from miles_ray.errors import UserValueError
 from miles_ray.training.megatron.validate import validate_config as validate_backend
 from miles_ray.models import load_tokenizer
 from miles_ray.rewards.registry import check_reward_spec
@@ -63,10 +64,26 @@ def check_agent(cfg: Config) -> None:
         make_env(cfg.agent.env)
 
 
-def run(cfg: Config) -> dict:
+def check_memory(cfg: Config, force: bool = False) -> None:
+    """GPU runs only (``cluster.use_gpu``; CPU runs skip it): a memory plan that needs more than
+    ``cluster.gpu_memory_gib`` on some GPU raises a :class:`UserValueError` naming the biggest item
+    and the knob that shrinks it; ``force`` logs it instead."""
+    if not cfg.cluster.use_gpu:
+        return
+    from miles_ray.plan import plan_for
+
+    problem = plan_for(cfg).problem()
+    if problem and not force:
+        raise UserValueError(problem)
+    if problem:
+        log.warning("--force: starting anyway; %s", problem)
+
+
+def run(cfg: Config, force: bool = False) -> dict:
     """Run a whole job; returns a summary (also written to ``summary.json``). Problems in the
-    config, data, model path, reward function or resume folder raise a :class:`UserError` before
-    any actor starts."""
+    config, data, model path, reward function, resume folder or (GPU runs) the memory plan raise a
+    :class:`UserError` before any actor starts; ``force`` runs a plan that does not fit anyway."""
+    check_memory(cfg, force)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
@@ -111,7 +128,7 @@ def command(args) -> int:
     from jobs.entry import config_from
 
     cfg = config_from(args)
-    summary = run(cfg)
+    summary = run(cfg, force=getattr(args, "force", False))
     print(f"done: {summary['steps']} steps, reward first 5 = {summary['reward_first5']:.3f}, "
           f"last 5 = {summary['reward_last5']:.3f} (gain {summary['reward_gain']:+.3f}); "
           f"metrics in {cfg.output_dir}/metrics.jsonl")
@@ -121,7 +138,13 @@ def command(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     from jobs.entry import standalone
 
-    return standalone("python -m jobs.train", "Train a policy (the same as `miles-ray train`).", command, argv)
+    return standalone("python -m jobs.train", "Train a policy (the same as `miles-ray train`).", command, argv,
+                      add_train_args)
+
+
+def add_train_args(p) -> None:
+    p.add_argument("--force", action="store_true", help="start a GPU run whose memory plan does not fit "
+                   "cluster.gpu_memory_gib (see `miles-ray plan`)")
 
 
 if __name__ == "__main__":
