@@ -26,7 +26,9 @@ def setup_worker_process(seed: int, cfg=None, role: str = "") -> None:
 
 
 def dist_backend(cfg) -> str:
-    """torch.distributed backend for trainer groups and weight broadcasts: NCCL on GPU, else gloo."""
+    """torch.distributed backend for trainer groups and weight broadcasts: NCCL on GPU, else gloo.
+    A trainer group widens ``nccl`` to ``cpu:gloo,cuda:nccl`` (its CPU metric reductions need a CPU
+    backend): :func:`miles_ray.training.collectives.group_backend`."""
     import torch
 
     return "nccl" if cfg.cluster.use_gpu and torch.cuda.is_available() else "gloo"

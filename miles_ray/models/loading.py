@@ -128,16 +128,60 @@ def load_tokenizer(spec: str, tiny_cache_dir: str = "runs/_models"):
     return tok
 
 
-def load_model(spec: str, dtype: str = "float32", tiny_cache_dir: str = "runs/_models"):
-    """Load the model in eval mode on CPU. GGUF weights are dequantised to ``dtype``."""
-    from transformers import AutoModelForCausalLM
+HEADS = {"causal": ("AutoModelForCausalLM", {}), "value": ("AutoModelForTokenClassification", {"num_labels": 1})}
 
+
+def _auto(head: str):
+    import transformers
+
+    cls, kwargs = HEADS[head]
+    return getattr(transformers, cls), kwargs
+
+
+def load_model(spec: str, dtype: str = "float32", tiny_cache_dir: str = "runs/_models", head: str = "causal"):
+    """Load the model in eval mode on CPU. GGUF weights are dequantised to ``dtype``. ``head``: a
+    key of :data:`HEADS` (``value``: one score per token, for critics)."""
+    auto, extra = _auto(head)
     where = resolve_model_path(spec, tiny_cache_dir)
     kwargs = {"gguf_file": where["gguf_file"]} if where["gguf_file"] else {}
-    model = AutoModelForCausalLM.from_pretrained(where["path"], dtype=DTYPES[dtype], **kwargs)
+    model = auto.from_pretrained(where["path"], dtype=DTYPES[dtype], **extra, **kwargs)
     if where["gguf_file"]:
         model.hf_quantizer = None  # dequantised: behave as a plain fp model (can save, can train)
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     model.eval()
     return model
+
+
+def load_empty(spec: str, dtype: str = "float32", tiny_cache_dir: str = "runs/_models", head: str = "causal",
+               init: dict | None = None):
+    """Sharded loading's first half: ``(model, files)`` with the model's parameters on the meta
+    device (buffers real), to be filled by :func:`miles_ray.models.sharded.materialize` once it is
+    laid out (each rank reading only what it keeps). Where the files cannot be read by parameter
+    name (GGUF, no safetensors, another key layout such as fused MoE experts), a full
+    :func:`load_model` and ``None``. ``init``: parameter name -> initialiser of those the files
+    lack on purpose (a critic's score head)."""
+    from miles_ray.models.sharded import SafetensorsFolder, missing_names
+
+    where = resolve_model_path(spec, tiny_cache_dir)
+    if not where["gguf_file"] and SafetensorsFolder.present(where["path"]):
+        files = SafetensorsFolder(where["path"])
+        model = empty_model(where["path"], dtype, head)
+        if not missing_names(model, files, init or {}):
+            return model, files
+    return load_model(spec, dtype, tiny_cache_dir, head), None
+
+
+def empty_model(folder: str, dtype: str = "float32", head: str = "causal"):
+    """The model of HF ``folder`` (config, generation config) in eval mode, parameters on meta."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from miles_ray.models.sharded import params_on_meta
+
+    auto, extra = _auto(head)
+    config = AutoConfig.from_pretrained(folder, **extra)
+    with params_on_meta():
+        model = auto.from_config(config, dtype=DTYPES[dtype])
+    if model.can_generate() and (Path(folder) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    return model.eval()

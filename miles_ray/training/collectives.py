@@ -1,9 +1,32 @@
 """Every collective a trainer rank issues, in one module: the process group's set-up, the rank's
-place in it, and the small reductions of counts and metrics (sums, maxima) that the trainers,
-critic, SFT and megatron steps share.
+place in it, the small reductions of counts and metrics (sums, maxima) that the trainers, critic,
+SFT and megatron steps share, and the tensor / object collectives of the megatron backend (its
+gradient reduction and norm, export tables, checkpoint barrier). Nothing under
+``miles_ray/training`` calls ``torch.distributed`` collectives directly.
 
-Rules this module owns (torch.distributed): a collective's tensor must live on a device the
-group's backend covers; tensors are made here on :func:`device`, never by the callers.
+Rule (torch.distributed): a collective's tensor must live on a device the group's backend covers;
+a group created as bare ``nccl`` covers CUDA only and refuses CPU tensors ("No backend type
+associated with device type cpu").
+
+Choice: **the group covers CPU too.** On GPUs a trainer group is created as
+``cpu:gloo,cuda:nccl`` (:data:`GROUP_BACKENDS`), so CUDA tensors (DDP / FSDP2 gradient
+reductions, all-gathers, megatron's TP / PP traffic) go over NCCL and CPU tensors over gloo.
+Why this and not "every tensor on the rank's device":
+- the reductions here are of Python numbers (token counts, metrics): on CPU they cost no
+  host-to-device copy and no device sync per metric;
+- torch's object collectives and ``barrier`` on a group with a CPU backend use it (no pickles
+  staged through GPU memory), and library code (DCP, megatron's checkpointing) issues CPU
+  collectives that we do not control;
+- megatron's model-parallel groups are made with the default backend and inherit the CPU
+  backend, so the norm of :mod:`miles_ray.training.megatron.grads` may live on any device;
+- it is one rule, decided once at :func:`init_distributed`, instead of a convention every
+  caller must keep.
+Weight-sync broadcast groups (``miles_ray/weights``) are created elsewhere and are not covered.
+
+Test mode (``init_distributed(..., emulate=True)``): the group is created with the *same device
+coverage* as on the real machine, every backend replaced by gloo (:func:`emulated`): ``nccl``
+becomes ``cuda:gloo``, so torch itself refuses CPU tensors on a CPU-only machine exactly as
+NCCL would; ``cpu:gloo,cuda:nccl`` becomes ``cpu:gloo,cuda:gloo``.
 """
 from __future__ import annotations
 
@@ -13,35 +36,132 @@ import os
 import torch
 import torch.distributed as dist
 
+# what a trainer group is created with, per backend that :func:`actors.common.dist_backend` names
+GROUP_BACKENDS = {"nccl": "cpu:gloo,cuda:nccl", "gloo": "gloo"}
+OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+TIMEOUT = datetime.timedelta(minutes=10)
 
-def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, backend: str = "gloo") -> None:
+
+def group_backend(backend: str) -> str:
+    """The backend spec a trainer group is created with (a ``device:backend`` spec passes as is)."""
+    return backend if ":" in backend else GROUP_BACKENDS.get(backend, backend)
+
+
+def device_backends(spec: str) -> dict[str, str]:
+    """``"cpu:gloo,cuda:nccl"`` -> ``{"cpu": "gloo", "cuda": "nccl"}``; a bare name covers its devices."""
+    out: dict[str, str] = {}
+    for part in spec.split(","):
+        dev, _, name = part.strip().rpartition(":")
+        for d in (dev,) if dev else dist.Backend.backend_capability.get(name, ("cpu",)):  # torch's registry
+            out[d] = name
+    return out
+
+
+def emulated(spec: str) -> str:
+    """The CPU test mode's spec: the device coverage of ``spec``, each backend replaced by gloo."""
+    return ",".join(f"{d}:gloo" for d in device_backends(spec))
+
+
+def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, backend: str = "gloo",
+                     emulate: bool = False) -> None:
+    """Join the trainer group (idempotent). ``backend`` as :func:`actors.common.dist_backend` names
+    it; :func:`group_backend` widens it. ``emulate``: the test mode (module docstring)."""
     if dist.is_initialized():
         return
+    spec = group_backend(backend)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = master_addr, str(master_port)
-    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=10))
+    dist.init_process_group(emulated(spec) if emulate else spec, rank=rank, world_size=world_size, timeout=TIMEOUT)
 
 
-def world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
+def init_single_process() -> None:
+    """A world of one over gloo (megatron needs a group even on one process); idempotent."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def covers(device_type: str, group=None) -> bool:
+    """Whether ``group``'s backend takes tensors of ``device_type`` (False without a group)."""
+    return is_initialized() and device_type in device_backends(dist.get_backend_config(group))
+
+
+def world(group=None) -> tuple[int, int]:
+    """(rank, size) in ``group`` (default: the world); (0, 1) without a process group."""
+    if is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
 
 
-def all_sum(values: list[float]) -> list[float]:
-    if world()[1] == 1:
+def all_sum(values: list[float], group=None) -> list[float]:
+    """Element-wise sums over ranks, in float64, on CPU (module docstring: the group covers CPU)."""
+    if world(group)[1] == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=group)
     return t.tolist()
 
 
-def all_max(value: int | float) -> int | float:
+def all_max(value: int | float, group=None) -> int | float:
     """The maximum over ranks (ints stay ints)."""
-    if world()[1] == 1:
+    if world(group)[1] == 1:
         return value
     t = torch.tensor([value], dtype=torch.long if isinstance(value, int) else torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t.item()
+
+
+def all_reduce_(tensor: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
+    """Reduce ``tensor`` in place over ``group`` (``op``: a key of :data:`OPS`); returns it."""
+    if world(group)[1] > 1:
+        dist.all_reduce(tensor, op=OPS[op], group=group)
+    return tensor
+
+
+def all_gather(tensor: torch.Tensor, group=None) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` (same shape everywhere), in rank order."""
+    size = world(group)[1]
+    if size == 1:
+        return [tensor]
+    out = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(out, tensor.contiguous(), group=group)
+    return out
+
+
+def all_gather_object(obj, group=None) -> list:
+    """Every rank's picklable ``obj``, in rank order."""
+    size = world(group)[1]
+    if size == 1:
+        return [obj]
+    out = [None] * size
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def broadcast_object(obj, src: int, group=None):
+    """Global rank ``src``'s ``obj`` on every rank of ``group``."""
+    if world(group)[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def send_object(obj, dst: int) -> None:
+    dist.send_object_list([obj], dst)
+
+
+def recv_object(src: int):
+    box = [None]
+    dist.recv_object_list(box, src)
+    return box[0]
+
+
+def barrier(group=None) -> None:
+    if world(group)[1] > 1:
+        dist.barrier(group=group)
 
 
 def device() -> torch.device:

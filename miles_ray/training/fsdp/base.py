@@ -1,7 +1,8 @@
 """The FSDP backend's rank base: a transformers model wrapped for data parallelism (DDP or FSDP2)
 with the training precision, gradient checkpointing, varlen attention for packed rows, AdamW,
 gradient-sync control per micro-batch, sharded checkpoints and full-state export.
-The policy, critic and draft trainers derive from it.
+The policy, critic and draft trainers derive from it. Sharded loading (:func:`place`): a model
+built on the meta device is laid out first, then each rank reads only the rows it keeps.
 """
 from __future__ import annotations
 
@@ -34,12 +35,38 @@ def shard_fsdp2(core: torch.nn.Module, model: torch.nn.Module, precision: str) -
     return fully_shard(core, **kwargs)
 
 
+def place(core: torch.nn.Module, model: torch.nn.Module, strategy: str, precision: str, device, weights=None,
+          init: dict | None = None) -> torch.nn.Module:
+    """``core`` laid out for ``strategy`` (``none``: one rank). With ``weights`` (sharded loading)
+    the meta parameters are filled after FSDP2 has sharded them (each rank reads only its rows)
+    and before DDP wraps (every rank reads all: DDP keeps replicas)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"train.strategy='{strategy}' is unknown; choose ddp or fsdp2")
+    if strategy == "fsdp2":
+        core = shard_fsdp2(core, model, precision)
+    if weights is not None:
+        from miles_ray.models.sharded import materialize
+
+        materialize(core, model, weights, device, init)
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(core)
+    return core
+
+
+STRATEGIES = ("none", "ddp", "fsdp2")
+
+
 class FSDPTrainerBase(TorchTrainerBase):
     """A trainer rank: ``self.module`` (the transformers model: parameter names, export),
     ``self.model`` (``core``, the forward module, wrapped for DP), ``self.optimizer``."""
 
     def __init__(self, model: torch.nn.Module, train_cfg, lr: float, strategy: str = "ddp", precision: str = "fp32",
-                 core: torch.nn.Module | None = None, schedule_steps: int = 0):
+                 core: torch.nn.Module | None = None, schedule_steps: int = 0, weights=None, init: dict | None = None):
+        """``weights``: sharded loading (``model``'s parameters on meta, from
+        :func:`miles_ray.models.loading.load_empty`): filled on this rank's device once laid out,
+        ``init`` setting those the files lack; None: ``model`` is loaded (on CPU)."""
         self.cfg, self.precision = train_cfg, precision
         self.rank, self.world_size = world()
         self.device = device()
@@ -47,23 +74,15 @@ class FSDPTrainerBase(TorchTrainerBase):
         if train_cfg.gradient_checkpointing:
             enable_activation_checkpointing(model)
         core = core if core is not None else model
-        core.to(self.device)
+        if weights is None:
+            core.to(self.device)
         self.module = model  # unwrapped, for state_dict names
         self.core = core  # the forward module, unwrapped
         self.strategy = strategy if self.world_size > 1 else "none"
-        self.model = self._wrap(core, model, strategy) if self.world_size > 1 else core
+        self.model = place(core, model, self.strategy, self.precision, self.device, weights, init)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=train_cfg.weight_decay)
         self.base_lr, self.schedule_steps, self.opt_steps = lr, schedule_steps, 0
         self.offloaded = False
-
-    def _wrap(self, core, model, strategy: str):
-        if strategy == "ddp":
-            from torch.nn.parallel import DistributedDataParallel
-
-            return DistributedDataParallel(core)
-        if strategy == "fsdp2":
-            return shard_fsdp2(core, model, self.precision)
-        raise ValueError(f"train.strategy='{strategy}' is unknown; choose ddp or fsdp2")
 
     def _sync_context(self, last: bool):
         """Skip the gradient sync on all but the last micro-batch of a mini-batch."""
@@ -106,19 +125,13 @@ class FSDPTrainerBase(TorchTrainerBase):
         return self.full_state_dict(to_cpu=to_cpu)
 
     def adopt_export_buffers(self) -> int:
-        """shm transport (the CPU twin of CUDA IPC zero-copy): make the live parameters views into
-        the persistent shared-memory export buckets, so the next export copies nothing and engines
-        load straight from the trainer's memory: one copy in all. Unsharded CPU modules only (one
-        rank, unquantized export); a tied duplicate keeps its copy. Returns parameters adopted."""
+        """shm transport (:func:`miles_ray.weights.shm.adopt_buffers`): the live parameters become
+        views into the persistent shared-memory export buckets, so the next export copies nothing
+        and engines load straight from the trainer's memory: one copy in all. Unsharded CPU modules
+        only (one rank, unquantized export). Returns parameters adopted."""
+        from miles_ray.weights.shm import adopt_buffers
+
         buckets = getattr(self, "_buckets", None)
         if self.world_size != 1 or not buckets or getattr(self, "engine_quant", None):
             return 0
-        params, seen = self.module.state_dict(keep_vars=True), set()
-        for b in buckets:
-            for name, shape, offset, numel in b.entries:
-                p = params.get(name)
-                fits = p is not None and p.device.type == "cpu" and p.dtype == b.dtype and tuple(p.shape) == shape
-                if fits and id(p) not in seen and b.flat.is_shared():
-                    seen.add(id(p))
-                    p.data = b.flat[offset:offset + numel].view(shape)
-        return len(seen)
+        return adopt_buffers(self.module.state_dict(keep_vars=True), buckets)

@@ -24,6 +24,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from miles_ray.training.collectives import is_initialized
+
 _META = "torch.distributed.checkpoint.metadata"
 ALLOWED = {(_META, n) for n in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
                                 "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
@@ -60,10 +62,6 @@ class SafeReader(FileSystemReader):
         return metadata
 
 
-def _dist() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 def save_sharded(folder: str | Path, model: torch.nn.Module, optimizer, counters: dict, rank: int) -> None:
     """Collective: model + optimizer shards into ``folder``; RNG per rank; counters by rank 0."""
     folder = Path(folder)
@@ -71,7 +69,7 @@ def save_sharded(folder: str | Path, model: torch.nn.Module, optimizer, counters
     msd, osd = get_state_dict(model, optimizer, options=OPTIONS)
     with warnings.catch_warnings():  # one process: DCP warns that it assumes so
         warnings.filterwarnings("ignore", message=".*single process.*")
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(folder), no_dist=not _dist())
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(folder), no_dist=not is_initialized())
     torch.save({"torch": torch.get_rng_state(), "python": _python_rng()}, folder / f"rng_rank{rank}.pt")
     if rank == 0:
         (folder / "counters.json").write_text(json.dumps(counters))
@@ -86,7 +84,7 @@ def load_sharded(folder: str | Path, model: torch.nn.Module, optimizer, rank: in
     state = {"model": msd, "optim": osd}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*single process.*")
-        dcp.load(state, storage_reader=SafeReader(str(folder)), no_dist=not _dist())
+        dcp.load(state, storage_reader=SafeReader(str(folder)), no_dist=not is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=OPTIONS)
     rng_file = folder / f"rng_rank{rank}.pt"
     if rng_file.is_file():  # a rank the saving run did not have keeps its own seed

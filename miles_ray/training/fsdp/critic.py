@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from miles_ray.algorithms.losses import value_loss
-from miles_ray.models.loading import DTYPES, resolve_model_path
+from miles_ray.models.loading import load_empty, load_model
 from miles_ray.training import precision as prec
 from miles_ray.training.base import padded_micro_batches
 from miles_ray.training.collectives import all_sum
@@ -17,13 +17,13 @@ from miles_ray.training.batching import loss_tokens, pack, unpack
 from miles_ray.training.fsdp.logprobs import ValueModelForTraining
 
 
-def load_value_model(spec: str, dtype: str = "float32", tiny_cache_dir: str = "runs/_models"):
-    from transformers import AutoModelForTokenClassification
+SCORE_INIT = {"score.weight": torch.nn.init.zeros_, "score.bias": torch.nn.init.zeros_}  # V = 0 everywhere
 
-    where = resolve_model_path(spec, tiny_cache_dir)
-    kwargs = {"gguf_file": where["gguf_file"]} if where["gguf_file"] else {}
-    model = AutoModelForTokenClassification.from_pretrained(where["path"], num_labels=1, dtype=DTYPES[dtype], **kwargs)
-    torch.nn.init.zeros_(model.score.weight)  # start from V = 0 everywhere
+
+def load_value_model(spec: str, dtype: str = "float32", tiny_cache_dir: str = "runs/_models"):
+    """The causal LM's backbone with a zero scalar head (a full load, on CPU)."""
+    model = load_model(spec, dtype, tiny_cache_dir, head="value")
+    torch.nn.init.zeros_(model.score.weight)  # start from V = 0 everywhere (the bias is zero already)
     return model
 
 
@@ -33,9 +33,11 @@ class CriticTrainer(FSDPTrainerBase):
         torch.manual_seed(seed)
         self.pad_id = pad_id
         precision = prec.resolve(train_cfg.precision, dtype)
-        model = load_value_model(model_spec, prec.load_dtype(precision), tiny_cache_dir)
+        model, weights = load_empty(model_spec, prec.load_dtype(precision), tiny_cache_dir, "value", SCORE_INIT)
+        if weights is None:
+            torch.nn.init.zeros_(model.score.weight)
         super().__init__(model, train_cfg, train_cfg.critic_lr, train_cfg.strategy, precision,
-                         ValueModelForTraining(model), schedule_steps)
+                         ValueModelForTraining(model), schedule_steps, weights, SCORE_INIT)
 
     def _pack(self, chunk):
         return pack(chunk, self.pad_id, self.device, packed=self.cfg.packing)

@@ -13,10 +13,11 @@ import copy
 import torch
 
 from miles_ray.models import load_model, load_tokenizer
+from miles_ray.models.loading import load_empty
 from miles_ray.training import precision as prec
 from miles_ray.training.base import padded_micro_batches
-from miles_ray.training.collectives import all_max, all_sum, world
-from miles_ray.training.fsdp.base import FSDPTrainerBase, shard_fsdp2
+from miles_ray.training.collectives import all_max, all_sum
+from miles_ray.training.fsdp.base import FSDPTrainerBase, place
 from miles_ray.training.batching import loss_tokens, make_minibatches, pack, unpack
 from miles_ray.training.fsdp.logprobs import CausalLMForTraining
 from miles_ray.training.policy_loss import SUMMED_METRICS, PolicyLossMixin
@@ -33,8 +34,12 @@ class PolicyTrainer(PolicyLossMixin, SFTMixin, FSDPTrainerBase):
         self.tokenizer = load_tokenizer(model_spec, tiny_cache_dir)
         self.pad_id = self.tokenizer.pad_token_id or 0
         precision = prec.resolve(getattr(train_cfg, "precision", "fp32"), dtype)
-        model = load_model(model_spec, prec.load_dtype(precision), tiny_cache_dir)
-        ref = copy.deepcopy(model).eval().requires_grad_(False) if algo_cfg.kl_coef > 0 else None
+        load = (load_empty if not prec.fake_quant(train_cfg) and not exact_max_len else _loaded)  # those read weights
+        model, weights = load(model_spec, prec.load_dtype(precision), tiny_cache_dir)
+        ref = None
+        if algo_cfg.kl_coef > 0:  # the reference: the files again (sharded loading), else a copy before fake quant
+            copied = (copy.deepcopy(model), None) if weights is None else None
+            ref = copied or load(model_spec, prec.load_dtype(precision), tiny_cache_dir)
         self.engine_quant = engine_quant  # the engines serve quantized weights: sync sends them quantized
         if prec.fake_quant(train_cfg):  # fp8_unified / int4 QAT: train on the numbers the engines serve
             from miles_ray.quant.modules import fake_quantize_model
@@ -45,8 +50,8 @@ class PolicyTrainer(PolicyLossMixin, SFTMixin, FSDPTrainerBase):
         if exact_max_len:  # true on-policy: the exact forward takes right-padded rows
             train_cfg = train_cfg.model_copy(update={"packing": False})
         super().__init__(model, train_cfg, train_cfg.lr, getattr(train_cfg, "strategy", "ddp"), precision,
-                         self._core(model, train_cfg.logprob_chunk_tokens), schedule_steps)
-        self.ref = self._reference(ref) if ref is not None else None
+                         self._core(model, train_cfg.logprob_chunk_tokens), schedule_steps, weights)
+        self.ref = self._reference(*ref) if ref is not None else None
         self.version = 0  # optimizer-step rounds done (train_step / sft_step)
 
     def _core(self, model: torch.nn.Module, chunk_tokens: int) -> torch.nn.Module:
@@ -60,14 +65,16 @@ class PolicyTrainer(PolicyLossMixin, SFTMixin, FSDPTrainerBase):
         self_test(core.exact, model.config.vocab_size)
         return core
 
-    def _reference(self, ref: torch.nn.Module) -> torch.nn.Module:
+    def _reference(self, ref: torch.nn.Module, weights=None) -> torch.nn.Module:
         """The frozen KL reference, laid out like the policy: sharded under FSDP2 (never a full
-        copy per rank there), a replica under DDP (as the policy is)."""
+        copy per rank there; with sharded loading never a full read either), a replica under DDP
+        (as the policy is)."""
+        ref.eval().requires_grad_(False)
         use_varlen_attention(ref)
-        core = self._core(ref, self.cfg.logprob_chunk_tokens).to(self.device)
-        if self.strategy == "fsdp2" and world()[1] > 1:
-            core = shard_fsdp2(core, ref, self.precision)
-        return core
+        core = self._core(ref, self.cfg.logprob_chunk_tokens)
+        if weights is None:
+            core.to(self.device)
+        return place(core, ref, "fsdp2" if self.strategy == "fsdp2" else "none", self.precision, self.device, weights)
 
     # -- log-probs ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -150,6 +157,11 @@ class PolicyTrainer(PolicyLossMixin, SFTMixin, FSDPTrainerBase):
         """A CPU copy of the full state dict on rank 0; None on other ranks."""
         state = self.full_state_dict()
         return {k: v.clone() for k, v in state.items()} if state is not None else None
+
+
+def _loaded(spec: str, dtype: str, tiny_cache_dir: str) -> tuple:
+    """A full load (:func:`load_model`), shaped like :func:`load_empty`'s answer."""
+    return load_model(spec, dtype, tiny_cache_dir), None
 
 
 def train_on_samples(trainer: PolicyTrainer, samples: list, num_minibatches: int) -> dict:

@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+
+from miles_ray.training import collectives
 
 
 def _adam_step(optimizer) -> float:
@@ -52,9 +53,9 @@ def save(folder: str | Path, model, optimizer, counters: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     _init_state(optimizer)
     dist_checkpointing.save(_sharded(model, optimizer), str(folder))
-    if dist.get_rank() == 0:
+    if collectives.world()[0] == 0:
         (folder / "counters.json").write_text(json.dumps({**counters, "adam_step": _adam_step(optimizer)}))
-    dist.barrier()
+    collectives.barrier()
 
 
 def load(folder: str | Path, model, optimizer) -> dict:

@@ -11,8 +11,8 @@ same order; rank 0 packs and yields the buckets, the others yield nothing. The e
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
+from miles_ray.training import collectives
 from miles_ray.training.megatron import convert
 from miles_ray.training.megatron.parallel import layout
 from miles_ray.training.megatron.weights import iter_hf, layer_offset
@@ -40,17 +40,14 @@ class HFStream:
         self.model, self.hf_config = model, hf_config
         where = layout()
         mine = (where["pp_rank"], where["tp_rank"] == 0 and where["dp_rank"] == 0, _stage_entries(model, hf_config))
-        table = [mine]
-        if dist.get_world_size() > 1:
-            table = [None] * dist.get_world_size()
-            dist.all_gather_object(table, mine)
+        table = collectives.all_gather_object(mine)
         self.entries = [e for _, _, entries in sorted((t for t in table if t[1]), key=lambda t: t[0]) for e in entries]
 
 
 def iter_buckets(stream: HFStream, version: int, bucket_bytes: int):
     """Yield the export's buckets on rank 0 (collective; other ranks yield nothing)."""
     tensors = iter_hf(stream.model, stream.hf_config)
-    if dist.get_rank() != 0:
+    if collectives.world()[0] != 0:
         for _ in tensors:  # drives this rank's part of the gathers
             pass
         return

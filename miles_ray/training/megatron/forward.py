@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from miles_ray.training import collectives
+
 
 def attention_mask(batch) -> torch.Tensor:
     """``[1, 1, L, L]`` bool, True where a query may *not* attend to a key."""
@@ -47,13 +49,11 @@ def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, tempera
 
 
 def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
     top = logits.detach().max(dim=-1, keepdim=True).values
-    if ps.get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=ps.get_tensor_model_parallel_group())
+    collectives.all_reduce_(top, "max", group=ps.get_tensor_model_parallel_group())
     shifted = logits - top
     exp = shifted.exp()
     sums = reduce_from_tensor_model_parallel_region(torch.stack([exp.sum(-1), (exp * shifted).sum(-1)]))

@@ -18,7 +18,8 @@ the same number ``torch.nn.utils.clip_grad_norm_`` gives on the unsharded model 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+
+from miles_ray.training import collectives
 
 
 def _params(model) -> list:
@@ -52,14 +53,14 @@ def finalize(model, sequence_parallel: bool) -> None:
     _ensure_grads(model)
     if ps.get_data_parallel_world_size() > 1:
         for p in _params(model):
-            dist.all_reduce(p.grad, group=ps.get_data_parallel_group())
+            collectives.all_reduce_(p.grad, group=ps.get_data_parallel_group())
     if ps.get_tensor_model_parallel_world_size() > 1:
         for name, p in model.named_parameters():
             if p.requires_grad and _tp_partial(name, p, sequence_parallel):
-                dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
+                collectives.all_reduce_(p.grad, group=ps.get_tensor_model_parallel_group())
     if model.share_embeddings_and_output_weights and ps.get_pipeline_model_parallel_world_size() > 1:
         if ps.is_rank_in_embedding_group():
-            dist.all_reduce(model.shared_embedding_or_output_weight().grad, group=ps.get_embedding_group())
+            collectives.all_reduce_(model.shared_embedding_or_output_weight().grad, group=ps.get_embedding_group())
 
 
 def grad_norm(model) -> torch.Tensor:
@@ -68,14 +69,14 @@ def grad_norm(model) -> torch.Tensor:
     from miles_ray.training.megatron.convert import tp_dim
 
     tp_rank, tied = ps.get_tensor_model_parallel_rank(), _tied_copy(model)
-    total = torch.zeros((), dtype=torch.float64)
+    total = None
     for name, p in model.named_parameters():
         if not p.requires_grad or p is tied or (tp_rank > 0 and tp_dim(name) is None):
             continue
-        total += p.grad.detach().double().pow(2).sum().cpu()
-    if dist.get_world_size(ps.get_model_parallel_group()) > 1:
-        dist.all_reduce(total, group=ps.get_model_parallel_group())
-    return total.sqrt()
+        part = p.grad.detach().double().pow(2).sum()  # on the grads' device: no sync per parameter
+        total = part if total is None else total + part
+    total = total if total is not None else torch.zeros((), dtype=torch.float64)
+    return collectives.all_reduce_(total, group=ps.get_model_parallel_group()).sqrt()
 
 
 def clip(model, max_norm: float) -> torch.Tensor:

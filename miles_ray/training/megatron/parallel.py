@@ -12,7 +12,8 @@ the parts of that group's ranks in rank order; every rank then knows which slice
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+
+from miles_ray.training import collectives
 
 
 def initialize(tp: int, pp: int, seed: int = 0) -> None:
@@ -23,8 +24,7 @@ def initialize(tp: int, pp: int, seed: int = 0) -> None:
     from miles_ray.training.megatron import shims
 
     shims.apply()
-    if not dist.is_initialized():  # one process: a world of one over gloo
-        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    collectives.init_single_process()  # no trainer group (one process): a world of one over gloo
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tp, pp, create_gloo_process_groups=False)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -52,12 +52,7 @@ def gather_model_parallel(items: list) -> tuple[list, slice]:
     from megatron.core import parallel_state as ps
 
     group = ps.get_model_parallel_group()
-    size = dist.get_world_size(group)
-    if size == 1:
-        return list(items), slice(0, len(items))
-    parts = [None] * size
-    dist.all_gather_object(parts, list(items), group=group)
-    me = dist.get_rank(group)
+    parts, me = collectives.all_gather_object(list(items), group=group), collectives.world(group)[0]
     start = sum(len(p) for p in parts[:me])
     return [x for p in parts for x in p], slice(start, start + len(items))
 
@@ -68,10 +63,8 @@ def broadcast_from_last_stage(obj):
 
     if ps.get_pipeline_model_parallel_world_size() == 1:
         return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
-                               group=ps.get_pipeline_model_parallel_group())
-    return box[0]
+    return collectives.broadcast_object(obj, ps.get_pipeline_model_parallel_last_rank(),
+                                        ps.get_pipeline_model_parallel_group())
 
 
 def gather_tp_shards(param: torch.Tensor, sharded: bool) -> list:
@@ -82,6 +75,4 @@ def gather_tp_shards(param: torch.Tensor, sharded: bool) -> list:
     tp = ps.get_tensor_model_parallel_world_size()
     if tp == 1 or not sharded:
         return [param.detach()]
-    shards = [torch.empty_like(param) for _ in range(tp)]
-    dist.all_gather(shards, param.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
-    return shards
+    return collectives.all_gather(param.detach(), group=ps.get_tensor_model_parallel_group())

@@ -49,7 +49,7 @@ class MegatronPolicyTrainer(PolicyLossMixin, TorchTrainerBase):
 
     def __init__(self, model_spec: str, train_cfg, algo_cfg, dtype: str = "float32",
                  tiny_cache_dir: str = "runs/_models", temperature: float = 1.0, seed: int = 0, off_policy=None,
-                 schedule_steps: int = 0, parallel_cfg=None, keep_export_buffers: bool = False):
+                 schedule_steps: int = 0, parallel_cfg=None):
         from miles_ray.training.megatron.validate import validate_layout
 
         torch.manual_seed(seed)
@@ -82,7 +82,6 @@ class MegatronPolicyTrainer(PolicyLossMixin, TorchTrainerBase):
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
         self.base_lr, self.schedule_steps, self.opt_steps = train_cfg.lr, schedule_steps, 0
         self.offloaded, self.version, self.mismatch_max = False, 0, 0.0
-        self.keep_export_buffers, self.kept_buckets = keep_export_buffers, []
 
     def _stage(self, hf_state: dict):
         model = build_gpt_model(self.hf_config, self.mconfig, self.spec, self.where["first"], self.where["last"])
@@ -206,16 +205,11 @@ class MegatronPolicyTrainer(PolicyLossMixin, TorchTrainerBase):
         return HFStream(self.model, self.hf_config)
 
     def iter_export(self, state, version: int, bucket_bytes: int):
-        """Buckets on rank 0, one at a time (collective). Kept after the export only for the
-        shm / cuda_ipc transports, whose handles must outlive the engines' load."""
+        """Buckets on rank 0, one at a time (collective); a transport whose payloads refer to the
+        buffers (shm / cuda_ipc handles) keeps them alive itself (:mod:`miles_ray.weights.ipc`)."""
         from miles_ray.training.megatron.export import iter_buckets
 
-        kept = []
-        for bucket in iter_buckets(state, version, bucket_bytes):
-            if self.keep_export_buffers:
-                kept.append(bucket)
-            yield bucket
-        self.kept_buckets = kept
+        yield from iter_buckets(state, version, bucket_bytes)
 
     def export_state(self) -> dict | None:
         return self.full_state_dict()

@@ -8,8 +8,8 @@ holds more than one full parameter besides what the caller keeps.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
+from miles_ray.training import collectives
 from miles_ray.training.megatron import convert
 from miles_ray.training.megatron.parallel import gather_tp_shards, layout
 
@@ -38,11 +38,7 @@ def _stage_owner_keys(model) -> list:
     where = layout()
     keys = [k for k, _ in model.named_parameters()]
     mine = (where["pp_rank"], where["tp_rank"], where["dp_rank"], keys)
-    if dist.get_world_size() == 1:
-        return [mine]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, mine)
-    return out
+    return collectives.all_gather_object(mine)
 
 
 def iter_hf(model, hf_config):
@@ -54,7 +50,7 @@ def iter_hf(model, hf_config):
 
 @torch.no_grad()
 def _iter_parts(model, hf_config):
-    where, me = layout(), dist.get_rank()
+    where, me = layout(), collectives.world()[0]
     table = _stage_owner_keys(model)
     params, offset = dict(model.named_parameters()), layer_offset(model)
     for stage in range(where["pp"]):
@@ -68,9 +64,10 @@ def _iter_parts(model, hf_config):
                 if where["tp_rank"] == 0:
                     hf = convert.to_hf(key, [s.cpu() for s in shards], hf_config, offset)
             if sender != 0 and me in (0, sender):
-                box = [hf]
-                (dist.send_object_list if me == sender else dist.recv_object_list)(box, sender if me == 0 else 0)
-                hf = box[0]
+                if me == sender:
+                    collectives.send_object(hf, 0)
+                else:
+                    hf = collectives.recv_object(sender)
             if me == 0:
                 yield from hf.items()
 
@@ -78,4 +75,4 @@ def _iter_parts(model, hf_config):
 def gather_hf_state(model, hf_config) -> dict | None:
     """The full HF state dict on rank 0 (None elsewhere); collective."""
     out = dict(iter_hf(model, hf_config))
-    return out if dist.get_rank() == 0 else None
+    return out if collectives.world()[0] == 0 else None
