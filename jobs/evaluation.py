@@ -10,7 +10,7 @@ Where it generates:
 - async driver without it: the rollout pump is held, its in-flight calls finish, and the rollout
   engines evaluate.
 
-Invariants (tests/test_eval.py):
+Invariants (tests/unit/eval/test_eval.py):
 
 - Evaluation samples never reach the buffer, the ledger or the training metrics: they have
   negative group ids (:func:`miles_ray.eval.eval_requests`) and are scored here, in the driver, by

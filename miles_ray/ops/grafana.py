@@ -6,7 +6,7 @@ Regenerate the file after changing :data:`ROWS`::
 
     python -m miles_ray.ops.grafana > docs/grafana/miles-ray.json
 
-Invariant (tests/test_observability.py): every series a query names is one the Ray exporter
+Invariant (tests/unit/ops/test_observability.py): every series a query names is one the Ray exporter
 registers (:func:`jobs.ray_metrics.registered_names`), and the file equals :func:`dashboard`.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 a tiny random one written offline for tests, and :class:`RewardModelScorer`, which the Ray Serve
 deployment (:mod:`actors.reward_service`) runs on batches of requests.
 
-Invariants (tests/test_reward_services.py):
+Invariants (tests/system/rewards/test_reward_services.py):
 - a text's score does not depend on the batch it is scored in (right padding: a causal model's
   real tokens never attend to the pads, and the score is read at the last real token);
 - the tiny model is written once per cache folder, atomically (racing writers are safe).

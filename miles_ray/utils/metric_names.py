@@ -5,7 +5,7 @@ Groups: ``train/`` (losses, KL, mismatch, what a step trained on), ``rollout/`` 
 speculation), ``async/`` (staleness, group counts, importance weights), ``eval/`` (held-out
 evaluation), ``perf/`` (timings, throughput), ``fault/`` (recoveries, restarts, engine states).
 
-Invariants (tests/test_observability.py):
+Invariants (tests/unit/ops/test_observability.py):
 
 - :func:`group_key` is the first matching rule of :data:`RULES` (an already grouped key keeps its
   name); a key no rule names is a trainer metric (``train/``). Every grouped key starts with one of

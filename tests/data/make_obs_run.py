@@ -1,5 +1,5 @@
 """Writes tests/data/obs_run: the metrics of a real async run (4 steps, TIS importance weights,
-engine 0 killed at step 1), read by tests/test_observability.py (plot, analyze). Regenerate after a
+engine 0 killed at step 1), read by tests/unit/ops/test_observability.py (plot, analyze). Regenerate after a
 change of metric names::
 
     PYTHONPATH=. python tests/data/make_obs_run.py

@@ -245,7 +245,7 @@ class _Capture(pickle.Unpickler):
 def test_cuda_handle_forwarded_verbatim_cpu(sglang_module):
     """The cuda_ipc path on CPU, up to the CUDA call: a CUDA IPC handle pickle is forwarded with
     the same rebuild call and arguments (nothing opened), and a CUDA-less strict decoder refuses
-    it by name (on a GPU it maps the trainer's memory: tests/test_gpu.py)."""
+    it by name (on a GPU it maps the trainer's memory: tests/system/gpu/test_gpu.py)."""
     metas = metas_for([("a", (2, 3), 0, 6)], torch.float32)
     entry = forward_flattened(ForkingPickler.dumps(_CudaHandle()), metas)
     got = _Capture(io.BytesIO(base64.b64decode(entry))).load()
