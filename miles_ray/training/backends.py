@@ -1,6 +1,7 @@
 """``train.backend`` -> the policy trainer rank class, built from a run config (a registry, so the
-actor never branches on the backend). Both present the same interface to the actor and driver:
-prepare / compute_logprobs / train_step / sft_step, checkpoints, HF export and weight export.
+actor never branches on the backend). Every backend presents
+:class:`miles_ray.training.interface.PolicyTrainerBackend` to the actor and driver: prepare /
+compute_logprobs / train_step / sft_step, checkpoints, HF export and weight export.
 A ``pkg.module:function`` import path works too (``fn(cfg) -> trainer``)."""
 from __future__ import annotations
 
