@@ -15,6 +15,7 @@ argparse's usage message (exit 2), never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from jobs import rollout_only, train
@@ -114,7 +115,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``miles-ray`` console script. The working directory goes first on ``sys.path``, as with
+    ``python -m jobs.train``, so ``pkg.module:attr`` plug-ins beside the config resolve either way."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     if argv[:1] == ["serve"]:  # everything after `serve` (--help included) belongs to the server
         return cmd_serve(argparse.Namespace(server_args=argv[1:]))
     args = parser().parse_args(argv)
