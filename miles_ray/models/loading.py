@@ -157,10 +157,10 @@ def load_empty(spec: str, dtype: str = "float32", tiny_cache_dir: str = "runs/_m
                init: dict | None = None):
     """Sharded loading's first half: ``(model, files)`` with the model's parameters on the meta
     device (buffers real), to be filled by :func:`miles_ray.models.sharded.materialize` once it is
-    laid out (each rank reading only what it keeps). Where the files cannot be read by parameter
-    name (GGUF, no safetensors, another key layout such as fused MoE experts), a full
-    :func:`load_model` and ``None``. ``init``: parameter name -> initialiser of those the files
-    lack on purpose (a critic's score head)."""
+    laid out (each rank reading only what it keeps; fused MoE experts from their per-expert
+    tensors). Where the files cannot be read so (GGUF, no safetensors, a key conversion other than
+    renaming or expert fusion), a full :func:`load_model` and ``None``. ``init``: parameter
+    name -> initialiser of those the files lack on purpose (a critic's score head)."""
     from miles_ray.models.sharded import SafetensorsFolder, missing_names
 
     where = resolve_model_path(spec, tiny_cache_dir)

@@ -9,6 +9,13 @@ Invariants (tested bit for bit against ``from_pretrained``, 2 ranks, DDP and FSD
   (``torch.chunk``'s split); a plain parameter gets the whole tensor;
 - tied parameters (``lm_head.weight`` is ``embed_tokens.weight``) stay one parameter, read once
   under whichever of their names the files hold;
+- file keys map to parameters as in ``from_pretrained`` (transformers' conversion mapping:
+  :mod:`miles_ray.models.sharded_moe`): renamed keys are read under their file name, and a fused
+  MoE expert parameter (``experts.gate_up_proj [E, 2*I, H]``, ``experts.down_proj [E, H, I]``)
+  from the per-expert tensors, ``gate_up_proj[e] = cat(gate_e, up_e)``; dim 0 is the expert, so
+  an FSDP2 rank reads only the experts of its shard. Files already holding the fused tensors are
+  read by name. Any other conversion (chunked/transposed/quantized) counts as missing: the
+  caller loads in full;
 - rows are read in blocks of at most :data:`BLOCK_BYTES`, the file opened per block, so a process
   holds at most one block of file pages (safetensors maps the file) and one converted block
   beside what it keeps: its peak memory is about the bytes of its shard.
@@ -21,6 +28,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from miles_ray.models.sharded_moe import read, source_shape, sources
 
 BLOCK_BYTES = 32 << 20
 INDEX = "model.safetensors.index.json"
@@ -119,13 +128,14 @@ def tied_groups(model: torch.nn.Module) -> list[tuple[torch.nn.Parameter, list[s
 def missing_names(model: torch.nn.Module, files: SafetensorsFolder, init: dict) -> list[str]:
     """What :func:`materialize` could not fill: parameters (under none of their names, or with
     another shape) and persistent buffers absent from ``files``, less those ``init`` covers."""
-    out = []
+    out, where = [], sources(model, files.shapes)
     for p, names in tied_groups(model):
-        found = [n for n in names if n in files.shapes]
-        if not (found and files.shapes[found[0]] == tuple(p.shape)) and not any(n in init for n in names):
+        found = [n for n in names if n in where]
+        if not (found and source_shape(where[found[0]], files.shapes) == tuple(p.shape)) \
+                and not any(n in init for n in names):
             out.append(names[0])
     persistent = set(model.state_dict(keep_vars=True))
-    out += [n for n, _ in model.named_buffers() if n in persistent and n not in files.shapes]
+    out += [n for n, _ in model.named_buffers() if n in persistent and n not in where]
     return out
 
 
@@ -143,13 +153,14 @@ def materialize(root: torch.nn.Module, model: torch.nn.Module, files: Safetensor
         root.to_empty(device=device)  # buffers too: put back below
     for name, b in root.named_buffers():
         b.copy_(kept[name])
+    where = sources(model, files.shapes)
     for p, names in tied_groups(model):
         local, start = local_rows(p)
-        found = next((n for n in names if n in files.shapes), None)
+        found = next((n for n in names if n in where), None)
         if found is not None:
-            files.read_rows(found, start, local)
+            read(files, where[found], start, local)
         else:
             init[next(n for n in names if n in init)](local)
     for name, b in model.named_buffers():
-        if name in files.shapes:
-            files.read_rows(name, 0, b)
+        if name in where:
+            read(files, where[name], 0, b)

@@ -2,7 +2,8 @@
 filled from the safetensors files, each rank reading only the rows it keeps. The weights equal
 today's full load (``from_pretrained``) bit for bit: policy, reference and critic, 2 ranks, DDP and
 FSDP2; tied embeddings stay tied; buffers (rotary ``inv_freq``, non-persistent) are right; an
-FSDP2 rank reads exactly the bytes of its shards."""
+FSDP2 rank reads exactly the bytes of its shards. MoE models (fused experts):
+tests/unit/models/test_sharded_moe.py."""
 import os
 import socket
 
@@ -34,12 +35,6 @@ def test_one_process_equals_from_pretrained(model_cache, spec, dtype):
     assert new.lm_head.weight is new.model.embed_tokens.weight
     assert new.config.to_dict() == old.config.to_dict() and new.generation_config == old.generation_config
     assert not new.training
-
-
-def test_fused_moe_experts_fall_back_to_a_full_load(model_cache):
-    """transformers fuses MoE experts (the files hold them per expert): not readable by name."""
-    model, files = load_empty("tiny:qwen3_moe", "float32", model_cache)
-    assert files is None and not any(p.is_meta for p in model.parameters())
 
 
 def _gather(module: torch.nn.Module) -> dict:
