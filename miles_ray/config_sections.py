@@ -10,6 +10,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from miles_ray.errors import UserValueError
+from miles_ray.utils.sglang_version import SGLANG_SUPPORTED
 
 
 class ConfigError(UserValueError):
@@ -65,6 +66,8 @@ class RolloutConfig(Section):
 
     strict_sglang: bool = Field(False, description="native engine servers run --strict-sglang (exactly SGLang 0.5.x's "
                                 "API and weight formats): tests the SGLang path on CPU")
+    sglang_version: str = Field("auto", description="SGLang version spoken (real SGLang's protocol, strict stand-in's "
+                                f"behaviour): auto = installed sglang, else newest of {SGLANG_SUPPORTED}; docs/sglang.md")
     server_host: Optional[str] = Field(None, description="engine servers and router bind 127.0.0.1 unless set "
                                        "(an address, or node_ip); beyond loopback every endpoint but /health needs "
                                        "the run's bearer token")
@@ -107,6 +110,7 @@ class RewardServiceConfig(Section):
     judge_url: Optional[str] = Field(None, description="llm_judge: an external OpenAI-compatible base URL (without "
                                      "/v1) instead of the run's own endpoint (serve.*)")
     judge_model: Optional[str] = Field(None, description="llm_judge: model id sent (default: serve.model_name)")
+    judge_allow_policy: bool = Field(False, description="llm_judge without judge_url: let the policy judge itself")
     judge_api_key_env: Optional[str] = Field(None, description="llm_judge with judge_url: environment variable "
                                              "holding its bearer key (never the key itself)")
     judge_max_tokens: int = Field(8, ge=1, description="llm_judge: max_tokens of a judge reply")
@@ -119,6 +123,9 @@ class SandboxConfig(Section):
     memory_mb: int = Field(512, ge=16, description="address space (RLIMIT_AS)")
     output_kb: int = Field(64, ge=1, description="stdout+stderr kept; more fails the run")
     max_processes: int = Field(32, ge=1, description="processes the sandbox may hold (fork bombs)")
+    require_seccomp: bool = Field(True, description="no seccomp filter: refuse (false: run unfiltered, warned)")
+    host_uid: int = Field(65534, ge=1, description="the sandbox's host uid/gid when the worker is root (nobody)")
+    host_gid: int = Field(65534, ge=1)
 
 
 class RewardConfig(Section):
@@ -135,6 +142,17 @@ class RewardConfig(Section):
                                 "Reply yes or no.", description="llm_judge: prompt sent to the OpenAI endpoint")
     service: RewardServiceConfig = RewardServiceConfig()
     sandbox: SandboxConfig = SandboxConfig()
+
+    @model_validator(mode="after")
+    def _judge_is_not_the_policy(self) -> "RewardConfig":
+        if self.fn == "llm_judge" and not (self.service.judge_url or self.service.judge_allow_policy):
+            raise ValueError(POLICY_JUDGE_ERROR)
+        return self
+
+
+POLICY_JUDGE_ERROR = ("reward.fn=llm_judge without reward.service.judge_url makes the policy grade itself: set "
+                      "judge_url (and judge_model) to a separate judge, or reward.service.judge_allow_policy=true "
+                      "(then serve.enabled=true)")
 
 
 class AgentConfig(Section):
@@ -361,5 +379,16 @@ class MegatronConfig(Section):
     tensor_parallel: int = Field(1, ge=1, description="tensor-parallel size (divides attention heads, KV heads)")
     pipeline_parallel: int = Field(1, ge=1, description="pipeline-parallel size (divides the layers)")
     sequence_parallel: bool = Field(False, description="shard layer norms and dropout along the sequence (TP > 1)")
+    expert_parallel: int = Field(1, ge=1, description="expert-parallel size (MoE: each rank holds experts / EP of "
+                                 "every layer; tokens travel by all-to-all; the EP ranks come from the DP ranks)")
+    expert_tensor_parallel: int = Field(0, ge=0, description="tensor-parallel size of each expert (0: = "
+                                        "tensor_parallel); the ranks must be a multiple of it x EP x PP")
     layer_spec: Literal["auto", "local", "te"] = Field(
         "auto", description="te: Transformer Engine layers; local: megatron-core's own; auto: te where it imports")
+    precision: Literal["auto", "fp32", "bf16_mixed"] = Field(
+        "auto", description="bf16_mixed: bf16 model, fp32 main parameters, fp32 gradient accumulation and reduction, "
+        "optimizer state sharded over DP (distributed optimizer); fp32: all fp32 (same optimizer); auto: "
+        "train.precision (train.precision=auto: fp32 for model.dtype=float32, else bf16_mixed)")
+    recompute: Literal["full", "selective"] = Field(
+        "full", description="activation recompute when train.gradient_checkpointing=true (TransformerConfig "
+        "recompute_granularity): full = every layer's forward again in backward; selective = core attention only")

@@ -7,6 +7,8 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
+# libseccomp.so.2 for the code_exec sandbox's syscall filter (pyseccomp loads it; docs/sandbox.md); apt itself depends on it
+python -c "import ctypes.util as u, sys; sys.exit(not u.find_library('seccomp'))" || { [ "$(id -u)" = 0 ] && (apt-get install -y -q libseccomp2 || (apt-get update -q && apt-get install -y -q libseccomp2)) >/dev/null; } || echo "[setup] warning: no libseccomp2: reward.fn=code_exec will refuse to run" >&2
 bash scripts/fetch_sglang_wheels.sh || true   # SGLang wheels (never installed) for tests/unit/rollout/sglang/test_contract.py
 stamp=.venv/.miles-ray-installed
 want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)

@@ -27,8 +27,10 @@ import logging
 import re
 import secrets
 
+from miles_ray.errors import UserValueError
 from miles_ray.rewards.registry import RewardResult, register_reward_factory
 from miles_ray.rewards.sandbox import SandboxLimits, protections, run_sandboxed
+from miles_ray.rewards.seccomp import SeccompUnavailable, filter_program
 
 log = logging.getLogger(__name__)
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
@@ -100,6 +102,19 @@ def run_cases(code: str, cases: list, limits: SandboxLimits) -> RewardResult | N
     return None
 
 
+def check_seccomp(limits: SandboxLimits) -> None:
+    """Refuse to build the reward when the sandbox's seccomp filter cannot be built and it is required."""
+    if not limits.require_seccomp:
+        log.warning("code_exec: reward.sandbox.require_seccomp is false: the code may run without a syscall filter")
+        return
+    try:
+        filter_program()
+    except SeccompUnavailable as err:
+        raise UserValueError(f"reward.fn=code_exec: no seccomp filter for the sandbox ({err}). Run scripts/setup.sh "
+                             "(pyseccomp; as root it also installs libseccomp2), or set "
+                             "reward.sandbox.require_seccomp=false to run the code without one") from None
+
+
 @register_reward_factory("code_exec")
 def code_exec_factory(options: dict):
     """``options``: the ``reward`` section as a dict (``sandbox``, ``failure_score``, ``timeout_s``)."""
@@ -108,6 +123,7 @@ def code_exec_factory(options: dict):
     if float(options.get("timeout_s", 1e9)) <= limits.wall_s:
         log.warning("code_exec: reward.timeout_s=%s <= reward.sandbox.wall_s=%s: slow programs are cut by the "
                     "reward timeout (reason 'timeout' from the runner)", options.get("timeout_s"), limits.wall_s)
+    check_seccomp(limits)
     log.info("code_exec sandbox protections: %s", protections())
 
     def code_exec_reward(prompt: str, response: str, label: str) -> RewardResult:

@@ -2,8 +2,8 @@
 
 Process chain: the caller -> *launcher* (:mod:`miles_ray.rewards.sandbox_launcher`, a new session;
 joins a pids cgroup when this side could make one; unshares user/net/pid/mount/ipc/uts namespaces) ->
-*init* (pid 1 of the new pid namespace: private root, process limit, Landlock; reports the result on a
-status pipe) -> the *code* (``python -I -S``, rlimits, empty environment). This side reads the output
+*init* (pid 1 of the new pid namespace: private root, an unprivileged host uid, process limit, Landlock,
+the seccomp filter of :mod:`miles_ray.rewards.seccomp`; reports the result on a status pipe) -> the *code* (``python -I -S``, rlimits, empty environment). This side reads the output
 (capped), enforces the wall-clock limit by killing the launcher's process group, and cleans up. When init exits, the kernel kills everything left in its pid namespace.
 Every layer is detected at run time; what was applied is reported (:func:`protections`) and a missing
 one is logged as a warning, never claimed. docs/sandbox.md lists what is and is not enforced.
@@ -30,6 +30,7 @@ from typing import Optional
 
 from miles_ray.rewards import sandbox_launcher
 from miles_ray.rewards.sandbox_launcher import PYTHON
+from miles_ray.rewards.seccomp import SeccompUnavailable, filter_program
 
 log = logging.getLogger(__name__)
 PREFIX = "miles_sandbox_"  # + owner pid + "_": temporary folders and cgroups
@@ -44,6 +45,9 @@ class SandboxLimits:
     memory_mb: int = 512
     output_kb: int = 64
     max_processes: int = 32
+    require_seccomp: bool = True  # no filter -> sandbox_error (False: run unfiltered, warned)
+    host_uid: int = 65534  # the sandbox's host uid/gid when the caller is root (nobody/nogroup)
+    host_gid: int = 65534
 
     @classmethod
     def from_options(cls, options) -> "SandboxLimits":
@@ -70,12 +74,16 @@ class SandboxResult:
 def run_sandboxed(code: str, limits=None, stdin: str = "", layers_off: tuple = ()) -> SandboxResult:
     """Run ``code`` (Python source) with ``stdin`` as its input under ``limits`` (SandboxLimits or dict).
     ``layers_off`` (tests: each layer alone, the warnings of a missing one): namespaces, private_root,
-    landlock, cgroup."""
+    landlock, cgroup, seccomp."""
     limits = SandboxLimits.from_options(limits)
     try:
         compile(code, "main.py", "exec")
     except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError) as err:
         return SandboxResult(False, None, "", f"{type(err).__name__}: {err}", "syntax")
+    try:
+        seccomp = seccomp_config(limits, layers_off)
+    except SeccompUnavailable as err:
+        return SandboxResult(False, None, "", f"sandbox: {err}", "sandbox_error")
     if not _SWEPT:
         _SWEPT.append(sweep_stale())
     base, cgroup, proc = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}_"), None, None
@@ -86,9 +94,10 @@ def run_sandboxed(code: str, limits=None, stdin: str = "", layers_off: tuple = (
             f.write(code)
         with open(os.path.join(base, "stdin"), "w", encoding="utf-8") as f:
             f.write(stdin)
+        hand_over(base, limits)
         status_r, status_w = os.pipe()
         cfg = {"base": base, "cgroup": cgroup, "status_fd": status_w, "ppid": os.getpid(), "limits": limits.__dict__,
-               "off": list(layers_off), "uid": os.geteuid()}
+               "off": list(layers_off), "uid": os.geteuid(), **seccomp}
         t0 = time.monotonic()
         try:
             proc = subprocess.Popen([PYTHON, "-I", "-S", "-B", os.path.abspath(sandbox_launcher.__file__),
@@ -108,6 +117,28 @@ def run_sandboxed(code: str, limits=None, stdin: str = "", layers_off: tuple = (
             proc.stderr.close()
         remove_cgroup(cgroup)
         shutil.rmtree(base, onerror=_force_remove)
+
+
+def seccomp_config(limits: SandboxLimits, layers_off: tuple) -> dict:
+    """The launcher's ``seccomp`` (hex BPF) and ``seccomp_why`` keys. Raises SeccompUnavailable when no
+    filter can be built and ``limits.require_seccomp``."""
+    if "seccomp" in layers_off:
+        return {"seccomp": None, "seccomp_why": "switched off"}
+    try:
+        return {"seccomp": filter_program().hex()}
+    except SeccompUnavailable as err:
+        if limits.require_seccomp:
+            raise SeccompUnavailable(f"no seccomp filter can be built ({err}); the sandbox refuses to run without one "
+                                     "unless reward.sandbox.require_seccomp is false") from None
+        return {"seccomp": None, "seccomp_why": str(err)}
+
+
+def hand_over(base: str, limits: SandboxLimits) -> None:
+    """As root, the run's folder and files belong to the sandbox's host uid (it is not root)."""
+    if os.geteuid() != 0:
+        return
+    for path in (base, os.path.join(base, "work"), os.path.join(base, "work", "main.py"), os.path.join(base, "stdin")):
+        os.chown(path, limits.host_uid, limits.host_gid)
 
 
 def collect(proc: subprocess.Popen, status_r: int, limits: SandboxLimits, t0: float) -> SandboxResult:

@@ -2,12 +2,13 @@
 :func:`miles_ray.rewards.sandbox.run_sandboxed` (stdlib only: ``-I`` puts no project on the path).
 
 launcher: dies with its caller (PDEATHSIG), joins the pids cgroup, unshares user (SANDBOX_UID mapped
-to the caller's uid), network, pid, mount, ipc and uts namespaces, forks init. init (pid 1 of the new
-pid namespace): builds the private root (tmpfs + read-only binds, pivot_root), sets RLIMIT_NPROC,
-no_new_privs and Landlock, forks the code (rlimits, empty environment, exec ``python -I -S``), waits
-for it and writes one JSON line on the status pipe: exit code or signal, CPU time, and the protections
-that took effect with a warning for each missing one. When init exits the kernel kills what is left
-in its pid namespace.
+to the caller's uid, or to ``host_uid`` when the caller is root), network, pid, mount, ipc and uts
+namespaces, forks init. init (pid 1 of the new pid namespace): builds the private root (tmpfs +
+read-only binds, pivot_root), becomes SANDBOX_UID (a root caller's sandbox holds no host uid 0), sets
+RLIMIT_NPROC, no_new_privs, Landlock and the seccomp filter (compiled by the caller with libseccomp),
+forks the code (rlimits, empty environment, exec ``python -I -S``), waits for it and writes one JSON
+line on the status pipe: exit code or signal, CPU time, and the protections that took effect with a
+warning for each missing one. When init exits the kernel kills what is left in its pid namespace.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import os
 import platform
 import resource
 import select
-import shutil
 import signal
 import stat
 import sys
@@ -61,6 +61,8 @@ def launcher(cfg: dict) -> None:
     if os.getppid() != cfg["ppid"]:
         os._exit(70)
     report = {"warnings": [], "process_limit": None}
+    if cfg["uid"] == 0:
+        os.setgroups([])  # no supplementary groups (root's would follow the code into its namespace)
     if cfg["cgroup"]:
         with open(os.path.join(cfg["cgroup"], "cgroup.procs"), "w") as f:
             f.write(str(os.getpid()))
@@ -86,7 +88,7 @@ def unshare_namespaces(cfg: dict, report: dict) -> int:
     mapper = os.fork()
     if mapper == 0:  # stays in this namespace: mapping uid 0 needs CAP_SETFCAP here (verify_root_map)
         os.close(go_w)
-        os._exit(0 if os.read(go_r, 1) == b"1" and write_id_maps(os.getppid()) else 1)
+        os._exit(0 if os.read(go_r, 1) == b"1" and write_id_maps(os.getppid(), *host_ids(cfg)) else 1)
     os.close(go_r)
     try:
         _call(_libc.unshare(flags), "unshare")
@@ -100,11 +102,20 @@ def unshare_namespaces(cfg: dict, report: dict) -> int:
     return flags
 
 
-def write_id_maps(pid: int) -> bool:
-    """Map SANDBOX_UID/GID inside ``pid``'s new user namespace to this process's uid/gid."""
+def host_ids(cfg: dict) -> tuple[int, int]:
+    """The host uid/gid the sandbox runs as: the caller's own, or ``host_uid``/``host_gid`` (default
+    nobody/nogroup) when the caller is root."""
+    if cfg["uid"] != 0:
+        return os.geteuid(), os.getegid()
+    return cfg["limits"]["host_uid"], cfg["limits"]["host_gid"]
+
+
+def write_id_maps(pid: int, uid: int, gid: int) -> bool:
+    """Map SANDBOX_UID/GID inside ``pid``'s new user namespace to ``uid``/``gid`` on the host (another
+    uid than this process's own needs CAP_SETUID here: a root caller)."""
     try:
-        for name, text in (("setgroups", "deny"), ("uid_map", f"{SANDBOX_UID} {os.geteuid()} 1"),
-                           ("gid_map", f"{SANDBOX_UID} {os.getegid()} 1")):
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{SANDBOX_UID} {uid} 1"),
+                           ("gid_map", f"{SANDBOX_UID} {gid} 1")):
             with open(f"/proc/{pid}/{name}", "w") as f:
                 f.write(text)
         return True
@@ -118,7 +129,7 @@ def init(cfg: dict, report: dict, alive_r: int) -> None:
     _prctl(1, signal.SIGKILL)
     if select.select([alive_r], [], [], 0)[0]:
         os._exit(71)  # the launcher died before PDEATHSIG was armed
-    status_fd = cfg["status_fd"]
+    status_fd, cfg["alive_fd"] = cfg["status_fd"], alive_r
     os.set_inheritable(status_fd, False)
     try:
         run = setup(cfg, report)
@@ -145,21 +156,66 @@ def setup(cfg: dict, report: dict) -> tuple:
         report["warnings"].append("no private root: the code sees this machine's files, Landlock permitting")
     else:
         try:
-            workdir = private_root(base, limits["memory_mb"])
+            workdir = private_root(base, limits["memory_mb"], lambda: become_sandbox_user(cfg, report))
             report["private_root"] = True
         except OSError as err:
             report["warnings"].append(f"no private root ({err}): the code sees this machine's files, Landlock permitting")
+    if "host_uid" not in report:
+        become_sandbox_user(cfg, report)
     nproc = limits["max_processes"] + 2  # + launcher and init, which share the count
     resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
-    if report["process_limit"] is None:
-        if cfg["uid"] == 0:
-            report["warnings"].append("no process limit: RLIMIT_NPROC does not apply to root and no pids cgroup "
-                                      "could be made")
-        else:  # counted per (user namespace, uid): each sandbox has its own budget
-            report["process_limit"] = "rlimit_nproc"
+    if report["process_limit"] is None:  # counted per (user namespace, uid): each sandbox has its own budget
+        report["process_limit"] = "rlimit_nproc"  # (the code is never host root: become_sandbox_user)
+        if not report["user_namespace"]:
+            report["warnings"].append("RLIMIT_NPROC without a user namespace: shared by every process of the "
+                                      f"sandbox's host uid {report['host_uid']}")
     report.update(landlock(read_only_paths(), [workdir], DEVICES, report, "landlock" not in cfg["off"]))
     _prctl(4, 0)  # PR_SET_DUMPABLE 0: the code cannot ptrace init
+    load_seccomp(cfg, report)
     return workdir, stdin_fd
+
+
+def become_sandbox_user(cfg: dict, report: dict) -> None:
+    """A root caller's sandbox drops host uid 0: SANDBOX_UID in the user namespace (mapped to
+    ``host_uid``; capabilities in the namespace are kept for the rest of the set-up, and ``execve`` of
+    the code drops them), or ``host_uid`` itself without a user namespace. Others run as the caller."""
+    uid, gid = host_ids(cfg)
+    report["host_uid"], report["host_gid"] = uid, gid
+    if cfg["uid"] != 0:
+        return
+    if not report["user_namespace"]:
+        os.setgroups([])
+    else:
+        uid = gid = SANDBOX_UID
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    _prctl(1, signal.SIGKILL)  # a change of credentials clears PDEATHSIG: arm it again
+    if select.select([cfg["alive_fd"]], [], [], 0)[0]:
+        os._exit(71)  # the launcher died in between
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def load_seccomp(cfg: dict, report: dict) -> None:
+    """Load the caller's BPF program (hex; ``struct sock_filter`` array) for this process and its
+    children; needs no_new_privs (set by :func:`landlock`). Missing or failing: an error when
+    ``require_seccomp``, else a warning."""
+    program, report["seccomp"] = cfg.get("seccomp"), False
+    why = cfg.get("seccomp_why") or "no filter given"
+    if program:
+        data = bytes.fromhex(program)
+        buf = ctypes.create_string_buffer(data, len(data))
+        prog = _SockFprog(len(data) // 8, ctypes.cast(buf, ctypes.c_void_p))
+        ret = _libc.prctl(22, ctypes.c_ulong(2), ctypes.byref(prog), ctypes.c_ulong(0), ctypes.c_ulong(0))
+        if ret == 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+            report["seccomp"] = True
+            return
+        why = f"prctl(PR_SET_SECCOMP): {os.strerror(ctypes.get_errno())}"
+    if cfg["limits"].get("require_seccomp", True) and "seccomp" not in cfg["off"]:
+        raise OSError(f"no seccomp filter ({why}) and reward.sandbox.require_seccomp is true")
+    report["warnings"].append(f"no seccomp filter ({why}): every syscall the kernel allows is open to the code")
 
 
 def read_only_paths() -> list[str]:
@@ -172,31 +228,37 @@ def read_only_paths() -> list[str]:
     return sorted(paths)
 
 
-def private_root(base: str, size_mb: int) -> str:
+def private_root(base: str, size_mb: int, become_user) -> str:
     """A tmpfs of ``size_mb`` as the new root holding read-only binds of the interpreter and libraries,
-    the devices in DEVICES and a writable /tmp with the code; pivot_root into it. Returns the workdir."""
+    the devices in DEVICES and a writable /tmp with the code; pivot_root into it. The host paths are
+    opened first (with the caller's uid, which may be the only one that reaches them), then
+    ``become_user`` runs and everything else is made as the code's uid (a tmpfs mounted in a user
+    namespace takes no file of an unmapped uid) and bound from ``/proc/self/fd``. Returns the workdir."""
     root = os.path.join(base, "root")
     os.mkdir(root)
+    with open(os.path.join(base, "work", "main.py"), "rb") as f:
+        code = f.read()
+    sources = _open_sources(read_only_paths() + DEVICES)
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
-    _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size_mb}m,mode=0755")
-    for path in read_only_paths() + DEVICES:
+    _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV,
+           f"size={size_mb}m,mode=0755,uid={SANDBOX_UID},gid={SANDBOX_UID}")
+    become_user()
+    for path, (fd, link, is_dir, flags) in sources.items():
         dst = root + path
-        if os.path.islink(path):
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            os.symlink(os.readlink(path), dst)
+        if link is not None or not os.path.exists(dst):
+            os.makedirs(dst if is_dir else os.path.dirname(dst), exist_ok=True)
+        if link is not None:
+            os.symlink(link, dst)
             continue
-        if os.path.exists(dst):
-            continue
-        if os.path.isdir(path):
-            os.makedirs(dst)
-        else:
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if not is_dir and not os.path.exists(dst):
             open(dst, "w").close()
-        _mount(path, dst, None, MS_BIND | MS_REC)
+        _mount(f"/proc/self/fd/{fd}", dst, None, MS_BIND | MS_REC)
+        os.close(fd)
         if path not in DEVICES:
-            _mount(None, dst, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NODEV | _locked_flags(path))
+            _mount(None, dst, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NODEV | flags)
     os.mkdir(root + "/tmp", 0o700)
-    shutil.copyfile(os.path.join(base, "work", "main.py"), root + "/tmp/main.py")
+    with open(root + "/tmp/main.py", "wb") as f:
+        f.write(code)
     os.chdir(root)
     number = PIVOT_ROOT.get(platform.machine())
     if number is None:
@@ -208,7 +270,21 @@ def private_root(base: str, size_mb: int) -> str:
     return "/tmp"
 
 
-def _locked_flags(path: str) -> int:
+def _open_sources(paths: list) -> dict:
+    """path -> (O_PATH fd or None, symlink target or None, is a directory, mount flags to keep)."""
+    sources = {}
+    for path in paths:
+        if path in sources:
+            continue
+        if os.path.islink(path):
+            sources[path] = (None, os.readlink(path), False, 0)
+            continue
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        sources[path] = (fd, None, stat.S_ISDIR(os.fstat(fd).st_mode), _locked_flags(fd))
+    return sources
+
+
+def _locked_flags(path) -> int:
     """Mount flags a remount inside a user namespace must keep (nosuid, noexec, atime flags)."""
     have = os.statvfs(path).f_flag
     pairs = ((os.ST_NOSUID, MS_NOSUID), (os.ST_NOEXEC, 8), (os.ST_NOATIME, 1024), (os.ST_NODIRATIME, 2048),

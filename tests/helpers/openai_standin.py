@@ -6,6 +6,7 @@ merge). It answers ``POST /v1/chat/completions`` in OpenAI's reply shape (openai
 It records the requests and the most requests it held at once."""
 from __future__ import annotations
 
+import html
 import json
 import re
 import threading
@@ -29,8 +30,8 @@ class StandIn:
         self.server.server_close()
 
     def verdict(self, content: str) -> str:
-        answer = re.search(r"Answer: (.*)", content).group(1).strip()
-        reference = re.search(r"Reference: (.*)", content).group(1).strip()
+        answer = html.unescape(re.search(r"<answer>(.*?)</answer>", content, re.S).group(1)).strip()
+        reference = html.unescape(re.search(r"<reference>(.*?)</reference>", content, re.S).group(1)).strip()
         return "maybe" if answer == "?" else ("Yes." if answer == reference else "no")
 
     def _handler(self):

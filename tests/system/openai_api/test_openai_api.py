@@ -298,7 +298,8 @@ def test_tool_calling_conversation_against_a_running_job(tmp_path, model_cache, 
             "train.sft_batch_size=2", "total_steps=100000", "rollout.prompts_per_step=1", "rollout.n_samples_per_prompt=2",
             "rollout.max_new_tokens=4", "checkpoint.every=0", "checkpoint.export_hf=false", "reward.isolate=false",
             "logging.progress_bar=false", "logging.wandb=false", "cluster.dashboard=false", "run_name=openai-job",
-            "serve.enabled=true", f"serve.port={port}", "reward.fn=llm_judge", "reward.service.judge_max_tokens=4"]
+            "serve.enabled=true", f"serve.port={port}", "reward.fn=llm_judge", "reward.service.judge_max_tokens=4",
+            "reward.service.judge_allow_policy=true"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = tmp_path / "job.log"
     proc = subprocess.Popen([sys.executable, "-m", "jobs.train", *args], cwd=ROOT, env=env, start_new_session=True,

@@ -1,11 +1,15 @@
 """The code_exec reward and its sandbox: passing code scores 1, failing code the failure score with a
 reason, and an attack suite (fork bomb, endless loop, memory hog, reading and writing outside the
-sandbox, TCP and unix-socket connections to servers this test runs, huge output, killing the parent)
-run through RewardRunner (isolated and not) and a Ray RewardWorker: each attack gets the failure
-score and its reason, leaves nothing behind, and the worker scores the next sample correctly."""
+sandbox, TCP and unix-socket connections to servers this test runs, huge output, killing the parent,
+and the kernel surface the seccomp filter closes: memfd, nested namespaces with netlink/packet/raw
+sockets, io_uring, keyrings, bpf, ptrace, perf events, mount) run through RewardRunner (isolated and
+not) and a Ray RewardWorker: each attack gets the failure score and its reason, leaves nothing behind,
+and the worker scores the next sample correctly. The sandbox never holds host uid 0."""
 import glob
 import json
 import os
+import platform
+import sys
 import socket
 import tempfile
 import threading
@@ -16,7 +20,11 @@ import pytest
 
 from miles_ray.rewards import RewardRunner
 from miles_ray.rewards.code_exec import extract_code, parse_cases
+from miles_ray.errors import UserValueError
+from miles_ray.rewards import seccomp
+from miles_ray.rewards.code_exec import code_exec_factory
 from miles_ray.rewards.sandbox import SandboxLimits, protections, run_sandboxed, sweep_stale
+from miles_ray.rewards.sandbox_launcher import PYTHON
 
 LIMITS = {"cpu_s": 1.0, "wall_s": 3.0, "memory_mb": 256, "output_kb": 16, "max_processes": 16}
 FAIL = -1.0
@@ -28,8 +36,9 @@ PROT = protections()
 def test_protections_reported():
     print("\nsandbox protections:", json.dumps(PROT, indent=1))
     for key in ("user_namespace", "network_namespace", "pid_namespace", "private_root", "landlock_abi",
-                "landlock_filesystem", "process_limit", "no_new_privs"):
+                "landlock_filesystem", "process_limit", "no_new_privs", "seccomp", "host_uid"):
         assert key in PROT
+    assert PROT["host_uid"] != 0 and PROT["seccomp"] is True, PROT  # required by default: no filter, no run
     if PROT["landlock_abi"] < 1 and not PROT["private_root"]:
         assert any("Landlock" in w for w in PROT["warnings"])
 
@@ -118,6 +127,46 @@ def env(tmp_path_factory):
     servers.close()
 
 
+NR = {"x86_64": {"add_key": 248, "bpf": 321, "ptrace": 101, "perf_event_open": 298, "clone": 56},
+      "aarch64": {"add_key": 217, "bpf": 280, "ptrace": 117, "perf_event_open": 241, "clone": 220}}.get(platform.machine(), {})
+LIBC = ("import ctypes, os, socket\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "def sys_(*a):\n    return libc.syscall(*[ctypes.c_long(x) if isinstance(x, int) else x for x in a])\n"
+        f"NR = {NR!r}\n")
+CHILD_EXITS = "    if pid == 0:\n        os._exit(0)\n"
+
+
+def kernel_attacks() -> dict:
+    """name -> (code, label): what the seccomp filter closes. The label passes only if the attack worked."""
+    return {
+        "memfd_hog": ("fds = [os.memfd_create('hog') for _ in range(4)]\nfor fd in fds:\n    for _ in range(72):\n"
+                      "        os.write(fd, b'x' * (1 << 20))",  # 4 x 72 MB: each file under RLIMIT_FSIZE
+                      "assert sum(os.fstat(fd).st_size for fd in fds) >= 288 << 20"),  # LIMITS memory_mb is 256
+        "nested_namespaces": ("assert libc.unshare(0x10000000 | 0x40000000) == 0, ctypes.get_errno()\n"
+                              "socks = [socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12),\n"
+                              "         socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0),\n"
+                              "         socket.socket(socket.AF_INET, socket.SOCK_RAW, 1)]", "assert len(socks) == 3"),
+        "clone_namespaces": ("pids = []\nfor pid in (sys_(NR['clone'], 0x10000000 | 17, 0, 0, 0, 0),\n"
+                             "            sys_(435, ctypes.create_string_buffer((0x10000000).to_bytes(8, 'little') + bytes(24)"
+                             " + (17).to_bytes(8, 'little') + bytes(24)), 64)):\n" + CHILD_EXITS +
+                             "    pids.append(pid)", "assert max(pids) > 0"),
+        "sockets": ("opened = []\nfor args in ((16, 3, 0), (16, 2, 12), (17, 3, 0), (2, 3, 1), (10, 3, 58), (38, 5, 0)):\n"
+                    "    try:\n        opened.append(socket.socket(*args))\n    except OSError:\n        pass",
+                    "assert opened"),
+        "io_uring": ("fd = sys_(425, 8, ctypes.create_string_buffer(120))", "assert fd >= 0"),
+        "add_key": ("key = sys_(NR['add_key'], b'user', b'k', b'v', 1, -2)", "assert key >= 0"),
+        "bpf": ("attr = ctypes.create_string_buffer((2).to_bytes(4, 'little') + (4).to_bytes(4, 'little') * 2"
+                " + (1).to_bytes(4, 'little') + bytes(56))\nfd = sys_(NR['bpf'], 0, attr, 72)", "assert fd >= 0"),
+        "ptrace": ("pid = os.fork()\nif pid == 0:\n    import time\n    time.sleep(5)\n    os._exit(0)\n"
+                   "ret = sys_(NR['ptrace'], 16, pid, 0, 0)\nos.kill(pid, 9)", "assert ret == 0"),
+        "perf_event": ("attr = bytearray(112)\nattr[0:4] = (1).to_bytes(4, 'little')\nattr[4:8] = (112).to_bytes(4, 'little')\n"
+                       "attr[8:16] = (1).to_bytes(8, 'little')\nattr[40:48] = (1 | 32 | 64).to_bytes(8, 'little')\n"
+                       "fd = sys_(NR['perf_event_open'], ctypes.create_string_buffer(bytes(attr)), 0, -1, -1, 0)",
+                       "assert fd >= 0"),
+        "mount": ("libc.unshare(0x10000000 | 0x20000)\nret = libc.mount(b'none', b'/tmp', b'tmpfs', 0, None)",
+                  "assert ret == 0"),
+    }
+
+
 def attacks(tmp_path, servers):
     """name -> (code, label, expected reasons, check after the run). A label passes only if the attack
     worked, so a working attack would score 1.0."""
@@ -145,16 +194,18 @@ def attacks(tmp_path, servers):
         "killpg_own_group": ("import os\nos.killpg(os.getpgrp(), 9)", "assert True", {"killed"}, None),
         "killpg_zero": ("import os, signal\nos.killpg(0, signal.SIGKILL)", "assert True", {"killed"}, None),
         "kill_everyone": ("import os\nos.kill(-1, 9)", "assert False", {"failed"}, None),
+        **{name: (LIBC + code, label, {"failed"}, None) for name, (code, label) in kernel_attacks().items()},
     }
 
 
 LAYERS = {"fork_bomb": ("process_limit",), "fork_bomb_catching": ("process_limit",),
           "read_test_file": ("private_root", "landlock_filesystem"), "read_passwd": ("private_root", "landlock_filesystem"),
           "write_outside": ("private_root", "landlock_filesystem"), "connect": ("network_namespace",),
-          "kill_everyone": ("pid_namespace",)}
+          "kill_everyone": ("pid_namespace",), **{name: ("seccomp",) for name in kernel_attacks()}}
 NAMES = [
     "fork_bomb", "fork_bomb_catching", "endless_loop", "memory_hog", "read_test_file", "read_passwd", "write_outside",
-    "connect", "huge_output", "stderr_flood", "kill_parent", "killpg_own_group", "killpg_zero", "kill_everyone"]
+    "connect", "huge_output", "stderr_flood", "kill_parent", "killpg_own_group", "killpg_zero", "kill_everyone",
+    *kernel_attacks()]
 
 
 def sandbox_processes() -> list:
@@ -222,6 +273,11 @@ def test_each_layer_alone_blocks_files_and_tcp(off, flag, env):
     root only: Landlock does not cover connect(); docs/sandbox.md.)"""
     tmp_path, servers = env
     table = attacks(tmp_path, servers)
+    alive = run_sandboxed("print('alive')", LIMITS, layers_off=(off,))
+    if os.geteuid() == 0 and "could not start the code" in alive.stderr and off != "landlock":
+        pytest.skip(f"as root without a private root the code runs as host uid {SandboxLimits().host_uid}, which cannot "
+                    f"reach this interpreter ({PYTHON}): {alive.stderr.strip()[-200:]}")
+    assert alive.ok and alive.stdout == "alive\n", alive  # so the attacks below fail for the layers, not at start
     tcp = f"import socket\nsocket.create_connection(('127.0.0.1', {servers.port}), timeout=1)"
     for code in [table[name][0] for name in ("read_test_file", "read_passwd", "write_outside")] + [tcp]:
         result = run_sandboxed(code, LIMITS, layers_off=(off,))
@@ -241,7 +297,7 @@ def test_attacks_through_a_ray_reward_worker(local_ray, env):
     worker = RewardWorker.remote("code_exec", 30.0, FAIL, False, OPTIONS)
     pid = ray.get(worker.where.remote())["pid"]
     table = attacks(*env)
-    names = ["kill_parent", "killpg_zero", "kill_everyone", "fork_bomb", "connect"]
+    names = ["kill_parent", "killpg_zero", "kill_everyone", "fork_bomb", "connect", "memfd_hog", "nested_namespaces"]
     rows = [(f"```python\n{table[n][0]}\n```", table[n][1]) for n in names] + [GOOD[1:]]
     samples = [Sample(i, i, "", label, [], response_text=text) for i, (text, label) in enumerate(rows)]
     scored, stats = ray.get(worker.score.remote(samples), timeout=120)
@@ -252,3 +308,81 @@ def test_attacks_through_a_ray_reward_worker(local_ray, env):
     assert ray.get(worker.where.remote())["pid"] == pid
     assert env[1].connections == 0 and leftovers() == []
     ray.kill(worker)
+
+
+def test_without_the_filter_the_kernel_attacks_work():
+    """The same programs with the seccomp layer switched off (and not required): the ones the kernel allows an
+    unprivileged user do succeed, so it is the filter that stops them in test_attack."""
+    limits = dict(LIMITS, require_seccomp=False, wall_s=15.0)
+    worked = {}
+    for name, (code, label) in kernel_attacks().items():
+        result = run_sandboxed(f"{LIBC}{code}\n{label}\n", limits, layers_off=("seccomp",))
+        worked[name] = result.ok
+        warnings = result.protections.get("warnings", [])
+        assert result.protections.get("seccomp") is False and any("seccomp" in w for w in warnings), (name, result)
+    print("\nwithout the seccomp filter these attacks worked:", sorted(n for n, ok in worked.items() if ok))
+    assert worked["memfd_hog"] and worked["nested_namespaces"] and worked["sockets"] and worked["add_key"], worked
+    if _read("/proc/sys/kernel/io_uring_disabled", "0") == "0":
+        assert worked["io_uring"], worked
+
+
+def _read(path: str, default: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return default
+
+
+def test_no_filter_is_refused_unless_allowed(monkeypatch):
+    """No libseccomp binding: the sandbox refuses (sandbox_error) and code_exec does not build, unless
+    reward.sandbox.require_seccomp is false (then it runs, warned, with no filter)."""
+    seccomp.clear_cache()
+    monkeypatch.setitem(sys.modules, "pyseccomp", None)  # import pyseccomp -> ImportError
+    try:
+        refused = run_sandboxed("print(1)", LIMITS)
+        assert refused.reason == "sandbox_error" and "require_seccomp" in refused.stderr, refused
+        with pytest.raises(UserValueError, match="require_seccomp"):
+            code_exec_factory(OPTIONS)
+        allowed = run_sandboxed("print(1)", dict(LIMITS, require_seccomp=False))
+        assert allowed.ok and allowed.stdout == "1\n" and allowed.protections["seccomp"] is False
+        assert any("no seccomp filter" in w for w in allowed.protections["warnings"])
+    finally:
+        seccomp.clear_cache()
+
+
+def _code_process_ids(found: dict) -> None:
+    """The host's view (/proc/PID/status) of the sandboxed program's uid, gid and groups."""
+    deadline = time.time() + 15
+    while time.time() < deadline and not found:
+        for path in glob.glob("/proc/[0-9]*/cmdline"):
+            try:
+                if b"/tmp/main.py" in Path(path).read_bytes():
+                    status = Path(path).with_name("status").read_text()
+                    found.update(line.split(":", 1) for line in status.splitlines()
+                                 if line.startswith(("Uid:", "Gid:", "Groups:")))
+                    return
+            except (OSError, ValueError):
+                continue
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("host_uid", [None, 12345])
+def test_the_sandbox_never_holds_host_uid_0(host_uid):
+    """Seen from the host, the code's uid and gid are the worker's own, or (worker as root) host_uid/host_gid
+    (default nobody), never 0, and it holds no supplementary groups; inside it is uid 1000."""
+    if host_uid is not None and os.geteuid() != 0:
+        pytest.skip("host_uid applies to a root worker only; this test runs as uid %d" % os.geteuid())
+    limits = dict(LIMITS, wall_s=10.0, **({"host_uid": host_uid, "host_gid": host_uid} if host_uid else {}))
+    found: dict = {}
+    watcher = threading.Thread(target=_code_process_ids, args=(found,))
+    watcher.start()
+    result = run_sandboxed("import os, time\nprint(os.getuid(), os.getgid())\ntime.sleep(3)", limits)
+    watcher.join()
+    inside = "1000 1000\n" if PROT["user_namespace"] else f"{found['Uid'].split()[0]} {found['Gid'].split()[0]}\n"
+    assert result.ok and result.stdout == inside, result
+    want = (host_uid or 65534) if os.geteuid() == 0 else os.geteuid()
+    assert found and set(found["Uid"].split()) == {str(want)}, found
+    assert set(found["Gid"].split()) == {str(want if os.geteuid() == 0 else os.getegid())}, found
+    assert result.protections["host_uid"] == want
+    if os.geteuid() == 0:
+        assert found["Groups"].split() == [], found

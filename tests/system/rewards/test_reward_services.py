@@ -18,7 +18,7 @@ from jobs.reward_services import start_reward_services, stop_reward_services
 from miles_ray.config import load_config
 from miles_ray.config_sections import ConfigError
 from miles_ray.rewards import RewardRunner
-from miles_ray.rewards.services import REWARD_MODEL_APP, check_template, judge_verdict
+from miles_ray.rewards.services import REWARD_MODEL_APP, check_template, judge_messages, judge_verdict
 from miles_ray.sample import Sample
 
 TEXTS = [("What is 1+2?", "3"), ("What is 12+30? Please reply with a single integer.", "The answer is 42"),
@@ -147,17 +147,18 @@ def test_llm_judge_against_a_stand_in_openai_endpoint(served):
     try:
         options = {**reward_options(cfg), "fn": "llm_judge", "serve_url": standin.url, "serve_api_key": "judge-key",
                    "model_name": "policy", "concurrency": 4}
+        options["service"] = {**(options.get("service") or {}), "judge_allow_policy": True}  # the stand-in plays the policy
         runner = RewardRunner("llm_judge", 5.0, -1.0, True, options)
         pairs = [("What is 1+2?", "3", "3"), ("What is 2+2?", "5", "4"), ("What is 3+3?", "?", "6")] * 4
         scores, stats = runner.score(pairs)
         assert scores == [1.0, 0.0, -1.0] * 4
         assert dict(stats.reasons) == {"judge_unparsed": 4}
         assert 1 < standin.max_in_flight <= 4  # asynchronous, bounded by reward.concurrency
-        shapes = {(q["model"], q["messages"][0]["role"], q["max_tokens"]) for q in standin.requests}
-        assert shapes == {("policy", "user", 8)}
-        asked = sorted({q["messages"][0]["content"] for q in standin.requests})  # requests arrive in any order
+        shapes = {(q["model"], tuple(m["role"] for m in q["messages"]), q["max_tokens"]) for q in standin.requests}
+        assert shapes == {("policy", ("system", "user"), 8)}
+        asked = sorted({q["messages"][-1]["content"] for q in standin.requests})  # requests arrive in any order
         template = cfg.reward.judge_template
-        assert asked == sorted(template.format(prompt=p, response=r, label=lbl) for p, r, lbl in pairs[:3])
+        assert asked == sorted(judge_messages(template, p, r, lbl)[-1]["content"] for p, r, lbl in pairs[:3])
         wrong_key = RewardRunner("llm_judge", 5.0, -1.0, True, {**options, "serve_api_key": "nope"})
         scores, stats = wrong_key.score(pairs[:2])
         assert scores == [-1.0, -1.0] and dict(stats.reasons) == {"service_error": 2}  # HTTP 401
