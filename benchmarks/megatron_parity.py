@@ -12,7 +12,11 @@
 
 Also printed (not in RESULT): tiny Qwen3-MoE log-probs and one GRPO step at TP=2 vs HF / FSDP.
 
-Last line: ``RESULT tp2_logprob_max_abs=<x> pp2_logprob_max_abs=<x> step_param_max_rel=<x>``.
+Also: Qwen3-MoE at EP=2 vs HF (``ep2_logprob_max_abs``) and R3 on recorded experts, megatron vs
+the FSDP backend on the same traces (``r3_logprob_max_abs``).
+
+Last line: ``RESULT tp2_logprob_max_abs=<x> pp2_logprob_max_abs=<x> step_param_max_rel=<x>
+ep2_logprob_max_abs=<x> r3_logprob_max_abs=<x>``.
 """
 from __future__ import annotations
 
@@ -110,7 +114,7 @@ def fsdp_step(cache: str, batch: list, spec: str = "tiny:qwen3") -> dict:
     return {"state": trainer.export_state(), "metrics": metrics}
 
 
-def _step_worker(rank, world, port, cache, tp, pp, batch, out, spec):
+def _step_worker(rank, world, port, cache, tp, pp, batch, out, spec, precision="fp32"):
     from miles_ray.config import AlgorithmConfig, TrainConfig
     from miles_ray.training.megatron.trainer import MegatronPolicyTrainer
     from miles_ray.training.collectives import init_distributed
@@ -118,7 +122,8 @@ def _step_worker(rank, world, port, cache, tp, pp, batch, out, spec):
 
     init_distributed(rank, world, "127.0.0.1", port)
     trainer = MegatronPolicyTrainer(spec, TrainConfig(**TRAIN), AlgorithmConfig(**ALGO), tiny_cache_dir=cache,
-                                    parallel_cfg={"tensor_parallel": tp, "pipeline_parallel": pp})
+                                    parallel_cfg={"tensor_parallel": tp, "pipeline_parallel": pp,
+                                                  "precision": precision})
     mine = shard_minibatches([batch], world)[rank]
     trainer.prepare(mine[0], old=False)
     metrics = trainer.train_step(mine)
@@ -157,6 +162,126 @@ def max_abs(a: list, b: list) -> float:
     return max(abs(x - y) for u, v in zip(a, b) for x, y in zip(u, v))
 
 
+def _par_worker(rank, world, port, cache, par, algo, batch, out):
+    from miles_ray.config import AlgorithmConfig, TrainConfig
+    from miles_ray.training.collectives import init_distributed
+    from miles_ray.training.megatron.trainer import MegatronPolicyTrainer
+
+    init_distributed(rank, world, "127.0.0.1", port)
+    trainer = MegatronPolicyTrainer("tiny:qwen3_moe", TrainConfig(packing=False), AlgorithmConfig(**algo),
+                                    tiny_cache_dir=cache, parallel_cfg=par)
+    box = [None] * world
+    torch.distributed.all_gather_object(box, trainer.compute_logprobs(batch[rank::world]))
+    if rank == 0:
+        torch.save(box, out)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def moe_logprobs(cache: str, par: dict, world: int, batch: list, algo: dict | None = None) -> list:
+    """Megatron log-probs of tiny Qwen3-MoE at layout ``par`` over ``world`` ranks, in ``batch`` order."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "lp.pt")
+        mp.spawn(_par_worker, args=(world, _port(), cache, par, algo or {}, batch, out), nprocs=world, join=True)
+        box = torch.load(out, weights_only=True)
+    ordered = [None] * len(batch)
+    for rank, part in enumerate(box):
+        for i, lp in zip(range(rank, len(ordered), world), part):
+            ordered[i] = lp
+    return ordered
+
+
+def ep2_logprob_max_abs(cache: str) -> float:
+    """Qwen3-MoE (8 experts, top-2) at EP=2 (2 ranks, 4 experts each, alltoall dispatcher) vs HF."""
+    return max_abs(hf_logprobs(cache, samples(), "tiny:qwen3_moe"),
+                   moe_logprobs(cache, {"expert_parallel": 2}, 2, samples()))
+
+
+def traced_samples(seed: int = 1) -> list:
+    """:func:`samples` with recorded experts (random top-2 sets, every token but the last)."""
+    from miles_ray.models.moe import encode
+
+    gen, batch = torch.Generator().manual_seed(seed), samples()
+    for s in batch:
+        n = len(s.prompt_ids) + len(s.response_ids) - 1
+        s.routed_experts = encode(torch.rand(n, 2, 8, generator=gen).topk(2, dim=-1).indices)
+    return batch
+
+
+def r3_logprob_max_abs(cache: str) -> float:
+    """R3 on the same traces: megatron (TP=2 with SP x EP=2, expert-TP 1) vs the FSDP backend."""
+    from miles_ray.config import AlgorithmConfig, TrainConfig
+    from miles_ray.training.fsdp import PolicyTrainer
+
+    fsdp = PolicyTrainer("tiny:qwen3_moe", TrainConfig(packing=False), AlgorithmConfig(routing_replay="r3"),
+                         tiny_cache_dir=cache).compute_logprobs(traced_samples())
+    par = {"tensor_parallel": 2, "expert_parallel": 2, "expert_tensor_parallel": 1}
+    return max_abs(fsdp, moe_logprobs(cache, par, 2, traced_samples(), {"routing_replay": "r3"}))
+
+
+# -- scale (issue 26, part 1): packed THD rows, bf16_mixed with the distributed optimizer ----------
+def _packed_worker(rank, world, port, cache, tp, pp, out):
+    from miles_ray.config import AlgorithmConfig, TrainConfig
+    from miles_ray.training.collectives import init_distributed
+    from miles_ray.training.megatron.trainer import MegatronPolicyTrainer
+
+    init_distributed(rank, world, "127.0.0.1", port)
+    trainer = MegatronPolicyTrainer("tiny:qwen3", TrainConfig(packing=False), AlgorithmConfig(), tiny_cache_dir=cache,
+                                    parallel_cfg={"tensor_parallel": tp, "pipeline_parallel": pp,
+                                                  "sequence_parallel": tp > 1})
+    mine = samples()[rank::world]
+    padded = trainer.compute_logprobs(mine)
+    trainer.cfg = trainer.cfg.model_copy(update={"packing": True, "max_tokens_per_micro_batch": 24})
+    diff = max_abs(trainer.compute_logprobs(mine), padded)
+    if rank == 0:
+        torch.save(diff, out)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def packed_logprob_max_abs(cache: str) -> float:
+    """Packed (THD, several samples per row) vs padded rows, fp32: TP=2 (+SP) and PP=2, the larger."""
+    found = []
+    for tp, pp in ((2, 1), (1, 2)):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "d.pt")
+            mp.spawn(_packed_worker, args=(2, _port(), cache, tp, pp, out), nprocs=2, join=True)
+            found.append(torch.load(out, weights_only=True))
+        print(f"packed vs padded log-probs TP={tp} PP={pp}: max abs {found[-1]:.3g}", flush=True)
+    return max(found)
+
+
+def bf16_step_rel(cache: str, batch: list) -> float:
+    """One GRPO step in bf16_mixed: megatron (TP=2, bf16 model, fp32 main shards) vs the FSDP
+    backend's bf16_mixed (1 rank): max over tensors of max|a - b| / max|b|."""
+    import copy
+
+    from miles_ray.config import AlgorithmConfig, TrainConfig
+    from miles_ray.training.fsdp import PolicyTrainer
+
+    fsdp = PolicyTrainer("tiny:qwen3", TrainConfig(**TRAIN, precision="bf16_mixed"), AlgorithmConfig(**ALGO),
+                         tiny_cache_dir=cache)
+    mine = copy.deepcopy(batch)
+    fsdp.prepare(mine, old=False)
+    fsdp_metrics = fsdp.train_step([mine])
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "step.pt")
+        mp.spawn(_step_worker, args=(2, _port(), cache, 2, 1, batch, out, "tiny:qwen3", "bf16_mixed"), nprocs=2,
+                 join=True)
+        mega = torch.load(out, weights_only=True)
+    for k in ("loss", "entropy", "grad_norm"):
+        print(f"bf16_mixed step {k}: fsdp {fsdp_metrics[k]:.6g} megatron(TP=2) {mega['metrics'][k]:.6g}")
+    ref = {k: v.float() for k, v in fsdp.export_state().items()}
+    return max_rel({k: v.float() for k, v in mega["state"].items()}, ref)
+
+
+def scale_results(cache: str, batch: list) -> str:
+    """This part's RESULT keys (``packed_logprob_max_abs``, ``bf16_step_rel``)."""
+    packed, bf16 = packed_logprob_max_abs(cache), bf16_step_rel(cache, batch)
+    print(f"one GRPO step in bf16_mixed, TP=2 vs FSDP: parameter max relative diff {bf16:.3g}", flush=True)
+    return f"packed_logprob_max_abs={packed:.3g} bf16_step_rel={bf16:.3g}"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cache", default="runs/_models")
@@ -182,7 +307,12 @@ def main(argv=None) -> None:
     moe_rel = max_rel(megatron_step(args.cache, moe_batch, 2, 1, "tiny:qwen3_moe")["state"],
                       fsdp_step(args.cache, moe_batch, "tiny:qwen3_moe")["state"])
     print(f"Qwen3-MoE one GRPO step, TP=2 (+SP) vs FSDP: parameter max relative diff {moe_rel:.3g}", flush=True)
-    print(f"RESULT tp2_logprob_max_abs={tp2:.3g} pp2_logprob_max_abs={pp2:.3g} step_param_max_rel={rel:.3g}")
+    ep2 = ep2_logprob_max_abs(args.cache)
+    print(f"Qwen3-MoE EP=2 log-prob max abs diff vs HF: {ep2:.3g}", flush=True)
+    r3 = r3_logprob_max_abs(args.cache)
+    print(f"Qwen3-MoE R3, megatron (TP=2 x EP=2) vs FSDP on the same traces: log-prob max abs diff {r3:.3g}")
+    print(f"RESULT tp2_logprob_max_abs={tp2:.3g} pp2_logprob_max_abs={pp2:.3g} step_param_max_rel={rel:.3g} "
+          f"ep2_logprob_max_abs={ep2:.3g} r3_logprob_max_abs={r3:.3g} {scale_results(args.cache, batch)}")
 
 
 if __name__ == "__main__":

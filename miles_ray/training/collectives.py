@@ -130,6 +130,37 @@ def all_gather(tensor: torch.Tensor, group=None) -> list[torch.Tensor]:
     return out
 
 
+def all_gather_uneven(tensor: torch.Tensor, sizes: list, group=None) -> torch.Tensor:
+    """Every rank's ``tensor`` (``sizes[r]`` rows on rank ``r``, the rest of the shape equal)
+    concatenated along dim 0 in rank order. Padded to the largest part and gathered in one
+    equal-size all-gather: gloo refuses parts of different sizes (``ProcessGroupGloo::allgather:
+    invalid tensor size``), which NCCL takes (megatron's MoE alltoall dispatcher under TP)."""
+    if world(group)[1] == 1:
+        return tensor
+    rows = max(sizes)
+    padded = tensor.new_zeros((rows, *tensor.shape[1:]))
+    padded[:tensor.shape[0]] = tensor
+    parts = all_gather(padded, group)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+def reduce_scatter(output: torch.Tensor, tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum ``tensor`` (``size x output.numel()`` elements) over ranks; rank ``r`` gets the ``r``-th
+    contiguous chunk in ``output`` (the megatron distributed optimizer's gradient reduction)."""
+    if world(group)[1] == 1:
+        return output.copy_(tensor)
+    dist.reduce_scatter_tensor(output, tensor.contiguous(), group=group)
+    return output
+
+
+def all_gather_into(output: torch.Tensor, tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's ``tensor`` concatenated in rank order into the flat ``output``."""
+    if world(group)[1] == 1:
+        return output.copy_(tensor.reshape(output.shape))
+    dist.all_gather_into_tensor(output, tensor.contiguous(), group=group)
+    return output
+
+
 def all_gather_object(obj, group=None) -> list:
     """Every rank's picklable ``obj``, in rank order."""
     size = world(group)[1]

@@ -17,6 +17,7 @@ functions only slice, view and concatenate.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -68,7 +69,8 @@ def _qkv_to_hf(shards: list, hf_config) -> tuple:
     return tuple(t.reshape(-1, *rest).clone() for t in (q, k, v))
 
 
-def _layer_to_megatron(hf: dict, pre: str, key: str, hf_config, tp_rank: int, tp: int) -> torch.Tensor:
+def _layer_to_megatron(hf: dict, pre: str, key: str, hf_config, tp_rank: int, tp: int,
+                       experts: "Experts") -> torch.Tensor:
     if key.startswith("self_attention.linear_qkv.") and not key.endswith("layer_norm_weight"):
         kind = key.rsplit(".", 1)[1]  # weight | bias
         q, k, v = (hf[f"{pre}self_attn.{x}_proj.{kind}"] for x in "qkv")
@@ -77,12 +79,13 @@ def _layer_to_megatron(hf: dict, pre: str, key: str, hf_config, tp_rank: int, tp
         gate, up = hf[f"{pre}mlp.gate_proj.weight"], hf[f"{pre}mlp.up_proj.weight"]
         return torch.cat([gate.chunk(tp)[tp_rank], up.chunk(tp)[tp_rank]]).clone()
     expert = EXPERT.match(key)
-    if expert:
-        t = hf[pre + HF_EXPERTS[expert[2]]][int(expert[1])]
+    if expert:  # expert-parallel: local expert i is global expert offset + i; split over expert TP
+        t = hf[pre + HF_EXPERTS[expert[2]]][experts.offset + int(expert[1])]
+        rank, size = (tp_rank, tp) if experts.tp is None else (experts.tp_rank, experts.tp)
         if expert[2] == "2":
-            return t.chunk(tp, dim=1)[tp_rank].clone()
+            return t.chunk(size, dim=1)[rank].clone()
         gate, up = t.chunk(2)
-        return torch.cat([gate.chunk(tp)[tp_rank], up.chunk(tp)[tp_rank]]).clone()
+        return torch.cat([gate.chunk(size)[rank], up.chunk(size)[rank]]).clone()
     name, dim = LAYER_PLAIN[key]
     return _split(hf[pre + name], dim, tp_rank, tp)
 
@@ -91,15 +94,26 @@ def _split(t: torch.Tensor, dim, tp_rank: int, tp: int) -> torch.Tensor:
     return t.clone() if dim is None else t.chunk(tp, dim=dim)[tp_rank].clone()
 
 
-def to_megatron(hf: dict, names: list, hf_config, tp_rank: int, tp: int, layer_offset: int) -> dict:
-    """The tensors of megatron parameters ``names`` (one stage, one TP rank) from the full HF
-    state dict ``hf``; layer ``i`` of the stage is HF layer ``layer_offset + i``."""
+@dataclass(frozen=True)
+class Experts:
+    """Where this rank's experts sit: its first global expert (``ep_rank x experts / ep``) and its
+    expert-TP rank / size (None: the dense TP rank / size, megatron's default)."""
+    offset: int = 0
+    tp_rank: int | None = None
+    tp: int | None = None
+
+
+def to_megatron(hf: dict, names: list, hf_config, tp_rank: int, tp: int, layer_offset: int,
+                experts: Experts = Experts()) -> dict:
+    """The tensors of megatron parameters ``names`` (one stage, one TP rank, one EP rank) from the
+    HF state dict ``hf`` (any mapping: only the tensors needed are read); layer ``i`` of the
+    stage is HF layer ``layer_offset + i``."""
     out = {}
     for key in names:
         if key.startswith(LAYER_PREFIX):
             local, sub = key[len(LAYER_PREFIX):].split(".", 1)
             pre = f"model.layers.{layer_offset + int(local)}."
-            out[key] = _layer_to_megatron(hf, pre, sub, hf_config, tp_rank, tp)
+            out[key] = _layer_to_megatron(hf, pre, sub, hf_config, tp_rank, tp, experts)
         elif key == "output_layer.weight" and "lm_head.weight" not in hf:  # tied: a copy on the last stage
             out[key] = _split(hf["model.embed_tokens.weight"], 0, tp_rank, tp)
         else:
@@ -108,9 +122,10 @@ def to_megatron(hf: dict, names: list, hf_config, tp_rank: int, tp: int, layer_o
     return out
 
 
-def to_hf(key: str, shards: list, hf_config, layer_offset: int) -> dict:
+def to_hf(key: str, shards: list, hf_config, layer_offset: int, expert_offset: int = 0) -> dict:
     """HF tensors of one megatron parameter given its shards on every TP rank (in TP-rank order;
-    a single-element list for replicated parameters)."""
+    a single-element list for replicated parameters); an expert's shards are those of its expert-TP
+    ranks, and its local index ``i`` is global expert ``expert_offset + i``."""
     if not key.startswith(LAYER_PREFIX):
         name, dim = TOP_PLAIN[key]
         return {name: shards[0].clone() if dim is None else torch.cat(shards, dim=dim)}
@@ -128,7 +143,7 @@ def to_hf(key: str, shards: list, hf_config, layer_offset: int) -> dict:
         halves = [s.chunk(2) for s in shards]
         full = (torch.cat([h[0] for h in halves] + [h[1] for h in halves]) if expert[2] == "1"
                 else torch.cat(shards, dim=1))
-        return {f"{pre}{HF_EXPERTS[expert[2]]}@{expert[1]}": full}
+        return {f"{pre}{HF_EXPERTS[expert[2]]}@{expert_offset + int(expert[1])}": full}
     name, dim = LAYER_PLAIN[sub]
     return {pre + name: shards[0].clone() if dim is None else torch.cat(shards, dim=dim)}
 
@@ -149,10 +164,11 @@ def fuse_experts(items, hf_config):
             del waiting[base]
 
 
-def stage_names(hf_config, layers: int, first: bool, last: bool) -> list:
-    """Megatron (local spec) parameter names of a stage with ``layers`` decoder layers."""
+def stage_names(hf_config, layers: int, first: bool, last: bool, ep: int = 1) -> list:
+    """Megatron (local spec) parameter names of a stage with ``layers`` decoder layers (``ep``:
+    expert-parallel size; each rank holds ``experts / ep`` local experts)."""
     qk_norm, bias = arch_flags(hf_config)
-    experts = getattr(hf_config, "num_experts", 0) or 0
+    experts = (getattr(hf_config, "num_experts", 0) or 0) // ep
     mlp = ["mlp.router.weight", *(f"mlp.experts.local_experts.{e}.linear_fc{k}.weight" for e in range(experts)
                                   for k in (1, 2))] if experts else ["mlp.linear_fc1.weight", "mlp.linear_fc2.weight"]
     per_layer = ["input_layernorm.weight", "self_attention.linear_qkv.weight", "self_attention.linear_proj.weight",
@@ -177,6 +193,11 @@ def tp_dim(key: str) -> int | None:
             return 0 if EXPERT.match(sub)[2] == "1" else 1
         return LAYER_PLAIN[sub][1]
     return TOP_PLAIN[key][1]
+
+
+def is_expert(key: str) -> bool:
+    """Whether megatron parameter ``key`` belongs to one expert (split over EP, expert TP)."""
+    return EXPERT.search(key) is not None
 
 
 def exported(key: str, hf_config) -> bool:

@@ -21,14 +21,17 @@ from miles_ray.weights.buckets import Bucket, plan_buckets
 
 def _stage_entries(model, hf_config) -> list:
     """(HF name, shape, dtype) of this stage's export, from meta tensors shaped like the shards."""
-    tp, offset = layout()["tp"], layer_offset(model)
+    where, offset = layout(), layer_offset(model)
+    local = (getattr(hf_config, "num_experts", 0) or 0) // where["ep"]
 
     def meta():
         for key, p in model.named_parameters():
             if convert.exported(key, hf_config):
-                n = tp if convert.tp_dim(key) is not None else 1
+                expert = convert.is_expert(key)  # every EP rank's block of experts (expert-TP shards)
+                n = (where["etp"] if expert else where["tp"]) if convert.tp_dim(key) is not None else 1
                 shards = [torch.empty(p.shape, dtype=p.dtype, device="meta") for _ in range(n)]
-                yield from convert.to_hf(key, shards, hf_config, offset).items()
+                for first in range(0, local * where["ep"], local) if expert else [0]:
+                    yield from convert.to_hf(key, shards, hf_config, offset, first).items()
 
     return [(name, tuple(t.shape), t.dtype) for name, t in convert.fuse_experts(meta(), hf_config)]
 

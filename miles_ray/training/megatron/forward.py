@@ -1,9 +1,10 @@
 """Forward of a megatron ``GPTModel`` stage on a :class:`~miles_ray.training.batching.TokenBatch`,
 and token log-probs / entropy from the *vocab-parallel* logits.
 
-- Attention mask: an explicit boolean mask (True = masked): causal for padded rows, block-diagonal
-  causal for a packed row (no token sees another sample). Passing it also keeps megatron from
-  building its default causal mask with a hard-coded ``device="cuda"``.
+- Attention mask: an explicit boolean causal mask (True = masked) for padded rows; passing it also
+  keeps megatron from building its default causal mask with a hard-coded ``device="cuda"``. A
+  packed row goes in as THD with ``PackedSeqParams`` instead (:mod:`.packed`);
+  :func:`attention_mask` also gives the block-diagonal mask of a packed row (a reference).
 - Log-probs: ``log p(target) = logit[target] - logsumexp(logits)`` with the max, the sum of
   exponentials and the target logit all-reduced over the TP group
   (``tensor_parallel.vocab_parallel_cross_entropy``); the full vocab never sits on one rank.
@@ -12,6 +13,8 @@ and token log-probs / entropy from the *vocab-parallel* logits.
   computed identically on every TP rank).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -31,10 +34,30 @@ def attention_mask(batch) -> torch.Tensor:
     return (causal | (sample[:, None] != sample[None, :]))[None, None]
 
 
-def stage_forward(model, batch) -> torch.Tensor:
-    """This stage's output: logits ``[R, L, V/tp]`` on the last stage, hidden states otherwise
-    (the input of a non-first stage comes from ``model.set_input_tensor``)."""
-    return model(batch.input_ids, batch.position_ids, attention_mask(batch))
+@contextlib.contextmanager
+def returning_hidden(model):
+    """While active, ``model`` (a last stage) returns its final hidden states ``[s, b, h]``
+    (``GPTModel._postprocess``: ``if not self.post_process: return hidden_states``,
+    ``gpt_model.py`` line 608)."""
+    post = model.post_process
+    model.post_process = False
+    try:
+        yield model
+    finally:
+        model.post_process = post
+
+
+def stage_forward(model, batch, hidden: bool = False) -> torch.Tensor:
+    """This stage's output: logits ``[R, L, V/tp]`` on the last stage (``hidden``: its final hidden
+    states ``[L(/tp), R, h]`` instead, for :mod:`.logprobs`), hidden states otherwise (the input of a
+    non-first stage comes from ``model.set_input_tensor``). Packed rows go in as THD
+    (:mod:`.packed`), without a mask."""
+    from miles_ray.training.megatron.packed import packed_seq_params
+
+    params = packed_seq_params(batch)
+    mask = None if params is not None else attention_mask(batch)
+    with returning_hidden(model) if hidden and model.post_process else contextlib.nullcontext():
+        return model(batch.input_ids, batch.position_ids, mask, packed_seq_params=params)
 
 
 def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,

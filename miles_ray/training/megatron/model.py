@@ -44,8 +44,8 @@ def rope_theta(hf_config) -> float:
 
 
 def transformer_config(hf_config, tp: int = 1, pp: int = 1, sequence_parallel: bool = False,
-                       dtype: torch.dtype = torch.float32):
-    """The ``TransformerConfig`` of ``hf_config`` for a TP x PP layout."""
+                       dtype: torch.dtype = torch.float32, ep: int = 1, etp: int | None = None):
+    """The ``TransformerConfig`` of ``hf_config`` for a TP x PP (x EP for the experts) layout."""
     from megatron.core.transformer import TransformerConfig
 
     qk_norm, _ = arch_flags(hf_config)
@@ -62,20 +62,24 @@ def transformer_config(hf_config, tp: int = 1, pp: int = 1, sequence_parallel: b
         gradient_accumulation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
         masked_softmax_fusion=False, persist_layer_norm=False, batch_p2p_comm=False,
         deallocate_pipeline_outputs=False, calculate_per_token_loss=True,
-        **(moe_fields(hf_config) or dict(variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")))
+        variable_seq_lengths=True, moe_token_dispatcher_type="alltoall", **moe_fields(hf_config, ep, etp))
 
 
-def moe_fields(hf_config) -> dict:
+def moe_fields(hf_config, ep: int = 1, etp: int | None = None) -> dict:
     """Qwen3-MoE: every layer sparse, softmax router over the top-k logits (= HF's softmax over all
     experts renormalised over the top-k when ``norm_topk_prob``), no auxiliary loss (the RL loss
-    is the FSDP backend's), the allgather token dispatcher (alltoall creates CUDA streams), and
-    fixed-shape pipeline p2p (allgather refuses variable sequence lengths)."""
+    is the FSDP backend's), experts split over ``ep`` expert-parallel ranks (each expert over
+    ``etp`` expert-TP ranks), megatron's ``alltoall`` token dispatcher (on CPU behind shim 7 of
+    :mod:`~miles_ray.training.megatron.shims`; gloo has ``all_to_all_single``, uneven splits
+    included). alltoall, unlike allgather, takes variable sequence lengths
+    (``transformer_config.py``: allgather raises on ``variable_seq_lengths``), so MoE runs at PP > 1
+    through the same shape-exchanging p2p as dense models."""
     if not getattr(hf_config, "num_experts", None):
         return {}
     return dict(num_moe_experts=hf_config.num_experts, moe_router_topk=hf_config.num_experts_per_tok,
                 moe_ffn_hidden_size=hf_config.moe_intermediate_size, moe_router_load_balancing_type="none",
-                moe_aux_loss_coeff=0.0, moe_token_dispatcher_type="allgather", variable_seq_lengths=False,
-                moe_router_pre_softmax=not hf_config.norm_topk_prob, moe_router_score_function="softmax")
+                moe_aux_loss_coeff=0.0, moe_router_pre_softmax=not hf_config.norm_topk_prob,
+                moe_router_score_function="softmax", expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
 
 
 def spec_name(choice: str) -> str:

@@ -16,8 +16,12 @@ import torch
 from miles_ray.training import collectives
 
 
-def initialize(tp: int, pp: int, seed: int = 0) -> None:
-    """Megatron groups and the model-parallel RNG tracker (idempotent)."""
+def initialize(tp: int, pp: int, seed: int = 0, ep: int = 1, etp: int | None = None) -> None:
+    """Megatron groups and the model-parallel RNG tracker (idempotent). ``ep``: expert-parallel
+    size, ``etp``: expert tensor-parallel size (None: = ``tp``); megatron decomposes the same world
+    a second time for the experts as ``etp x ep x expert-dp x pp`` (``parallel_state.py``
+    ``initialize_model_parallel``, ``expert_decoder_rank_generator``), so the EP ranks of a dense
+    TP group's neighbours are data-parallel ranks of the dense layout."""
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
@@ -26,7 +30,8 @@ def initialize(tp: int, pp: int, seed: int = 0) -> None:
     shims.apply()
     collectives.init_single_process()  # no trainer group (one process): a world of one over gloo
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tp, pp, create_gloo_process_groups=False)
+        ps.initialize_model_parallel(tp, pp, create_gloo_process_groups=False, expert_model_parallel_size=ep,
+                                     expert_tensor_parallel_size=etp)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
@@ -43,7 +48,10 @@ def layout() -> dict:
     return {"tp_rank": ps.get_tensor_model_parallel_rank(), "tp": ps.get_tensor_model_parallel_world_size(),
             "pp_rank": ps.get_pipeline_model_parallel_rank(), "pp": ps.get_pipeline_model_parallel_world_size(),
             "dp_rank": ps.get_data_parallel_rank(), "dp": ps.get_data_parallel_world_size(),
-            "first": ps.is_pipeline_first_stage(), "last": ps.is_pipeline_last_stage()}
+            "first": ps.is_pipeline_first_stage(), "last": ps.is_pipeline_last_stage(),
+            "ep_rank": ps.get_expert_model_parallel_rank(), "ep": ps.get_expert_model_parallel_world_size(),
+            "etp_rank": ps.get_expert_tensor_parallel_rank(), "etp": ps.get_expert_tensor_parallel_world_size(),
+            "edp_rank": ps.get_expert_data_parallel_rank()}
 
 
 def gather_model_parallel(items: list) -> tuple[list, slice]:
@@ -67,12 +75,13 @@ def broadcast_from_last_stage(obj):
                                         ps.get_pipeline_model_parallel_group())
 
 
-def gather_tp_shards(param: torch.Tensor, sharded: bool) -> list:
+def gather_tp_shards(param: torch.Tensor, sharded: bool, expert: bool = False) -> list:
     """The shards of a TP-partitioned (``sharded``) parameter on every TP rank (TP-rank order); a
-    replicated parameter as a one-element list."""
+    replicated parameter as a one-element list. ``expert``: an expert's parameter, split over the
+    expert tensor-parallel group instead."""
     from megatron.core import parallel_state as ps
 
-    tp = ps.get_tensor_model_parallel_world_size()
-    if tp == 1 or not sharded:
+    group = ps.get_expert_tensor_parallel_group() if expert else ps.get_tensor_model_parallel_group()
+    if collectives.world(group)[1] == 1 or not sharded:
         return [param.detach()]
-    return collectives.all_gather(param.detach(), group=ps.get_tensor_model_parallel_group())
+    return collectives.all_gather(param.detach(), group=group)

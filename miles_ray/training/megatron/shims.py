@@ -22,11 +22,31 @@ CUDA device. On a torch without CUDA, :func:`apply` replaces exactly these (and 
 6. ``moe/moe_utils.py`` reads a module global ``te_general_gemm`` that is only defined when
    Transformer Engine imports (``NameError`` in the MoE router otherwise) -> set to ``None``, the
    value megatron's own code tests for (MoE models only).
+7. ``moe/token_dispatcher.py``'s alltoall dispatcher creates a ``torch.cuda.Stream()`` in its
+   constructor and moves the split sizes to the host on it (``_maybe_dtoh_and_synchronize``:
+   ``torch.cuda.current_stream`` / ``stream`` / ``Stream.record_event`` / ``Event.synchronize``):
+   the module's ``torch`` name is a proxy whose ``cuda`` attribute gives torch's CPU streams
+   (``torch.cpu.Stream``, ``current_stream``, ``stream``), which have the same methods and do
+   nothing (CPU ops are synchronous); ``record_event`` returns an always-completed event
+   (torch's CPU stream returns None). The dispatcher's ``maybe_move_tensor_to_cpu``
+   (``moe_utils.py`` line 1078) returns numpy split sizes only for CUDA tensors; CPU split tensors
+   would reach ``all_to_all_single``, whose torch 2.13 binding takes sequences of ints only, so the
+   module's name gets a version that converts CPU tensors too (as_numpy). The all-to-all itself
+   is gloo's ``all_to_all_single``
+   (uneven splits supported, checked on torch 2.13).
+8. The same dispatcher under TP > 1 gathers / reduce-scatters the tokens of the TP ranks with
+   *uneven* parts (``gather_from_sequence_parallel_region(..., output_split_sizes=...)``,
+   ``reduce_scatter_to_sequence_parallel_region(..., input_split_sizes=...)``), which end in a list
+   ``all_gather`` of differently sized tensors: NCCL takes it, gloo raises ``invalid tensor size``.
+   The module's two names get wrappers (:mod:`miles_ray.training.megatron.moe`) that do the uneven
+   case with an equal-size (padded) all-gather and an all-reduce; even parts go to megatron's own.
 
-Not shimmed (kept out of the way instead): megatron's optimizer wrapper (``optimizer.py``
-hard-codes ``device='cuda'``) - :mod:`miles_ray.training.megatron.trainer` uses a plain ``torch.optim``
-optimizer behind the same interface as the FSDP backend; megatron's DDP grad buffers - gradients
-are reduced by :mod:`miles_ray.training.megatron.grads`.
+Not shimmed (kept out of the way instead): megatron's ``DistributedOptimizer`` (it accepts only
+``torch.cuda.*Tensor`` parameters, ``distrib_optimizer.py`` lines 361-436, and its base hard-codes
+``device='cuda'``) and DDP grad buffers - :mod:`miles_ray.training.megatron.optimizer` is the same
+algorithm (fp32 main shards, reduce-scatter, all-gather), gradients finalised by
+:mod:`miles_ray.training.megatron.grads`; the local spec's ``DotProductAttention`` refuses packed
+(THD) input - :mod:`miles_ray.training.megatron.packed` subclasses it.
 
 Idempotent; a no-op where ``torch.cuda.is_available()``, except 6, which :func:`apply_te_absent`
 applies wherever Transformer Engine is absent (found on an H100 without TE: the MoE router's
@@ -50,6 +70,47 @@ class _CpuZerosTorch(types.SimpleNamespace):
     @staticmethod
     def zeros(*args, device=None, **kwargs):
         return torch.zeros(*args, device="cpu" if str(device).startswith("cuda") else device, **kwargs)
+
+
+class _DoneEvent:
+    """An event that has always completed (CPU work is synchronous)."""
+
+    def synchronize(self) -> None:
+        return None
+
+
+class _CpuStream(torch.cpu.Stream):
+    """``torch.cpu.Stream`` whose ``record_event`` gives an event (torch's returns None)."""
+
+    def record_event(self, event=None):
+        return _DoneEvent()
+
+
+class _CpuStreamsCuda(types.SimpleNamespace):
+    """``torch.cuda`` for ``token_dispatcher.py``: streams are the CPU's (no-op) streams."""
+
+    Stream = _CpuStream
+    current_stream = staticmethod(torch.cpu.current_stream)
+    stream = staticmethod(torch.cpu.stream)
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+class _CpuStreamsTorch(types.SimpleNamespace):
+    """``torch`` for ``token_dispatcher.py``: everything torch's own except ``cuda`` (shim 7)."""
+
+    cuda = _CpuStreamsCuda()
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def _splits_to_host(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """megatron's ``maybe_move_tensor_to_cpu`` for CPU tensors: numpy when asked (shim 7)."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.detach().cpu().numpy()
+    return tensor
 
 
 def apply_te_absent() -> None:
@@ -80,5 +141,15 @@ def apply() -> bool:
     import megatron.core.pipeline_parallel.schedules as schedules
 
     schedules.torch = _CpuZerosTorch()
+    import megatron.core.transformer.moe.token_dispatcher as dispatcher
+
+    dispatcher.torch = _CpuStreamsTorch()
+    dispatcher.maybe_move_tensor_to_cpu = _splits_to_host
+    from miles_ray.training.megatron import moe
+
+    dispatcher.gather_from_sequence_parallel_region = moe.gather_sp_region(
+        dispatcher.gather_from_sequence_parallel_region)
+    dispatcher.reduce_scatter_to_sequence_parallel_region = moe.scatter_sp_region(
+        dispatcher.reduce_scatter_to_sequence_parallel_region)
     _APPLIED = True
     return True

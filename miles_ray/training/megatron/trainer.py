@@ -9,10 +9,14 @@
   token / sequence counts, as on the FSDP backend, so gradients do not depend on the layout.
 - Loss: :class:`~miles_ray.training.policy_loss.PolicyLossMixin` (the registry functions, one copy)
   on log-probs from the vocab-parallel logits, through megatron's pipeline schedules.
-- Optimizer: plain ``torch.optim.AdamW`` over the local shard (elementwise: identical to AdamW on
-  the whole model), gradients reduced and clipped by :mod:`~miles_ray.training.megatron.grads`.
-- Rows are right-padded (``train.packing`` is off here: megatron's RoPE takes positions 0..L-1 per
-  row, which packed rows would break).
+- Precision (:mod:`~miles_ray.training.megatron.options`): fp32 or bf16_mixed (bf16 model);
+  either way the distributed optimizer (:mod:`~miles_ray.training.megatron.optimizer`): fp32 main
+  parameters and gradients, AdamW state sharded over DP; reductions and clipping in
+  :mod:`~miles_ray.training.megatron.grads`.
+- Rows: packed (``train.packing``, THD with ``PackedSeqParams``: :mod:`~miles_ray.training.megatron.packed`)
+  or right-padded; log-probs through the output layer in chunks of ``train.logprob_chunk_tokens``
+  (:mod:`~miles_ray.training.megatron.logprobs`); ``train.gradient_checkpointing``: megatron's
+  activation recompute (``megatron.recompute``).
 """
 from __future__ import annotations
 
@@ -22,9 +26,11 @@ import torch
 
 from miles_ray.algorithms import LOSS_AGGREGATIONS
 from miles_ray.algorithms.losses import sft_token_loss
-from miles_ray.training.megatron import grads, parallel, weights
-from miles_ray.training.megatron.forward import vocab_parallel_logprobs
+from miles_ray.training.megatron import grads, moe, options, parallel, weights
+from miles_ray.training.megatron.logprobs import head_logprobs
+from miles_ray.training.megatron.optimizer import build as build_optimizer
 from miles_ray.training.megatron.model import build_gpt_model, layer_spec, transformer_config
+from miles_ray.training.megatron.packed import use_varlen_attention
 from miles_ray.training.megatron.schedule import run_micro_batches
 from miles_ray.models import load_model, load_tokenizer
 from miles_ray.training.base import TorchTrainerBase, padded_micro_batches
@@ -37,10 +43,12 @@ log = logging.getLogger("miles_ray.training.megatron")
 
 def _parallel(cfg) -> dict:
     if cfg is None:
-        return {"tensor_parallel": 1, "pipeline_parallel": 1, "sequence_parallel": False, "layer_spec": "auto"}
+        cfg = {}
     get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
     return {"tensor_parallel": get("tensor_parallel", 1), "pipeline_parallel": get("pipeline_parallel", 1),
-            "sequence_parallel": bool(get("sequence_parallel", False)), "layer_spec": get("layer_spec", "auto")}
+            "sequence_parallel": bool(get("sequence_parallel", False)), "layer_spec": get("layer_spec", "auto"),
+            "precision": get("precision", "auto"), "recompute": get("recompute", "full"),
+            "expert_parallel": get("expert_parallel", 1), "expert_tensor_parallel": get("expert_tensor_parallel", 0) or None}
 
 
 class MegatronPolicyTrainer(PolicyLossMixin, TorchTrainerBase):
@@ -57,46 +65,64 @@ class MegatronPolicyTrainer(PolicyLossMixin, TorchTrainerBase):
         self.off_policy = off_policy if off_policy is not None and off_policy.mode != "none" else None
         self.tokenizer = load_tokenizer(model_spec, tiny_cache_dir)
         self.pad_id = self.tokenizer.pad_token_id or 0
-        self.cfg = train_cfg.model_copy(update={"packing": False})
-        self.precision, self.strategy = "fp32", "megatron"
+        self.cfg = train_cfg
+        par = _parallel(parallel_cfg)
+        self.precision = options.resolve_precision(par["precision"], getattr(train_cfg, "precision", "auto"), dtype)
+        self.strategy = "megatron"
         self.rank, self.world_size = world()
         self.device = device()
-        par = _parallel(parallel_cfg)
         hf = load_model(model_spec, "float32", tiny_cache_dir)
         self.hf_config = hf.config
-        validate_layout(hf.config, par["tensor_parallel"], par["pipeline_parallel"], self.world_size)
-        parallel.initialize(par["tensor_parallel"], par["pipeline_parallel"], seed)
+        ep, etp = par["expert_parallel"], par["expert_tensor_parallel"]  # expert parallelism (MoE)
+        validate_layout(hf.config, par["tensor_parallel"], par["pipeline_parallel"], self.world_size, ep, etp)
+        parallel.initialize(par["tensor_parallel"], par["pipeline_parallel"], seed, ep, etp)
         self.where = parallel.layout()
         moe = bool(getattr(hf.config, "num_experts", None))  # megatron trains MoE under TP only with SP
         self.sequence_parallel = (par["sequence_parallel"] or moe) and par["tensor_parallel"] > 1
         self.mconfig = transformer_config(hf.config, par["tensor_parallel"], par["pipeline_parallel"],
-                                          self.sequence_parallel)
+                                          self.sequence_parallel, dtype=options.model_dtype(self.precision), ep=ep, etp=etp)
+        self.mconfig = options.with_recompute(self.mconfig, train_cfg.gradient_checkpointing, par["recompute"])
         self.spec, self.spec_name = layer_spec(par["layer_spec"], hf.config, self.sequence_parallel)
+        use_varlen_attention(self.spec)  # THD (packed rows) on the local spec
         log.info("megatron backend: %s layer spec, TP=%d PP=%d DP=%d SP=%s", self.spec_name, self.where["tp"],
                  self.where["pp"], self.where["dp"], self.sequence_parallel)
         hf_state = hf.state_dict()
-        self.model = self._stage(hf_state)
+        self.model, initial = self._stage(hf_state)
         self.module = self.core = self.model
-        self.ref = self._stage(hf_state).eval().requires_grad_(False) if algo_cfg.kl_coef > 0 else None
+        self.ref = self._stage(hf_state)[0].eval().requires_grad_(False) if algo_cfg.kl_coef > 0 else None
         del hf, hf_state
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        self.routing, self.ref_routing = self._routing(self.model), self._routing(self.ref)  # MoE: R3 / agreement
+        self.optimizer = build_optimizer(self.model, train_cfg.lr, train_cfg.weight_decay, initial)
+        del initial
         self.base_lr, self.schedule_steps, self.opt_steps = train_cfg.lr, schedule_steps, 0
         self.offloaded, self.version, self.mismatch_max = False, 0, 0.0
 
     def _stage(self, hf_state: dict):
         model = build_gpt_model(self.hf_config, self.mconfig, self.spec, self.where["first"], self.where["last"])
-        weights.load_hf(model, hf_state, self.hf_config)
-        return model
+        model.to(options.model_dtype(self.precision))  # all of it, norms too (megatron's Float16Module: .bfloat16())
+        return model, weights.load_hf(model, hf_state, self.hf_config)
+
+    def _routing(self, model):
+        """R3 replay (``algorithm.routing_replay=r3``) and routing agreement on ``model``'s routers
+        (:class:`~miles_ray.training.megatron.moe.RouterReplay`); None for a dense model."""
+        if model is None:
+            return None
+        replay = moe.RouterReplay(model, weights.layer_offset(model), getattr(self.algo, "routing_replay", "none") == "r3",
+                                  self.sequence_parallel)
+        return replay if replay.is_moe else None
 
     # -- forward --------------------------------------------------------------------------------
     def _batches(self, samples: list) -> tuple[list, list]:
         micro = padded_micro_batches(samples, self.cfg)
         multiple = self.where["tp"] if self.sequence_parallel else 1  # SP shards the sequence over TP
-        return [pack(c, self.pad_id, self.device, packed=False, length_multiple=multiple) for c, _ in micro], micro
+        return [pack(c, self.pad_id, self.device, packed=self.cfg.packing, length_multiple=multiple)
+                for c, _ in micro], micro
 
-    def _token_logprobs(self, batch, logits, entropy: bool):
-        logp, ent = vocab_parallel_logprobs(logits, batch.targets, self.temperature, entropy)
-        return logp * batch.mask, (ent * batch.mask if ent is not None else None)
+    def _token_logprobs(self, batch, hidden, entropy: str = "none", core=None):
+        """(log-probs, entropy or None) ``[R, L]``, 0 off ``batch.mask``, from the last stage's hidden
+        states; ``entropy``: ``"loss"`` / ``"log"`` / ``"none"`` (:func:`head_logprobs`)."""
+        return head_logprobs(core or self.model, hidden, batch, self.temperature, self.cfg.logprob_chunk_tokens,
+                             entropy, self.sequence_parallel)
 
     @torch.no_grad()
     def compute_logprobs(self, samples, core=None) -> list[list[float]]:
@@ -105,10 +131,11 @@ class MegatronPolicyTrainer(PolicyLossMixin, TorchTrainerBase):
         core.eval()
         group, mine = parallel.gather_model_parallel(samples)
         batches, micro = self._batches(group)
+        batches = moe.ReplayBatches(batches, self.ref_routing if core is self.ref else self.routing)
 
-        def loss_fn(batch, logits):
-            logp, _ = self._token_logprobs(batch, logits, entropy=False)
-            return logits.sum() * 0.0, {"logp": unpack(logp, batch)}
+        def loss_fn(batch, hidden):
+            logp, _ = self._token_logprobs(batch, hidden, core=core)
+            return hidden.sum() * 0.0, {"logp": unpack(logp, batch)}
 
         out = run_micro_batches(core, batches, loss_fn, forward_only=True) if batches else []
         found = _by_position(group, micro, [o["logp"] for o in out]) if out else None
@@ -125,17 +152,19 @@ class MegatronPolicyTrainer(PolicyLossMixin, TorchTrainerBase):
         batches, micro = self._batches(group)
         weight = {id(b): w for b, (_, w) in zip(batches, micro)}
         entropy = "loss" if self.algo.entropy_coef else "log"
+        if self.routing is not None:  # count this mini-batch's training forwards only
+            self.routing.take_stats()
+        batches = moe.ReplayBatches(batches, self.routing)
 
-        def loss_fn(batch, logits):
-            logp, ent = self._token_logprobs(batch, logits, entropy=True)
-            if entropy == "log":
-                ent = ent.detach()
+        def loss_fn(batch, hidden):
+            logp, ent = self._token_logprobs(batch, hidden, entropy)
             loss, metrics = self.policy_loss(batch, logp, ent, n_tokens, n_seqs)
             w = weight[id(batch)]
             return loss * w, {k: v * w for k, v in metrics.items()}
 
         out = run_micro_batches(self.model, batches, loss_fn, forward_only=False)
-        return self._reduce_metrics(out, n_tokens) | self.optimizer_step()
+        routed = moe.agreement(self.routing.take_stats()) if self.routing is not None else {}
+        return self._reduce_metrics(out, n_tokens) | routed | self.optimizer_step()
 
     def sft_step(self, samples, lr: float | None = None) -> dict:
         """As :meth:`miles_ray.training.sft.SFTMixin.sft_step`: token-mean NLL of the responses."""
@@ -147,8 +176,8 @@ class MegatronPolicyTrainer(PolicyLossMixin, TorchTrainerBase):
         batches, micro = self._batches(group)
         weight = {id(b): w for b, (_, w) in zip(batches, micro)}
 
-        def loss_fn(batch, logits):
-            logp, _ = self._token_logprobs(batch, logits, entropy=False)
+        def loss_fn(batch, hidden):
+            logp, _ = self._token_logprobs(batch, hidden)
             nll = sft_token_loss(batch.by_sample(logp))
             loss = LOSS_AGGREGATIONS["token_mean"](nll, batch.sample_mask, n_tokens, n_seqs) * weight[id(batch)]
             return loss, {"sft_loss": loss.item()}
@@ -176,8 +205,8 @@ class MegatronPolicyTrainer(PolicyLossMixin, TorchTrainerBase):
     def clip_gradients(self) -> torch.Tensor:
         """Reduce the gradients over DP (and SP), then clip (:mod:`miles_ray.training.megatron.grads`); the
         base class's :meth:`optimizer_step` does the rest (AdamW at the scheduled learning rate)."""
-        grads.finalize(self.model, self.sequence_parallel)
-        return grads.clip(self.model, self.cfg.grad_clip)
+        grads.finalize(self.model, self.optimizer, self.sequence_parallel)
+        return grads.clip(self.optimizer, self.cfg.grad_clip)
 
     # -- checkpoints: megatron distributed checkpointing --------------------------------------------
     def save_checkpoint(self, folder: str) -> None:

@@ -21,24 +21,48 @@ def layer_offset(model) -> int:
 
 
 @torch.no_grad()
-def load_hf(model, hf_state: dict, hf_config) -> None:
-    """Copy the full HF state dict into this rank's parameters (every parameter, strictly)."""
+def load_hf(model, hf_state: dict, hf_config) -> dict:
+    """Copy the full HF state dict into this rank's parameters (every parameter, strictly); returns
+    this rank's converted tensors by megatron name (before any cast to the model dtype)."""
     where = layout()
     params = dict(model.named_parameters())
     tensors = convert.to_megatron(hf_state, list(params), hf_config, where["tp_rank"], where["tp"],
-                                  layer_offset(model))
+                                  layer_offset(model), experts_of(hf_config))
     for name, p in params.items():
         if tuple(tensors[name].shape) != tuple(p.shape):
             raise ValueError(f"{name}: HF gives {tuple(tensors[name].shape)}, the megatron stage has {tuple(p.shape)}")
         p.copy_(tensors[name])
+    return tensors  # in the HF dtype: the distributed optimizer's fp32 main weights start from them
+
+
+def experts_of(hf_config) -> convert.Experts:
+    """This rank's experts (expert parallelism: a contiguous block of ``experts / ep``)."""
+    where = layout()
+    local = (getattr(hf_config, "num_experts", 0) or 0) // where["ep"]
+    return convert.Experts(where["ep_rank"] * local, where["etp_rank"], where["etp"])
 
 
 def _stage_owner_keys(model) -> list:
-    """Per global rank: (pp_rank, tp_rank, dp_rank, exported parameter names)."""
+    """Per global rank: (pp_rank, tp_rank, dp_rank, exported parameter names, (ep_rank, etp_rank,
+    expert-dp rank))."""
     where = layout()
     keys = [k for k, _ in model.named_parameters()]
-    mine = (where["pp_rank"], where["tp_rank"], where["dp_rank"], keys)
+    mine = (where["pp_rank"], where["tp_rank"], where["dp_rank"], keys,
+            (where["ep_rank"], where["etp_rank"], where["edp_rank"]))
     return collectives.all_gather_object(mine)
+
+
+def _owners(table: list, stage: int, key: str, where: dict, local_experts: int):
+    """(sender rank, whether this rank joins the shard gather, expert offset) per copy of ``key``
+    to export: one for a dense parameter; one per EP rank for an expert's (each holds its block)."""
+    if not convert.is_expert(key):
+        sender = next(r for r, (p, t, d, *_) in enumerate(table) if p == stage and t == 0 and d == 0)
+        yield sender, where["pp_rank"] == stage and where["dp_rank"] == 0, 0
+        return
+    for ep_rank in range(where["ep"]):
+        sender = next(r for r, (p, *_, e) in enumerate(table) if p == stage and e == (ep_rank, 0, 0))
+        joins = where["pp_rank"] == stage and where["ep_rank"] == ep_rank and where["edp_rank"] == 0
+        yield sender, joins, ep_rank * local_experts
 
 
 def iter_hf(model, hf_config):
@@ -53,16 +77,16 @@ def _iter_parts(model, hf_config):
     where, me = layout(), collectives.world()[0]
     table = _stage_owner_keys(model)
     params, offset = dict(model.named_parameters()), layer_offset(model)
+    local_experts = (getattr(hf_config, "num_experts", 0) or 0) // where["ep"]
     for stage in range(where["pp"]):
-        sender = next(r for r, (p, t, d, _) in enumerate(table) if p == stage and t == 0 and d == 0)
-        for key in table[sender][3]:
-            if not convert.exported(key, hf_config):
-                continue
-            hf = None
-            if where["pp_rank"] == stage and where["dp_rank"] == 0:
-                shards = gather_tp_shards(params[key], convert.tp_dim(key) is not None)
-                if where["tp_rank"] == 0:
-                    hf = convert.to_hf(key, [s.cpu() for s in shards], hf_config, offset)
+        first = next(r for r, (p, t, d, *_) in enumerate(table) if p == stage and t == 0 and d == 0)
+        for key, (sender, joins, experts) in ((k, o) for k in table[first][3] if convert.exported(k, hf_config)
+                                              for o in _owners(table, stage, k, where, local_experts)):
+            hf, expert = None, convert.is_expert(key)
+            if joins:
+                shards = gather_tp_shards(params[key], convert.tp_dim(key) is not None, expert)
+                if me == sender:
+                    hf = convert.to_hf(key, [s.cpu() for s in shards], hf_config, offset, experts)
             if sender != 0 and me in (0, sender):
                 if me == sender:
                     collectives.send_object(hf, 0)
