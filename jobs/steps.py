@@ -75,9 +75,9 @@ def rollout(run: Run, step: int, stats: dict | None = None, on_done=None) -> lis
 
 def _rollout_http(run: Run, reqs: list[dict], on_done=None) -> list:
     """Engines served over HTTP: one request per prompt group to the router, in parallel."""
-    from miles_ray.rollout.sglang.client import EngineClient
+    from miles_ray.rollout.http.engine import router_client
 
-    client, n = EngineClient(run.actors.router_url), run.cfg.rollout.n_samples_per_prompt
+    client, n = router_client(run.cfg, run.actors.router_url), run.cfg.rollout.n_samples_per_prompt
 
     def one(r):
         samples = client.generate_samples([r], n, run.params, run.tokenizer)

@@ -9,6 +9,12 @@ payloads trainer rank 0 streams, each forwarded to every engine as soon as it is
 ``finish_load`` (complete, READY). What moves and how is the transport's business (its module in
 ``miles_ray/weights/``); the actors only hold each side's instance.
 
+Engine servers (HTTP: SGLang or our stand-in) get SGLang's update protocol around the stream
+(:mod:`miles_ray.rollout.sglang.protocol`): ``pause`` (the version's mode: retract for partial
+rollout, else abort; plus ``/begin_weight_update`` where the version has sessions), the payloads,
+``finish_load`` (end session, ``/flush_cache`` counted in :attr:`WeightSync.cache_flushes`, new
+version with ``abort_all_requests=false``), ``resume``. In-actor engines load between decode steps.
+
 A restarted engine or a rebuilt trainer group loses the transport's state (group, handles):
 :meth:`WeightSync.reset` makes the next sync open it again; :meth:`WeightSync.refit` loads a
 version into some engines over the object store (works whatever state they are in).
@@ -31,6 +37,7 @@ class WeightSync:
         self.actors, self.transport = actors, transport
         self.kind = weight_transport(transport)  # an unknown name or a bad import path fails here
         self._opened = False
+        self.cache_flushes = 0  # prefix-cache flushes of engine servers, one per server per update
 
     @property
     def targets(self) -> list[ActorHandle]:
@@ -87,6 +94,17 @@ class WeightSync:
                 [e.open_transport.remote(name, args) for e, args in zip(engines, receivers)])
 
     def _stream(self, version: int, name: str, engines: list[ActorHandle]) -> list:
+        """The update protocol around :meth:`_forward` for engine servers (pause ... resume)."""
+        servers = [e for e, url in zip(engines, ray.get([e.url.remote() for e in engines])) if url]
+        ray.get([e.pause.remote() for e in servers])
+        try:
+            served = self._forward(version, name, engines)
+        finally:
+            ray.get([e.resume.remote() for e in servers])
+        self.cache_flushes += len(servers)
+        return served
+
+    def _forward(self, version: int, name: str, engines: list[ActorHandle]) -> list:
         """Forward each payload to every engine as soon as trainer rank 0 yields it."""
         ranks = self.actors.policy.actors
         stream = ranks[0].stream_export.options(num_returns="streaming").remote(version, name)

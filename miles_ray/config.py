@@ -83,9 +83,19 @@ class Config(Section):
         if self.draft.enabled and self.draft.online and self.rollout.over_http:
             raise ValueError("an online-trained draft (draft.online=true) reaches in-actor native engines only; "
                              "with engines over HTTP (sglang, serve_http) set draft.online=false (frozen draft)")
-        if (self.algorithm.routing_replay == "r3" or self.algorithm.true_on_policy) and self.rollout.backend != "native":
-            raise ValueError("algorithm.routing_replay=r3 and algorithm.true_on_policy need rollout.backend=native (the "
-                             f"engine that records routing and runs the exact forward), not {self.rollout.backend}")
+        from miles_ray.utils.sglang_version import resolve_sglang_version, returns_routed_experts
+
+        sglang = resolve_sglang_version(self.rollout.sglang_version)
+        if self.algorithm.routing_replay == "r3" and self.rollout.sglang_api and not returns_routed_experts(sglang):
+            raise ValueError(f"algorithm.routing_replay=r3 needs routed experts, which SGLang {sglang} cannot return "
+                             "(rollout.sglang_version): use SGLang >= 0.5.23 or rollout.backend=native without "
+                             "strict_sglang")
+        if self.algorithm.true_on_policy and self.rollout.backend != "native":
+            raise ValueError("algorithm.true_on_policy needs rollout.backend=native (the engine that runs the exact "
+                             f"forward), not {self.rollout.backend}")
+        if self.algorithm.routing_replay == "r3" and self.rollout.backend not in ("native", "sglang"):
+            raise ValueError("algorithm.routing_replay=r3 needs rollout.backend=native or sglang (engines that "
+                             f"record routing), not {self.rollout.backend}")
         mixed = self.train.precision == "bf16_mixed" or (self.train.precision == "auto" and self.model.dtype != "float32")
         if self.algorithm.true_on_policy and (mixed or (self.train.precision == "bf16") != (self.model.dtype == "bfloat16")):
             raise ValueError("algorithm.true_on_policy needs the trainer to compute in the engines' dtype: model.dtype="

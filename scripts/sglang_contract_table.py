@@ -14,34 +14,40 @@ from miles_ray.rollout.sglang import contract as sc  # noqa: E402
 
 T = "tests/unit/rollout/sglang/test_contract.py"
 ROUTES_TEST = "test_client_calls_only_routes_and_fields_sglang_has"
-ITEMS = {
-    1: "200 with an EMPTY body; the client parses JSON",
-    2: "abort_all_requests defaults to True: every running request is aborted; the client does not send it",
-    3: "first weight version is the string \"default\"; the client parses versions with int()",
-    4: "not a flag of SGLang; the launcher passes it",
-    5: "mode defaults to \"abort\" (newer) or always aborts (0.5.5); answers {message, status}",
-    6: "needs --enable-return-routed-experts + return_routed_experts; base64 of int32 [seqlen-1, layers, topk]",
-    7: "route gone in newer releases (weight_version is in /model_info and /server_info)",
+ITEMS = {  # issue 25, all fixed (docs/sglang.md "Known mismatches")
+    1: "empty 200 body: the client reads the status only",
+    2: "abort_all_requests defaults to True: the client sends false",
+    3: "first version \"default\" (any string): version 0, the launch weights",
+    4: "not a flag of SGLang: not passed; 0.5.23 updates carry selector=\"target\"",
+    5: "mode sent where it exists (retract for partial rollout, else abort); 0.5.5: no body, aborted prefixes re-submitted",
+    6: "--enable-return-routed-experts + return_routed_experts with R3; base64 int32 [seqlen-1, layers, topk] decoded",
+    7: "route gone in newer releases: /get_model_info used there",
+    8: "updates only inside /begin_weight_update ... /end_weight_update (0.5.23)",
 }
+SYS = "tests/system/rollout/sglang/test_sglang_versions.py"
 # (method, path, action in the test, tests, issue items)
 ROUTES = [
     ("POST", "/generate", "generate", "test_sampling_params_are_sglangs, test_client_reads_the_first_weight_version, "
      "test_client_decodes_routed_experts", (3, 6)),
     ("GET", "/health", "health", "", ()),
-    ("GET", "/get_weight_version", "weight_version", "", (3, 7)),
+    ("GET", "/get_weight_version", "weight_version", "(0.5.5 only)", (3, 7)),
+    ("GET", "/get_model_info", "weight_version", "(newer)", (7,)),
     ("GET", "/get_server_info", "server_info", "", ()),
     ("POST", "/abort_request", "abort", "test_abort_survives_sglangs_empty_reply", (1,)),
-    ("POST", "/flush_cache", "flush_cache", "", ()),
-    ("POST", "/pause_generation", "pause", "test_client_pauses_in_place, test_pause_without_a_mode_aborts_everything",
-     (5,)),
-    ("POST", "/continue_generation", "resume", "", ()),
+    ("POST", "/flush_cache", "flush_cache", f"test_update_protocol_per_version, {SYS}", ()),
+    ("POST", "/pause_generation", "pause", "test_client_pauses_in_the_mode_partial_rollout_needs, "
+     "test_pause_without_a_mode_aborts_everything", (5,)),
+    ("POST", "/continue_generation", "resume", "test_update_protocol_per_version", ()),
+    ("POST", "/begin_weight_update", "update_protocol", "test_update_protocol_per_version", (8,)),
+    ("POST", "/end_weight_update", "update_protocol", "test_update_protocol_per_version", (8,)),
     ("POST", "/release_memory_occupation", "release_memory", "", ()),
     ("POST", "/resume_memory_occupation", "resume_memory", "", ()),
     ("POST", "/update_weight_version", "update_weight_version", "test_update_weight_version_keeps_running_requests",
      (2,)),
-    ("POST", "/update_weights_from_tensor", "update_weights_from_tensor, update_weights_flattened", "", ()),
-    ("POST", "/init_weights_update_group", "init_weights_update_group", "", ()),
-    ("POST", "/update_weights_from_distributed", "update_weights_from_distributed, receive_broadcast", "", ()),
+    ("POST", "/update_weights_from_tensor", "update_weights_from_tensor, update_weights_flattened", "", (4,)),
+    ("POST", "/init_weights_update_group", "init_weights_update_group",
+     "tests/system/rollout/sglang/test_sglang_group.py", ()),
+    ("POST", "/update_weights_from_distributed", "update_weights_from_distributed, receive_broadcast", "", (4,)),
     ("POST", "/update_weights_from_disk", "update_weights_from_disk", "", ()),
 ]
 LAUNCH = "test_launcher_flags_exist"
@@ -51,7 +57,7 @@ FLAGS = [(f, LAUNCH, ()) for f in ("--model-path", "--enable-memory-saver", "--s
 FLAGS += [(f, SPEC, ()) for f in ("--speculative-algorithm", "--speculative-draft-model-path",
                                   "--speculative-num-steps", "--speculative-eagle-topk",
                                   "--speculative-num-draft-tokens")]
-FLAGS += [("--disable-draft-model-update", SPEC, (4,)), ("--enable-return-routed-experts", "(not passed by us)", (6,)),
+FLAGS += [("--enable-return-routed-experts", "test_client_decodes_routed_experts, " + SYS, (6,)),
           ("--weight-version", "(not passed by us)", (3,))]
 
 
@@ -64,13 +70,13 @@ def marks(items) -> str:
 
 
 def route_rows(c: sc.Contract) -> list[str]:
-    rows = ["| we call | SGLang route (methods) | body class | replies | covered by | known mismatch |",
+    rows = ["| we call | SGLang route (methods) | body class | replies | covered by | issue 25 item (fixed) |",
             "|---|---|---|---|---|---|"]
     for method, path, action, tests, items in ROUTES:
         r = c.route(path, method)
         covers = ", ".join([f"routes[{c.version}-{a}]" for a in action.split(", ")] + ([tests] if tests else []))
         if r is None:
-            rows.append(f"| {method} {path} | **MISSING** | | | {covers} | {marks(items)} |")
+            rows.append(f"| {method} {path} | absent (not called here) | | | {covers} | {marks(items)} |")
             continue
         body = c.requests.get(r.body) if r.body else None
         body_at = f"{r.body} {where(body.file, body.line)}" if body else "(none: body ignored)"
@@ -82,7 +88,7 @@ def route_rows(c: sc.Contract) -> list[str]:
 
 
 def flag_rows(c: sc.Contract) -> list[str]:
-    rows = ["| flag | SGLang definition | default | covered by | known mismatch |", "|---|---|---|---|---|"]
+    rows = ["| flag | SGLang definition | default | covered by | issue 25 item (fixed) |", "|---|---|---|---|---|"]
     for name, test, items in FLAGS:
         f = c.flags.get(name)
         at = f"{where(f.file, f.line)} (`{f.name}`)" if f else "**MISSING**"

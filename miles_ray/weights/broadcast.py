@@ -23,15 +23,40 @@ from miles_ray.weights.registry import WEIGHT_TRANSPORTS
 from miles_ray.weights.transport import WeightTransport
 
 
+GROUP_NAME = "weight_update_group"  # InitWeightsUpdateGroupReqInput.group_name's default
+
+
+def sglang_process_group(backend: str, addr: str, port: int, world_size: int, rank: int, group_name: str,
+                         timeout: datetime.timedelta):
+    """A process group built the way SGLang builds its weight-update group, so that both sides meet
+    on the rendezvous store: SGLang's ``init_custom_process_group`` (0.5.5 srt/utils/common.py:1645,
+    0.5.23 common.py:2859; called by model_runner.py:1056 / model_runner_components/weight_updater.py:133
+    with ``init_method=tcp://addr:port``, ``rank = rank_offset + tp_rank``) does
+    ``rendezvous(init_method, rank, world_size)`` (a TCPStore; rank 0 hosts it), wraps it in
+    ``PrefixStore(group_name, store)`` (common.py:1691) and calls torch's
+    ``_new_process_group_helper`` (which prefixes ``"<group_name>/"`` again). A group of this name
+    already in this process is destroyed first (re-init after an engine restart)."""
+    from torch.distributed.distributed_c10d import PrefixStore, _new_process_group_helper, _world, rendezvous
+
+    for pg, name in list(_world.pg_names.items()):
+        if name == group_name:
+            dist.destroy_process_group(pg)
+    store, rank, world_size = next(rendezvous(f"tcp://{addr}:{port}", rank, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    pg, _ = _new_process_group_helper(world_size, rank, [], dist.Backend(backend), PrefixStore(group_name, store),
+                                      group_name=group_name, timeout=timeout)
+    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+    return pg
+
+
 class BroadcastChannel:
-    def __init__(self, rank: int, world_size: int, addr: str, port: int, backend: str = "gloo", timeout_s: float = 300):
-        timeout = datetime.timedelta(seconds=timeout_s)
-        self.rank, self.world_size = rank, world_size
-        self.store = dist.TCPStore(addr, port, world_size, is_master=rank == 0, timeout=timeout)
-        if backend == "gloo":
-            self.group = dist.ProcessGroupGloo(self.store, rank, world_size, timeout)
-        else:  # pragma: no cover - GPU only
-            self.group = dist.ProcessGroupNCCL(self.store, rank, world_size)
+    def __init__(self, rank: int, world_size: int, addr: str, port: int, backend: str = "gloo", timeout_s: float = 300,
+                 group_name: str = GROUP_NAME):
+        """Joins (rank 0: hosts) the group ``group_name`` at ``addr:port`` exactly as SGLang's
+        ``init_weights_update_group`` does (:func:`sglang_process_group`)."""
+        self.rank, self.world_size, self.group_name = rank, world_size, group_name
+        self.group = sglang_process_group(backend, addr, port, world_size, rank, group_name,
+                                          datetime.timedelta(seconds=timeout_s))
         self.device = "cpu" if backend == "gloo" else "cuda"
 
     def broadcast(self, tensor: torch.Tensor) -> None:
@@ -73,8 +98,9 @@ class BroadcastChannel:
         return named
 
     def close(self) -> None:
+        if self.group is not None:
+            dist.destroy_process_group(self.group)
         self.group = None
-        self.store = None
 
     def _broadcast(self, tensor: torch.Tensor) -> None:
         opts = dist.BroadcastOptions()

@@ -10,6 +10,12 @@ native server; :meth:`finish_load` then makes them version ``v`` with ``/update_
 Over a broadcast group the engine server itself joins the trainer's group
 (``init_weights_update_group``, :meth:`open_broadcast`) and receives each tensor
 (``update_weights_from_distributed``, :meth:`receive_broadcast`): no copy through this actor.
+
+The update protocol (:mod:`miles_ray.rollout.sglang.protocol`, driven by jobs/weight_sync.py):
+:meth:`pause` (the version's mode: retract for partial rollout, else abort; then
+``/begin_weight_update`` where the version has sessions), the loads, :meth:`finish_load`
+(``/end_weight_update``, ``/flush_cache`` - counted in :attr:`cache_flushes`, a failed flush raises
+- and ``/update_weight_version`` with ``abort_all_requests=false``), :meth:`resume`.
 """
 from __future__ import annotations
 
@@ -18,8 +24,10 @@ import socket
 from miles_ray.config import Config
 from miles_ray.models import load_tokenizer
 from miles_ray.rollout.sglang.client import EngineClient
+from miles_ray.rollout.sglang.protocol import Protocol, protocol_for
 from miles_ray.rollout.types import SamplingParams, engine_seed
 from miles_ray.sample import Sample
+from miles_ray.utils.sglang_version import resolve_sglang_version
 from miles_ray.weights.registry import payload_format
 
 
@@ -40,16 +48,53 @@ def server_args(cfg: Config, rank: int) -> list[str]:
     fraction = r.mem_fraction_static or (0.5 if c.cluster.colocate else None)
     if fraction is not None:
         common += ["--mem-fraction-static", str(fraction)]
+    routed = ["--enable-return-routed-experts"] if c.algorithm.routing_replay == "r3" and r.sglang_api else []
     if r.backend == "native":
-        strict = ["--strict-sglang"] if r.strict_sglang else []
+        stats = ["--stats-path", f"{c.output_dir}/sglang-stand-in-{rank}.json"]
+        strict = ["--strict-sglang", "--sglang-version", resolve_sglang_version(r.sglang_version), *routed, *stats] if r.strict_sglang else []
         return [*common, *strict, "--seed", str(engine_seed(cfg.seed, rank)), "--tiny-cache-dir",
                 c.model.tiny_cache_dir, "--max-request-mb", str(r.max_request_mb)]
-    extra = [*common, *r.sglang_args]
+    extra = [*common, *routed, *r.sglang_args]
     if c.draft.enabled:
         from miles_ray.rollout.sglang.backend import speculative_args
 
         extra += speculative_args(c.draft, c.model.path, c.output_dir, c.model.dtype, c.model.tiny_cache_dir)
     return extra
+
+
+def engine_protocol(cfg: Config) -> Protocol:
+    """The SGLang version spoken (``rollout.sglang_version``); lenient servers take the newest."""
+    from miles_ray.rollout.sglang.protocol import SUPPORTED
+
+    return protocol_for(resolve_sglang_version(cfg.rollout.sglang_version) if cfg.rollout.sglang_api else SUPPORTED[-1])
+
+
+def routed_topk(cfg: Config) -> int | None:
+    """Top-k of the MoE router (config.json ``num_experts_per_tok``) when R3 asks engines for
+    routed experts (None: not asked)."""
+    if cfg.algorithm.routing_replay != "r3":
+        return None
+    import json
+    from pathlib import Path
+
+    from miles_ray.models import resolve_model_path
+
+    folder = resolve_model_path(cfg.model.path, cfg.model.tiny_cache_dir)["path"]
+    return json.loads((Path(folder) / "config.json").read_text()).get("num_experts_per_tok")
+
+
+def configure_client(client: EngineClient, cfg: Config) -> EngineClient:
+    """The client speaks the configured SGLang version: its protocol, routed experts for R3 (decoded
+    with the model's top-k), ``selector="target"`` with a frozen separate draft."""
+    client.protocol = engine_protocol(cfg)
+    client.selector = "target" if cfg.draft.enabled else None
+    client.routed_topk = routed_topk(cfg)
+    return client
+
+
+def router_client(cfg: Config, url: str) -> EngineClient:
+    """A client of the router (the sync driver's rollout path), speaking the engines' protocol."""
+    return configure_client(EngineClient(url), cfg)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -60,12 +105,15 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 class HttpEngine:
     def __init__(self, backend: str, client: EngineClient, tokenizer, process=None, fmt: str = "raw",
-                 tp_size: int = 1):
-        """``fmt``: a payload format's name (:func:`weight_format`)."""
+                 tp_size: int = 1, partial: bool = False):
+        """``fmt``: a payload format's name (:func:`weight_format`); ``partial``: partial rollout
+        (in-flight requests survive a weight update)."""
         self.backend, self.client, self.tokenizer, self.process = backend, client, tokenizer, process
-        self.fmt, self.tp_size = payload_format(fmt), tp_size
+        self.fmt, self.tp_size, self.partial = payload_format(fmt), tp_size, partial
         self.group_ranks = tp_size if backend == "sglang" else 1  # a real SGLang joins one rank per TP rank
         self.version = 0  # SGLang's /health has no body: the last version posted is kept here
+        self.cache_flushes = 0
+        self.in_update = False
 
     @classmethod
     def launch(cls, cfg: Config, rank: int, host: str = "127.0.0.1", token: str | None = None,
@@ -77,25 +125,39 @@ class HttpEngine:
         if token and r.backend == "sglang":
             extra += ["--api-key", token]  # SGLang's own bearer check (add_api_key_middleware)
         process, client = launch_server(r.backend, cfg.model.path, free_port(host), host, extra, token=token, env=env)
+        configure_client(client, cfg)
         return cls(r.backend, client, load_tokenizer(cfg.model.path, cfg.model.tiny_cache_dir), process,
-                   weight_format(cfg), cfg.cluster.gpus_per_engine)
+                   weight_format(cfg), cfg.cluster.gpus_per_engine, cfg.async_rl.enabled)
 
     def generate(self, requests: list[dict], n: int, params: SamplingParams) -> list[Sample]:
         return self.client.generate_samples(requests, n, params, self.tokenizer)
 
     def abort(self, rid: str) -> bool:
-        return bool(self.client.abort(rid).get("aborted", False))
+        return self.client.abort(rid)
 
     def pause(self) -> None:
-        self.client.pause()
+        """Step 1 of the update protocol: pause in the version's mode, open the update session."""
+        p = self.client.protocol
+        self.client.pause(p.pause_mode(self.partial))
+        if p.update_session:
+            self.client.begin_weight_update()
+        self.in_update = True
 
     def resume(self) -> None:
         self.client.resume()
+        self.in_update = False
 
     def load_part(self, bucket) -> None:
         self.client.post_weights(self.fmt.body(bucket, self.tp_size))
 
     def finish_load(self, version: int) -> int:
+        """Close the session (0.5.23), flush the prefix cache (counted), then the new version."""
+        if self.in_update and self.client.protocol.update_session:
+            self.client.end_weight_update()
+        if self.in_update:
+            if not self.client.flush_cache():
+                raise RuntimeError(f"{self.client.url}: /flush_cache failed after the weight update")
+            self.cache_flushes += 1
         self.version = self.client.update_weight_version(version)
         return self.version
 
@@ -128,6 +190,9 @@ class HttpEngine:
         h = self.client.health()
         state = h.get("state", "ready" if h["status"] == 200 else "stale")
         return {"state": state, "weight_version": int(h.get("weight_version", self.version))}
+
+    def update_stats(self) -> dict:
+        return {"cache_flushes": self.cache_flushes}
 
     def rng_state(self) -> None:
         return None  # the server owns its sampling RNG

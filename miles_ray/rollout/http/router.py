@@ -18,8 +18,11 @@ from fastapi.responses import JSONResponse
 
 
 class Router:
-    def __init__(self, urls: list[str], health_interval: float = 1.0, max_attempts: int = 4, token: str | None = None):
-        """``token``: sent to the workers (a run's servers share one token)."""
+    def __init__(self, urls: list[str], health_interval: float = 1.0, max_attempts: int = 4, token: str | None = None,
+                 health_timeout_s: float = 25.0):
+        """``token``: sent to the workers (a run's servers share one token); ``health_timeout_s``:
+        longer than SGLang's 20 s health probe (:meth:`check_health`)."""
+        self.health_timeout_s = health_timeout_s
         from miles_ray.rollout.http.guard import auth_headers
 
         self.workers = {u.rstrip("/"): {"healthy": True, "inflight": 0, "served": 0, "failures": 0} for u in urls}
@@ -57,12 +60,19 @@ class Router:
         return 503, {"error": f"generate failed after {self.max_attempts} attempts; last: {last}"}
 
     async def check_health(self) -> None:
-        for url, w in self.workers.items():
-            try:
-                r = await self.client.get(f"{url}/health", timeout=2.0)
-                w["healthy"] = r.status_code == 200
-            except httpx.TransportError:
-                w["healthy"] = False
+        """SGLang's /health runs a generation probe that waits behind a pause or a weight update
+        (up to its HEALTH_CHECK_TIMEOUT, 20 s: http_server.py health_generate), so a slow answer
+        is not a failure: a health read that times out keeps the worker's state."""
+        await asyncio.gather(*(self._check(url, w) for url, w in list(self.workers.items())))
+
+    async def _check(self, url: str, w: dict) -> None:
+        try:
+            r = await self.client.get(f"{url}/health", timeout=self.health_timeout_s)
+            w["healthy"] = r.status_code == 200
+        except httpx.TimeoutException:
+            return
+        except httpx.TransportError:
+            w["healthy"] = False
 
     async def health_loop(self) -> None:
         while True:

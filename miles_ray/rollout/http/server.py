@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import uuid
 
@@ -34,6 +35,7 @@ from miles_ray.rollout.http.bodies import Conflict, error as _error, read_json, 
 from miles_ray.rollout.native.loop import EngineLoop
 from miles_ray.weights.raw import BadWeights
 from miles_ray.rollout.sglang.api import BadRequest, finish_reason, parse_generate
+from miles_ray.rollout.http.server_sglang import SglangBehaviour, spans
 from miles_ray.rollout.http.server_weights import add_weight_routes
 from miles_ray.weights.sglang_tensor import RefusedPayload
 
@@ -45,8 +47,10 @@ class ServerState:
     weight-update group. Invariant: a request id is in ``active`` exactly while its request runs."""
 
     def __init__(self, engine, strict: bool, tp_size: int = 1, load_delay_s: float = 0.0,
-                 group_timeout_s: float = 120.0):
+                 group_timeout_s: float = 120.0, sglang: SglangBehaviour | None = None):
+        """``sglang``: the version behaviour of a strict server (:mod:`.server_sglang`)."""
         self.engine, self.loop, self.strict = engine, EngineLoop(engine), strict
+        self.sg = sglang or SglangBehaviour(newest_sglang())
         self.tp_size, self.load_delay_s, self.group_timeout_s = tp_size, load_delay_s, group_timeout_s
         self.active: set[str] = set()
         self.groups: dict = {}  # group_name -> BroadcastChannel (update_weights_from_distributed)
@@ -58,27 +62,59 @@ class ServerState:
         """Run ``fn`` with the engine held, in a worker thread (the event loop keeps serving)."""
         return await asyncio.to_thread(self.loop.call, fn, *args)
 
-    def claim(self, rids: list[str]) -> None:
+    def gate(self):
+        """Strict: SGLang's pause gate and model-update reader lock around a generation."""
+        return self.sg.request() if self.strict else contextlib.nullcontext()
+
+    def abort_all(self, cause: str) -> list[str]:
+        aborted = [r for r in list(self.active) if self.loop.abort(r)]
+        self.sg.aborts[cause] += len(aborted)
+        self.sg.save()
+        return aborted
+
+    def claim(self, rids: list[str], take: bool = True) -> None:
         clash = sorted(set(r for r in rids if r in self.active) | {r for r in rids if rids.count(r) > 1})
         if clash:
             raise Conflict(f"request id(s) {clash[:5]} already in use by a running request; rids must be unique")
-        self.active.update(rids)
+        if take:
+            self.active.update(rids)
+
+
+def newest_sglang() -> str:
+    from miles_ray.rollout.sglang.protocol import SUPPORTED
+
+    return SUPPORTED[-1]
+
+
+def sglang_routed_experts(trace: dict) -> str:
+    """SGLang's ``meta_info["routed_experts"]``: base64 of int32 ``[seqlen-1, layers, topk]``
+    (0.5.23 managers/detokenizer_manager.py ``_b64_encode_per_request``)."""
+    import base64
+
+    from miles_ray.models.moe import decode
+
+    return base64.b64encode(decode(trace).to(dtype=__import__("torch").int32).numpy().tobytes()).decode()
 
 
 def response_body(state: ServerState, req, logprob: bool, routed: bool) -> dict:
-    engine = state.engine
-    version = req.weight_versions[0] if req.weight_versions else engine.weights.version
+    """SGLang's ``meta_info["weight_version"]`` is the version when the request finished (0.5.5
+    tokenizer_manager.py:1434 server_args.weight_version; 0.5.23 the last span,
+    utils/weight_versions.py:106); newer versions add the spans (lenient mode: always)."""
+    engine, sg = state.engine, state.sg
+    version = req.weight_versions[-1] if req.weight_versions else engine.weights.version
     full = text = engine.tokenizer.decode(req.output_ids, skip_special_tokens=True)
     for s in req.params.stop:  # SamplingParams.no_stop_trim=False: output ends before the stop string
         if s in text:
             text = text[: text.index(s)]
     meta = {"id": req.rid, "finish_reason": finish_reason(req, full), "prompt_tokens": len(req.prompt_ids),
-            "completion_tokens": len(req.output_ids), "cached_tokens": 0, "weight_version": str(version)}
-    if not state.strict:
-        meta["weight_versions"] = req.weight_versions  # partial rollout: the version of each token
+            "completion_tokens": len(req.output_ids), "cached_tokens": 0, "weight_version": sg.label(version)}
+    if not state.strict or sg.protocol.weight_version_spans:
+        meta["weight_versions"] = spans(req.weight_versions, sg.label)  # partial rollout: versions of the tokens
     trace = engine.routes.trace(req)
-    if trace is not None and (routed or not state.strict):  # MoE: experts each token was routed to
+    if trace is not None and not state.strict:  # MoE: experts each token was routed to (our trace format)
         meta["routed_experts"] = trace
+    elif trace is not None and routed and sg.return_routed_experts:
+        meta["routed_experts"] = sglang_routed_experts(trace)
     if logprob:  # tokenizer_manager convert_logprob_style: [logprob, token_id, text or None]
         meta["output_token_logprobs"] = [[lp, tok, None] for lp, tok in zip(req.logprobs, req.output_ids)]
     return {"text": text, "output_ids": req.output_ids, "meta_info": meta}
@@ -97,18 +133,20 @@ def add_generate(app: FastAPI, state: ServerState) -> None:
     @app.api_route("/generate", methods=["POST", "PUT"])
     async def generate(request: Request):
         req = parse_generate(await read_json(request), engine.tokenizer, state.vocab_size, state.context_len,
-                             state.strict)
-        if engine.weights.state != READY:
-            return _error(503, f"engine is {engine.weights.state}")
+                             state.strict, state.sg.protocol.routed_experts)
         n, prompts = req["n"], req["prompts"]
         rids = req["rids"] or [uuid.uuid4().hex for _ in range(len(prompts) * n)]
-        state.claim(rids)
-        try:
-            jobs = [state.loop.submit(p, req["params"], rids[i * n + k]) for i, p in enumerate(prompts)
-                    for k in range(n)]
-            done = await asyncio.gather(*jobs)
-        finally:
-            state.active.difference_update(rids)
+        state.claim(rids, take=False)  # a clash is refused at once, even while paused
+        async with state.gate():
+            if engine.weights.state != READY:
+                return _error(503, f"engine is {engine.weights.state}")
+            state.claim(rids)
+            try:
+                jobs = [state.loop.submit(p, req["params"], rids[i * n + k]) for i, p in enumerate(prompts)
+                        for k in range(n)]
+                done = await asyncio.gather(*jobs)
+            finally:
+                state.active.difference_update(rids)
         out = [response_body(state, r, req["logprob"], req["routed"]) for r in done]
         return out if (req["batched"] or n > 1) else out[0]
 
@@ -118,27 +156,30 @@ def add_health(app: FastAPI, state: ServerState) -> None:
 
     async def health():
         """http_server.py health_generate: SGLang answers 200 / 503 with an empty body."""
-        ready = engine.weights.state == READY
-        if state.strict:
+        if state.strict:  # the generation probe waits behind a pause or a weight update (.server_sglang)
+            ready = await state.sg.probe() and engine.weights.state == READY
             return Response(status_code=200 if ready else 503)
+        ready = engine.weights.state == READY
         return JSONResponse(engine.weights.health(), status_code=200 if ready else 503)
 
     app.get("/health")(health)
     app.get("/health_generate")(health)
 
-    @app.get("/get_weight_version")
-    async def weight_version():  # http_server.py get_weight_version: a string
-        return {"weight_version": str(engine.weights.version)}
+    if not state.strict or state.sg.protocol.weight_version_route:  # gone in newer releases (issue 25 item 7)
+        @app.get("/get_weight_version")
+        async def weight_version():  # http_server.py get_weight_version: a string
+            return {"weight_version": state.sg.label(engine.weights.version)}
 
     @app.get("/get_model_info")
     async def model_info():
         return {"model_path": engine.model_spec, "is_generation": True,
-                "weight_version": str(engine.weights.version), "model_type": engine.model.config.model_type}
+                "weight_version": state.sg.label(engine.weights.version), "model_type": engine.model.config.model_type}
 
     @app.get("/get_server_info")
     async def server_info():
         return {**engine.weights.health(), "running": len(engine.running), "waiting": len(engine.waiting),
                 "paused": engine.paused, "tp_size": state.tp_size, "strict_sglang": state.strict,
+                "weight_version": state.sg.label(engine.weights.version), "stand_in": state.sg.stats(),
                 "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
@@ -149,32 +190,63 @@ def add_control(app: FastAPI, state: ServerState) -> None:
     async def abort_request(request: Request):  # io_struct.py AbortReq: rid, abort_all
         body = await read_object(request)
         if body.get("abort_all"):
-            return {"aborted": [r for r in list(state.active) if loop.abort(r)]}
-        rid = body.get("rid")
-        if not isinstance(rid, str) or not rid:
-            raise BadRequest("abort_request needs 'rid' (a non-empty string) or 'abort_all': true")
-        return {"aborted": loop.abort(rid)}
+            out = {"aborted": state.abort_all("abort_request")}
+        else:
+            rid = body.get("rid")
+            if not isinstance(rid, str) or not rid:
+                raise BadRequest("abort_request needs 'rid' (a non-empty string) or 'abort_all': true")
+            out = {"aborted": loop.abort(rid)}
+            state.sg.aborts["abort_request"] += int(out["aborted"])
+        if state.strict:  # http_server.py abort_request: Response(status_code=200), an empty body
+            return Response(status_code=200)
+        return out
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache():
-        ok = await state.held(engine.flush_cache)
+        ok = await state.held(flush)
+        state.sg.cache_flushes += int(ok)
+        state.sg.save()
         if state.strict:  # http_server.py flush_cache: plain text, 200 or 400
             return Response("Cache flushed.\n", status_code=200 if ok else 400)
         return {"success": ok}
 
+    def flush() -> bool:
+        """Scheduler.flush_cache (0.5.23 scheduler.py:5518): fails while requests run, except those a
+        ``retract`` pause moved back to the waiting queue (``ignore_waiting``; the stand-in keeps
+        their KV: its cache of finished requests is dropped once idle)."""
+        if state.sg.paused == "retract":
+            return engine.flush_cache() or True
+        return engine.flush_cache()
+
     @app.post("/pause_generation")
     async def pause(request: Request):
-        mode = (await read_object(request)).get("mode", "in_place")
-        if mode != "in_place":
-            raise BadRequest(f"pause_generation mode '{mode}' is not implemented by the stand-in (in_place only)")
-        await state.held(engine.pause)
-        return {"success": True, "message": "Generation paused successfully."}
+        """0.5.5: no body, aborts everything (tokenizer_manager.py:1157-1160); newer: ``mode``
+        abort (default: aborts, waits for in-flight requests to end), retract or in_place
+        (tokenizer_manager.py:2267). Answers ``{message, status}`` (http_server.py:1069 / :1833)."""
+        body = await read_object(request)
+        modes = state.sg.protocol.pause_modes if state.strict else ("in_place", "retract", "abort")
+        mode = body.get("mode", "abort" if state.strict else "in_place") if modes else "abort"
+        if modes and mode not in modes:
+            raise BadRequest(f"pause_generation mode must be one of {list(modes)}, got {mode!r}")
+        if not modes and body:
+            raise BadRequest(f"SGLang {state.sg.version}'s /pause_generation reads no body")
+        await state.sg.pause(mode)
+        if mode == "abort":
+            state.abort_all("pause")
+            while state.active:  # 0.5.23 pause_generation: until no request holds the model-update lock
+                await asyncio.sleep(0.01)
+        else:
+            await state.held(engine.pause)
+        state.sg.save()
+        return {"message": "Generation paused successfully.", "status": 200}
 
     @app.post("/continue_generation")
     async def resume(request: Request):
         await read_object(request)
         await state.held(engine.resume)
-        return {"success": True, "message": "Generation continued successfully."}
+        await state.sg.resume()
+        state.sg.save()
+        return {"message": "Generation continued successfully.", "status": 200}
 
     @app.post("/release_memory_occupation")
     async def release(request: Request):
@@ -190,9 +262,12 @@ def add_control(app: FastAPI, state: ServerState) -> None:
 
 
 def create_app(engine, strict: bool = False, tp_size: int = 1, load_delay_s: float = 0.0,
-               group_timeout_s: float = 120.0) -> FastAPI:
+               group_timeout_s: float = 120.0, sglang_version: str | None = None,
+               return_routed_experts: bool = False, stats_path: str | None = None) -> FastAPI:
+    """``sglang_version``: the SGLang whose behaviour a strict server takes (default: newest supported)."""
     app = FastAPI(title="miles-ray native engine", openapi_url=None)
-    state = ServerState(engine, strict, tp_size, load_delay_s, group_timeout_s)
+    state = ServerState(engine, strict, tp_size, load_delay_s, group_timeout_s,
+                        SglangBehaviour(sglang_version or newest_sglang(), return_routed_experts, stats_path))
     app.state.server = state
     app.state.loop = state.loop
     add_error_handlers(app)
@@ -211,6 +286,12 @@ def main(argv=None) -> None:
     ap.add_argument("--max-running-requests", type=int, default=64)
     ap.add_argument("--tiny-cache-dir", default="runs/_models")
     ap.add_argument("--strict-sglang", action="store_true", help="accept and answer exactly as SGLang 0.5.x")
+    ap.add_argument("--sglang-version", default=None, help="the SGLang version a strict server behaves as "
+                    "(default: the newest supported; miles_ray.rollout.sglang.protocol)")
+    ap.add_argument("--enable-return-routed-experts", action="store_true", help="SGLang's flag (newer releases): "
+                    "answer return_routed_experts requests")
+    ap.add_argument("--stats-path", default=None, help="strict: write the stand-in's counters (aborts by cause, "
+                    "cache flushes, version updates) to this JSON file after every change")
     ap.add_argument("--tp-size", type=int, default=1, help="SGLang's tensor parallel size (the stand-in runs "
                     "one process; it takes one serialized_named_tensors entry per rank)")
     ap.add_argument("--mem-fraction-static", type=float, default=None, help="accepted for SGLang parity (unused)")
@@ -225,7 +306,8 @@ def main(argv=None) -> None:
 
     token = take_env_token()
     engine = NativeEngine(args.model_path, args.dtype, args.tiny_cache_dir, args.seed, args.max_running_requests)
-    app = create_app(engine, args.strict_sglang, args.tp_size, args.weight_load_delay_s, args.group_timeout_s)
+    app = create_app(engine, args.strict_sglang, args.tp_size, args.weight_load_delay_s, args.group_timeout_s,
+                     args.sglang_version, args.enable_return_routed_experts, args.stats_path)
     uvicorn.run(Guard(app, token, int(args.max_request_mb * (1 << 20))), host=args.host, port=args.port,
                 log_level="warning")
 

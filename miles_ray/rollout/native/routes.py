@@ -47,4 +47,4 @@ class RouteTracker:
     def trace(self, request) -> dict | None:
         if self.routing is None or not getattr(request, "routes", None):
             return None
-        return encode(torch.cat(request.routes))
+        return encode(torch.cat(request.routes), self.routing.num_experts)

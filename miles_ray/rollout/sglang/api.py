@@ -161,11 +161,15 @@ def _rids(rid, batch: int, n: int) -> list[str] | None:
     return [b if n == 1 else f"{b}_{k}" for b in bases for k in range(n)]
 
 
-def parse_generate(body, tokenizer, vocab_size: int, context_len: int, strict: bool) -> dict:
-    """A validated /generate request: prompts, params, n, rids (None: server-made), flags."""
+def parse_generate(body, tokenizer, vocab_size: int, context_len: int, strict: bool,
+                   routed_experts: bool = True) -> dict:
+    """A validated /generate request: prompts, params, n, rids (None: server-made), flags.
+    ``routed_experts``: the version has ``GenerateReqInput.return_routed_experts`` (not 0.5.5)."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object (SGLang's GenerateReqInput)")
     _check_fields(body, GENERATE_FIELDS, "request")
+    if strict and not routed_experts and "return_routed_experts" in body:
+        raise BadRequest("return_routed_experts is not a field of this SGLang version's GenerateReqInput")
     prompts, batched = _prompt_ids(body, tokenizer, vocab_size)
     params, n = parse_sampling(body.get("sampling_params"), vocab_size, strict)
     for p in prompts:  # tokenizer_manager _validate_one_request: prompt and budget within the context (strict:

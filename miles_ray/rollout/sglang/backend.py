@@ -14,9 +14,12 @@ def speculative_args(draft_cfg, target_spec: str, out_dir: str, dtype: str = "bf
     """``sglang.launch_server`` flags for speculative rollout with our draft (SGLang's STANDALONE
     mode: a separate small draft model). A ``layers:N`` draft is written as an HF folder first.
 
-    SGLang's weight-update endpoints push the *target's* tensors to the draft worker too, which is
-    wrong for a separate draft, so ``--disable-draft-model-update`` is set and the draft stays as
-    launched: with SGLang the draft is frozen (draft.online=false). NOT VERIFIED on a GPU."""
+    The draft stays as launched (draft.online=false): SGLang has no flag for that (issue 25 item 4).
+    0.5.5 updates the target worker only (managers/scheduler_update_weights_mixin.py:79
+    ``self.tp_worker.update_weights_from_tensor``); 0.5.23 updates ``selector="all"`` runners by
+    default (io_struct.py:2045, weight_updater.py:178 ``_select_runners``), so the client sends
+    ``selector="target"`` there (:class:`miles_ray.rollout.sglang.client.EngineClient`). NOT VERIFIED
+    on a GPU."""
     from pathlib import Path
 
     from miles_ray.models.draft import build_draft
@@ -29,4 +32,4 @@ def speculative_args(draft_cfg, target_spec: str, out_dir: str, dtype: str = "bf
     k = draft_cfg.num_tokens
     return ["--speculative-algorithm", "STANDALONE", "--speculative-draft-model-path", str(folder),
             "--speculative-num-steps", str(k), "--speculative-eagle-topk", "1",
-            "--speculative-num-draft-tokens", str(k + 1), "--disable-draft-model-update"]
+            "--speculative-num-draft-tokens", str(k + 1)]

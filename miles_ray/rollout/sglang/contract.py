@@ -30,9 +30,10 @@ from miles_ray.rollout.sglang.contract_parse import (
     ARG_FIELDS, HTTP_SERVER, IO_STRUCT, SERVER_ARGS, Field, Flag, Reply, RequestClass, Route, node_name, read_classes,
     read_flags, read_routes, read_server_fields)
 
-PARSER_VERSION = 3  # bump when the parse changes: cached JSON of another version is re-read
+PARSER_VERSION = 4  # bump when the parse changes: cached JSON of another version is re-read
 SAMPLING = "sglang/srt/sampling/sampling_params.py"
 TOKENIZER_MANAGER = "sglang/srt/managers/tokenizer_manager.py"
+WEIGHT_VERSIONS = "sglang/srt/utils/weight_versions.py"  # meta_info["weight_versions"] spans (newer releases)
 FETCH_SCRIPT = "scripts/fetch_sglang_wheels.sh"
 
 
@@ -113,7 +114,7 @@ def parse_wheel(path: Path) -> Contract:
     with zipfile.ZipFile(path) as z:
         names = set(z.namelist())
         src = {n: z.read(n).decode() for n in names
-               if n in (IO_STRUCT, HTTP_SERVER, SERVER_ARGS, SAMPLING, TOKENIZER_MANAGER)
+               if n in (IO_STRUCT, HTTP_SERVER, SERVER_ARGS, SAMPLING, TOKENIZER_MANAGER, WEIGHT_VERSIONS)
                or (n.startswith(ARG_FIELDS) and n.endswith(".py"))}
     requests = read_classes(src[IO_STRUCT], IO_STRUCT)
     if SAMPLING in src:
@@ -122,6 +123,8 @@ def parse_wheel(path: Path) -> Contract:
     notes = {}
     if TOKENIZER_MANAGER in src and (line := pause_abort_line(src[TOKENIZER_MANAGER])):
         notes["pause_aborts_all"] = [TOKENIZER_MANAGER, line]
+    if WEIGHT_VERSIONS in src and (line := function_line(src[WEIGHT_VERSIONS], "add_weight_versions_to_meta_info")):
+        notes["weight_version_spans"] = [WEIGHT_VERSIONS, line]
     return Contract(version=path.name.split("-")[1], requests=requests,
                     routes=tuple(read_routes(src[HTTP_SERVER], HTTP_SERVER)),
                     flags=read_flags(src, server_fields), server_fields=server_fields, notes=notes)
@@ -155,6 +158,11 @@ def pause_abort_line(source: str) -> int | None:
                         k.arg == "abort_all" and isinstance(k.value, ast.Constant) and k.value.value for k in node.keywords):
                     return node.lineno
     return None
+
+
+def function_line(source: str, name: str) -> int | None:
+    """Line of the top-level function ``name`` in ``source``, or None."""
+    return next((f.lineno for f in ast.parse(source).body if isinstance(f, ast.FunctionDef) and f.name == name), None)
 
 
 def strict_defaults(contract: Contract) -> dict:

@@ -87,7 +87,9 @@ def test_format_both_ways_against_sglangs_dataclass(sglang_module):
 def _server(tiny_dir, tmp_path_factory, tp):
     log = tmp_path_factory.mktemp(f"flat{tp}") / "server.log"
     extra = ["--strict-sglang", "--tp-size", str(tp), "--max-request-mb", "8"]
-    return launch_server("native", tiny_dir, free_port(), "127.0.0.1", extra, log_path=str(log))
+    proc, client = launch_server("native", tiny_dir, free_port(), "127.0.0.1", extra, log_path=str(log))
+    client.begin_weight_update()  # the newest SGLang loads weights only inside a session (left open here)
+    return proc, client
 
 
 @pytest.fixture(scope="module")

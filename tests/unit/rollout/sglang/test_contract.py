@@ -2,13 +2,14 @@
 (:mod:`miles_ray.rollout.sglang.contract`; the wheels come from scripts/fetch_sglang_wheels.sh).
 
 The bodies are the ones our client really posts: each client action runs against an
-``httpx.MockTransport`` that records what it sends (no server, no network). Known breaks are
-``xfail(strict=True)`` with the item of issue 25 they belong to (numbering of docs/sglang.md):
-1 ``/abort_request`` answers 200 with an empty body; 2 ``/update_weight_version`` aborts every
-request unless ``abort_all_requests=false``; 3 the first weight version is the string "default";
-4 ``--disable-draft-model-update`` is no flag of SGLang; 5 ``/pause_generation`` defaults to mode
-"abort"; 6 routed experts come back as base64 of int32 [seqlen-1, layers, topk];
-7 ``GET /get_weight_version`` is gone in newer releases.
+``httpx.MockTransport`` that records what it sends (no server, no network), speaking the protocol
+of the version under test (:func:`miles_ray.rollout.sglang.protocol.protocol_for`). Issue 25's
+items (numbering of docs/sglang.md), all fixed: 1 ``/abort_request`` answers 200 with an empty
+body; 2 ``/update_weight_version`` aborts every request unless ``abort_all_requests=false``; 3 the
+first weight version is the string "default"; 4 ``--disable-draft-model-update`` is no flag of
+SGLang; 5 ``/pause_generation`` defaults to mode "abort"; 6 routed experts come back as base64 of
+int32 [seqlen-1, layers, topk]; 7 ``GET /get_weight_version`` is gone in newer releases; 8 (found
+here) 0.5.23 runs updates only between ``/begin_weight_update`` and ``/end_weight_update``.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from miles_ray.rollout.http.launch import server_command
 from miles_ray.rollout.sglang import contract as sc
 from miles_ray.rollout.sglang.backend import speculative_args
 from miles_ray.rollout.sglang.client import EngineClient
+from miles_ray.rollout.sglang.protocol import protocol_for
 from miles_ray.rollout.types import SamplingParams
 
 OLDEST = "0.5.5"
@@ -67,7 +69,7 @@ def generate_output(version, **meta) -> dict:
                                                           "output_token_logprobs": [[-0.1, 5, None]], **meta}}
 
 
-def recording_client(reply=_ok) -> tuple[EngineClient, list]:
+def recording_client(reply=_ok, version: str | None = None) -> tuple[EngineClient, list]:
     calls = []
 
     def handle(request: httpx.Request) -> httpx.Response:
@@ -75,7 +77,7 @@ def recording_client(reply=_ok) -> tuple[EngineClient, list]:
         calls.append((request.method, request.url.path, body))
         return reply(request, body)
 
-    client = EngineClient("http://sglang.test")
+    client = EngineClient("http://sglang.test", protocol=protocol_for(version) if version else None)
     client.http = httpx.Client(transport=httpx.MockTransport(handle))
     return client, calls
 
@@ -83,8 +85,17 @@ def recording_client(reply=_ok) -> tuple[EngineClient, list]:
 REQUEST = {"prompt_index": 0, "group_id": 0, "prompt": "1+1=", "label": "2", "input_ids": [1, 2, 3], "rid": "r0"}
 
 
-def _engine(client) -> HttpEngine:
-    return HttpEngine("sglang", client, tokenizer=None, fmt="sglang_tensor")
+def _engine(client, partial: bool = False) -> HttpEngine:
+    return HttpEngine("sglang", client, tokenizer=None, fmt="sglang_tensor", partial=partial)
+
+
+def _update(c):
+    """The whole update protocol of HttpEngine: pause, a load, finish_load, resume."""
+    e = _engine(c, partial=True)
+    e.pause()
+    c.update_weights_from_tensor([("w", torch.zeros(2))])
+    e.finish_load(3)
+    e.resume()
 
 
 # Every call our client and HttpEngine make, by name (the raw format is our lenient server's
@@ -107,18 +118,18 @@ ACTIONS = {
     "update_weights_from_distributed": lambda c: c.update_weights_from_distributed(["w"], ["bfloat16"], [[2, 3]], 3),
     "receive_broadcast": lambda c: _engine(c).receive_broadcast([{"dtype": torch.bfloat16, "entries": [("w", (2, 3))]}]),
     "update_weights_from_disk": lambda c: c.update_weights_from_disk("/ckpt/step3", 3),
+    "update_protocol": _update,
 }
 
 
-def record(action: str) -> list:
-    client, calls = recording_client()
+def record(action: str, version: str | None = None) -> list:
+    client, calls = recording_client(version=version)
     ACTIONS[action](client)
     assert calls, f"{action} made no HTTP call"
     return calls
 
 
-ROUTE_BREAKS = {("weight_version", "issue 25 item 7: GET /get_weight_version is gone (read it from /model_info "
-                 "or /server_info)"): NEWER}
+ROUTE_BREAKS: dict = {}  # (action, reason) -> versions: none left (item 7 fixed: /get_model_info there)
 
 
 def route_cases() -> list:
@@ -136,7 +147,7 @@ def test_client_calls_only_routes_and_fields_sglang_has(contract, action):
     """Each call: the route exists for that method, and the JSON body only uses fields of the
     request class the route parses (all of its required fields present). A route without a
     body class ignores any body, so the body must be empty there."""
-    for method, path, body in record(action):
+    for method, path, body in record(action, contract.version):
         route = contract.route(path, method)
         assert route is not None, f"SGLang {contract.version} has no {method} {path}"
         if route.body is None:
@@ -173,8 +184,7 @@ def test_launcher_flags_exist(contract):
     assert dtype.choices is None or argv[argv.index("--dtype") + 1] in dtype.choices
 
 
-@pytest.mark.parametrize("version", versions(**{"issue 25 item 4: --disable-draft-model-update is no flag of "
-                                                "SGLang (0.5.5 server_args.py, newer arg_groups/fields)": ALL}))
+@pytest.mark.parametrize("version", versions())
 def test_speculative_flags_exist(contract, tmp_path: Path):
     (tmp_path / "draft-init").mkdir()
     (tmp_path / "draft-init" / "config.json").write_text("{}")  # an existing draft folder: nothing is built
@@ -186,8 +196,7 @@ def test_speculative_flags_exist(contract, tmp_path: Path):
 
 
 # -- behaviour where SGLang answers or defaults differently from what the client expects -------
-@pytest.mark.parametrize("version", versions(**{"issue 25 item 1: /abort_request answers 200 with an empty body; "
-                                                "the client parses JSON": ALL}))
+@pytest.mark.parametrize("version", versions())
 def test_abort_survives_sglangs_empty_reply(contract):
     route = contract.route("/abort_request")
     assert [r.kind for r in route.replies][0] == "empty"  # Response(status_code=200)
@@ -195,8 +204,7 @@ def test_abort_survives_sglangs_empty_reply(contract):
     assert isinstance(_engine(client).abort("r0"), bool)
 
 
-@pytest.mark.parametrize("version", versions(**{"issue 25 item 2: UpdateWeightVersionReqInput.abort_all_requests "
-                                                "defaults to True and the client does not send it": ALL}))
+@pytest.mark.parametrize("version", versions())
 def test_update_weight_version_keeps_running_requests(contract):
     (_, _, body), = record("update_weight_version")
     defaults = {n: f.default for n, f in contract.request("UpdateWeightVersionReqInput").fields.items()
@@ -204,14 +212,14 @@ def test_update_weight_version_keeps_running_requests(contract):
     assert {**defaults, **body}["abort_all_requests"] is False
 
 
-@pytest.mark.parametrize("version", versions(**{"issue 25 item 3: the first weight version is the string "
-                                                "'default', which the client parses with int()": ALL}))
+@pytest.mark.parametrize("version", versions())
 def test_client_reads_the_first_weight_version(contract):
+    """"default" (and any non-integer string: the launch weights) is version 0 (miles_ray.versioning)."""
     first = sc.strict_defaults(contract)["weight_version"]
     assert first == "default"
     client, _ = recording_client(lambda request, body: httpx.Response(200, json=[generate_output(first)]))
-    samples = client.generate_samples([REQUEST], 1, SamplingParams(), None)
-    assert len(samples) == 1
+    sample, = client.generate_samples([REQUEST], 1, SamplingParams(), None)
+    assert sample.weight_version == 0 and sample.metadata["weight_versions"] == [{"version": 0, "start": 0, "end": 1}]
 
 
 @pytest.mark.parametrize("version", versions())
@@ -225,19 +233,45 @@ def test_pause_without_a_mode_aborts_everything(contract):
     assert sc.strict_defaults(contract)["pause_mode"] == "abort"
 
 
-@pytest.mark.parametrize("version", versions(**{"issue 25 item 5: PauseGenerationReqInput.mode defaults to "
-                                                "'abort' and the client sends no mode": NEWER}))
-def test_client_pauses_in_place(contract):
+@pytest.mark.parametrize("version", versions())
+def test_client_pauses_in_the_mode_partial_rollout_needs(contract):
+    """Newer: ``retract`` for partial rollout (in_place would make /flush_cache fail while requests
+    run), ``abort`` otherwise, stated explicitly; 0.5.5: no body (it aborts; the client re-submits)."""
     pause = contract.requests.get("PauseGenerationReqInput")
-    if pause is None or "mode" not in pause.fields:
-        pytest.skip(f"SGLang {contract.version} has no pause mode (see test_pause_without_a_mode_aborts_everything)")
-    (_, _, body), = record("pause")
-    assert (body or {}).get("mode", pause.fields["mode"].default) == "in_place"
+    modes = None
+    if pause is not None and "mode" in pause.fields:  # the Literal of the field, as written in io_struct.py
+        import zipfile
+
+        with zipfile.ZipFile(sc.wheels()[contract.version]) as z:
+            modes = z.read(pause.file).decode().splitlines()[pause.fields["mode"].line - 1]
+    calls = {}
+    for partial in (True, False):
+        client, recorded = recording_client(version=contract.version)
+        _engine(client, partial).pause()
+        calls[partial] = recorded
+    if modes is None:
+        assert [c[:2] for c in calls[True]] == [("POST", "/pause_generation")] and not calls[True][0][2]
+        return
+    assert calls[True][0][2] == {"mode": "retract"} and calls[False][0][2] == {"mode": "abort"}
+    assert "retract" in modes and "abort" in modes
     assert sc.strict_defaults(contract)["pause_reply_keys"] == ["message", "status"]
 
 
-@pytest.mark.parametrize("version", versions(**{"issue 25 item 6: routed experts come back as base64 of int32 "
-                                                "[seqlen-1, layers, topk]; the client keeps the string": NEWER}))
+@pytest.mark.parametrize("version", versions())
+def test_update_protocol_per_version(contract):
+    """pause, (begin session), update with flush_cache=false, (end session), flush, version, continue."""
+    paths = [p for _, p, _ in record("update_protocol", contract.version)]
+    session = contract.route("/begin_weight_update") is not None
+    want = ["/pause_generation", *(["/begin_weight_update"] if session else []), "/update_weights_from_tensor",
+            *(["/end_weight_update"] if session else []), "/flush_cache", "/update_weight_version",
+            "/continue_generation"]
+    assert paths == want
+    for method, path, body in record("update_protocol", contract.version):
+        route = contract.route(path, method)
+        assert route is not None and (route.body is None or contract.unknown_fields(route.body, body or {}) == [])
+
+
+@pytest.mark.parametrize("version", versions())
 def test_client_decodes_routed_experts(contract):
     """Needs ``--enable-return-routed-experts`` and ``return_routed_experts`` in the request; the
     detokenizer sends ``pybase64.b64encode(tensor.numpy().tobytes())`` per request
@@ -246,10 +280,16 @@ def test_client_decodes_routed_experts(contract):
     if "return_routed_experts" not in contract.request("GenerateReqInput").fields:
         pytest.skip(f"SGLang {contract.version} cannot return routed experts")
     assert "--enable-return-routed-experts" in contract.flags
-    trace = base64.b64encode(np.zeros((3, 2, 2), dtype=np.int32).tobytes()).decode()
-    client, _ = recording_client(lambda request, body: httpx.Response(200, json=[generate_output("1", routed_experts=trace)]))
+    ids = np.arange(3 * 2 * 2, dtype=np.int32).reshape(3, 2, 2) % 7  # prompt 3 + output 1 - 1 tokens
+    trace = base64.b64encode(ids.tobytes()).decode()
+    client, calls = recording_client(lambda request, body: httpx.Response(200, json=[generate_output("1", routed_experts=trace)]),
+                                     contract.version)
+    client.routed_topk = 2
     sample, = client.generate_samples([REQUEST], 1, SamplingParams(), None)
-    assert not isinstance(sample.routed_experts, str)
+    from miles_ray.models.moe import decode
+
+    assert calls[0][2]["return_routed_experts"] is True
+    assert decode(sample.routed_experts).tolist() == ids.tolist()
 
 
 # -- the contract reader itself ----------------------------------------------------------------
