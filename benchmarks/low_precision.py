@@ -9,11 +9,14 @@
    travel in a weight sync (quantized bytes + scales) / the same weights in bf16, on a model of
    Qwen2.5-0.5B's shape (random init). The whole payload's ratio (embeddings and norms stay in the
    model dtype) is printed beside it.
-3. int4_qat_reward_gain: the default demo (``examples/grpo_arith_tiny.yaml``, local Ray) with
+3. moe_fp8_expert_coverage: an engine serving tiny Qwen3-MoE (8 experts x 2 layers) in FP8: the
+   fraction of its expert parameters (transformers 5's fused ``experts.gate_up_proj`` /
+   ``down_proj``) served as FP8 bytes (goal 1.0; nn.Linear-only quantization left them at 0).
+4. int4_qat_reward_gain: the default demo (``examples/grpo_arith_tiny.yaml``, local Ray) with
    ``train.qat=int4 rollout.precision=int4``: reward over the last 5 steps - the first 5.
 
 Last line: RESULT fp8_unified_mismatch_ratio=<x> fp8_sync_bytes_ratio=<x> int4_sync_bytes_ratio=<x>
-int4_qat_reward_gain=<x>
+int4_qat_reward_gain=<x> moe_fp8_expert_coverage=<x>
 """
 from __future__ import annotations
 
@@ -84,6 +87,19 @@ def sync_bytes() -> tuple[float, float]:
     return ratios[0], ratios[1]
 
 
+def moe_expert_coverage(cache: str) -> float:
+    import torch
+
+    from miles_ray.rollout.native import NativeEngine
+
+    engine = NativeEngine("tiny:qwen3_moe", tiny_cache_dir=cache, seed=0, quantization="fp8")
+    experts = {k: v for k, v in engine.model.state_dict().items() if ".experts." in k and not k.endswith("_scale")}
+    fp8 = sum(v.numel() for v in experts.values() if v.dtype == torch.float8_e4m3fn)
+    total = sum(v.numel() for v in experts.values())
+    print(f"FP8 MoE engine: {fp8} of {total} expert parameters served as FP8", flush=True)
+    return fp8 / max(total, 1)
+
+
 def qat_demo(tmp: Path, steps: int) -> float:
     from jobs.train import run
     from miles_ray.config import load_config
@@ -106,12 +122,14 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="lowprec-"))
     ratio = mismatch(str(tmp / "models"))
     fp8_bytes, int4_bytes = sync_bytes()
+    coverage = moe_expert_coverage(str(tmp / "models"))
     gain = qat_demo(tmp, args.steps)
     import ray
 
     ray.shutdown()
     print(f"RESULT fp8_unified_mismatch_ratio={ratio:.3f} fp8_sync_bytes_ratio={fp8_bytes:.3f} "
-          f"int4_sync_bytes_ratio={int4_bytes:.3f} int4_qat_reward_gain={gain:.3f}")
+          f"int4_sync_bytes_ratio={int4_bytes:.3f} int4_qat_reward_gain={gain:.3f} "
+          f"moe_fp8_expert_coverage={coverage:.3f}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ the OpenAI endpoint, :mod:`miles_ray.openai_api`).
 
 Every call is one engine request with exact input ids; a conversation's turns are registered so
 that :meth:`TurnClient.abort` stops the one running (partial rollout and aborts work mid-conversation).
+
+MoE routing (R3): each call's trace (the experts of every token that call fed the model) is kept;
+:meth:`TurnClient.routing_trace` lays them out over a conversation's tokens, each token taking the
+experts recorded when it was first fed (-1 where no call fed that prefix, e.g. trailing tool tokens).
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ class TurnClient:
         self.current: str | None = None  # rid of the running turn
         self.aborted = threading.Event()
         self.turns = 0
+        self.fed: list[tuple[list, dict]] = []  # per call: (token ids it fed the model, its routing trace)
         self.chat = SimpleNamespace(completions=SimpleNamespace(create=self._chat_create))
 
     def generate(self, input_ids: list, max_tokens: int | None = None, **sampling) -> TurnOutput:
@@ -56,8 +61,32 @@ class TurnClient:
         finally:
             self.current = None
         self.turns += 1
+        if s.routed_experts:  # MoE: experts of input_ids + every sampled token but the last
+            self.fed.append((list(input_ids) + list(s.response_ids)[:-1], s.routed_experts))
         return TurnOutput(list(s.response_ids), list(s.response_logprobs), s.response_text, s.finish_reason,
                           s.weight_version)
+
+    def routing_trace(self, ids: list) -> dict | None:
+        """The routing trace of a conversation's tokens ``ids`` (prompt + response) from this
+        client's calls: token ``p`` gets the experts of the first call that fed ``ids[:p + 1]``
+        (the routing its log-prob and the later ones were sampled under); -1 where none did. Rows:
+        ``len(ids) - 1`` (the last token is never fed).
+        None for a dense model (no call returned a trace)."""
+        if not self.fed:
+            return None
+        import torch
+
+        from miles_ray.models.moe import decode, encode
+
+        rows, covered, total = [], 0, len(ids) - 1  # the last token is never fed (the engine's convention)
+        for fed, trace in self.fed:
+            n = min(_common_prefix(fed, ids), total)
+            if n > covered:
+                rows.append(decode(trace)[covered:n])
+                covered = n
+        shape = decode(self.fed[0][1]).shape[1:]
+        rows.append(torch.full((total - covered, *shape), -1, dtype=torch.long))
+        return encode(torch.cat(rows))
 
     def abort(self) -> None:
         self.aborted.set()
@@ -82,3 +111,8 @@ class TurnClient:
                 "prompt_token_ids": prompt_ids,
                 "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": len(out.ids),
                           "total_tokens": len(prompt_ids) + len(out.ids)}}
+
+
+def _common_prefix(a: list, b: list) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)

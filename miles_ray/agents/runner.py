@@ -130,6 +130,8 @@ class AgentEngine:
             if time.time() - t0 > self.limits.timeout_s:
                 raise TimeoutError(f"ran {time.time() - t0:.1f}s, past agent.timeout_s={self.limits.timeout_s:g}")
             out = check_sample(out, ctx)
+            if out.routed_experts is None:  # MoE: the experts of every turn, aligned with the tokens (R3)
+                out.routed_experts = client.routing_trace(out.prompt_ids + out.response_ids)
         except Exception as err:  # noqa: BLE001 - a user function's failure is scored, never a crash
             out = self._failed(ctx, f"rollout.fn '{self.spec}': {type(err).__name__}: {err}")
         finally:

@@ -13,8 +13,11 @@ weights)``. :class:`Routing` puts a forward hook on every router, in layer order
 - agreement (both): slots (token x layer) where the router's own top-k set equals the recorded
   one, and where the experts actually used do.
 
-A trace travels with its sample as ``{"shape": [tokens, layers, k], "b64": <uint8 bytes>}``
-(JSON-safe: dumps, async checkpoints and the HTTP API carry it as is).
+A trace travels with its sample as ``{"shape": [tokens, layers, k], "dtype": <name>, "b64": <bytes>}``
+(JSON-safe: dumps, async checkpoints and the HTTP API carry it as is). The dtype is sized for the
+model's expert count (:func:`trace_dtype`: uint8 up to 256 experts, int16 up to 32767, else int32;
+a trace holding ``-1`` = "not recorded" slots is signed); a trace without ``dtype`` is the older
+uint8 format and decodes as before.
 """
 from __future__ import annotations
 
@@ -30,15 +33,33 @@ def find_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
             and hasattr(m.gate, "top_k")]
 
 
-def encode(index: torch.Tensor) -> dict:
-    """``[tokens, layers, k]`` expert ids (< 256) as a JSON-safe trace."""
-    arr = index.to(torch.uint8).cpu().numpy()
-    return {"shape": list(arr.shape), "b64": base64.b64encode(arr.tobytes()).decode()}
+def trace_dtype(num_experts: int, signed: bool = False) -> str:
+    """The narrowest numpy dtype holding expert ids ``0 .. num_experts - 1`` (and ``-1`` if ``signed``)."""
+    if num_experts <= 256 and not signed:
+        return "uint8"
+    if num_experts <= 128:
+        return "int8"
+    return "int16" if num_experts <= 32767 else "int32"
+
+
+def encode(index: torch.Tensor, num_experts: int | None = None) -> dict:
+    """``[tokens, layers, k]`` expert ids (``-1``: not recorded) as a JSON-safe trace whose dtype
+    fits ``num_experts`` (default: the largest id + 1). Raises on an id that does not fit."""
+    index = index.detach().to(torch.long).cpu()
+    top = int(index.max()) + 1 if index.numel() else 1
+    lowest = int(index.min()) if index.numel() else 0
+    num_experts = top if num_experts is None else int(num_experts)
+    if top > num_experts or lowest < -1:
+        raise ValueError(f"expert ids span [{lowest}, {top - 1}], outside [-1, {num_experts - 1}]")
+    dtype = trace_dtype(num_experts, signed=lowest < 0)
+    arr = index.numpy().astype(dtype)
+    return {"shape": list(arr.shape), "dtype": dtype, "b64": base64.b64encode(arr.tobytes()).decode()}
 
 
 def decode(trace: dict) -> torch.Tensor:
-    """A trace back to ``[tokens, layers, k]`` long ids."""
-    arr = np.frombuffer(base64.b64decode(trace["b64"]), dtype=np.uint8).reshape(trace["shape"])
+    """A trace back to ``[tokens, layers, k]`` long ids (``-1``: not recorded)."""
+    dtype = np.dtype(trace.get("dtype", "uint8"))  # no dtype: the original uint8 format
+    arr = np.frombuffer(base64.b64decode(trace["b64"]), dtype=dtype).reshape(trace["shape"])
     return torch.from_numpy(arr.astype(np.int64))
 
 
@@ -57,6 +78,10 @@ class Routing:
     @property
     def is_moe(self) -> bool:
         return bool(self.routers)
+
+    @property
+    def num_experts(self) -> int:
+        return max((int(getattr(r, "num_experts", 0) or r.weight.shape[0]) for r in self.routers), default=0)
 
     @property
     def top_k(self) -> int:

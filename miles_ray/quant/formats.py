@@ -22,24 +22,26 @@ GROUP = 128  # INT4 group size along the input dimension
 
 
 def _pad_to(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    pr, pc = -x.shape[0] % rows, -x.shape[1] % cols
+    """Zero-pad the last two dims of ``x`` up to multiples of ``rows`` x ``cols``."""
+    pr, pc = -x.shape[-2] % rows, -x.shape[-1] % cols
     return torch.nn.functional.pad(x, (0, pc, 0, pr)) if pr or pc else x
 
 
 def fp8_quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w [N, K]`` -> (``q [N, K]`` fp8, ``scale [ceil(N/128), ceil(K/128)]`` fp32)."""
-    N, K = w.shape
+    """``w [..., N, K]`` -> (``q [..., N, K]`` fp8, ``scale [..., ceil(N/128), ceil(K/128)]`` fp32);
+    leading dims (a fused MoE experts tensor ``[E, N, K]``) are independent matrices."""
+    *lead, N, K = w.shape
     x = _pad_to(w.float(), BLOCK, BLOCK)
-    blocks = x.view(x.shape[0] // BLOCK, BLOCK, x.shape[1] // BLOCK, BLOCK)
-    amax = blocks.abs().amax(dim=(1, 3))
+    blocks = x.view(*lead, x.shape[-2] // BLOCK, BLOCK, x.shape[-1] // BLOCK, BLOCK)
+    amax = blocks.abs().amax(dim=(-3, -1))
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return q.view(x.shape)[:N, :K].contiguous(), scale
+    q = (blocks / scale[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q.view(x.shape)[..., :N, :K].contiguous(), scale
 
 
 def fp8_dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    N, K = q.shape
-    full = scale.repeat_interleave(BLOCK, 0)[:N].repeat_interleave(BLOCK, 1)[:, :K]
+    N, K = q.shape[-2:]
+    full = scale.repeat_interleave(BLOCK, -2)[..., :N, :].repeat_interleave(BLOCK, -1)[..., :K]
     return (q.float() * full).to(dtype)
 
 
@@ -67,36 +69,38 @@ def fp8_qdq_activation(x: torch.Tensor) -> torch.Tensor:
 
 
 def int4_quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w [N, K]`` (K a multiple of 128) -> (``q [N, K]`` int8 in [-8, 7], ``scale [N, K/128]`` bf16)."""
-    N, K = w.shape
+    """``w [..., N, K]`` (K a multiple of 128) -> (``q [..., N, K]`` int8 in [-8, 7], ``scale
+    [..., N, K/128]`` bf16); leading dims are independent matrices (fused MoE experts)."""
+    *lead, N, K = w.shape
     if K % GROUP:
         raise ValueError(f"INT4 groups of {GROUP} need in_features divisible by {GROUP}, got {K}")
-    groups = w.float().view(N, K // GROUP, GROUP)
+    groups = w.float().view(*lead, N, K // GROUP, GROUP)
     amax = groups.abs().amax(-1)
     scale = torch.where(amax > 0, amax / 7.5, torch.ones_like(amax)).to(torch.bfloat16)
     q = torch.round((groups / scale.float()[..., None]).clamp(-8, 7)).to(torch.int8)
-    return q.view(N, K), scale
+    return q.view(w.shape), scale
 
 
 def int4_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    N, K = q.shape
-    return (q.view(N, K // GROUP, GROUP).float() * scale[..., None].float()).view(N, K).to(dtype)
+    *lead, N, K = q.shape
+    return (q.view(*lead, N, K // GROUP, GROUP).float() * scale[..., None].float()).view(q.shape).to(dtype)
 
 
 def int4_pack(q: torch.Tensor) -> torch.Tensor:
-    """int8 values in [-8, 7], ``[N, K]`` -> uint8 ``[N, K/2]``: (q + 8) of column 2j in the low nibble."""
+    """int8 values in [-8, 7], ``[..., K]`` -> uint8 ``[..., K/2]``: (q + 8) of column 2j in the low nibble."""
     u = (q.to(torch.int16) + 8).to(torch.uint8)
-    return u[:, 0::2] | (u[:, 1::2] << 4)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
 
 
 def int4_unpack(packed: torch.Tensor) -> torch.Tensor:
     low = (packed & 0x0F).to(torch.int8) - 8
     high = (packed >> 4).to(torch.int8) - 8
-    return torch.stack([low, high], dim=-1).view(packed.shape[0], packed.shape[1] * 2)
+    return torch.stack([low, high], dim=-1).view(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
 def qdq_weight(w: torch.Tensor, scheme: str) -> torch.Tensor:
-    """The dequantized weight an engine serves for ``scheme`` (fp8 or int4), in ``w``'s dtype."""
+    """The dequantized weight an engine serves for ``scheme`` (fp8 or int4), in ``w``'s dtype
+    (``[N, K]``, or ``[E, N, K]``: each expert matrix on its own)."""
     if scheme == "fp8":
         return fp8_dequantize_weight(*fp8_quantize_weight(w), dtype=w.dtype)
     if scheme == "int4":

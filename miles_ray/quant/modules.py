@@ -1,8 +1,9 @@
 """Quantized linears for engines, fake-quantized linears for trainers, and the sync transform.
 
-The quantized layers are the decoder's ``nn.Linear`` modules (attention and MLP projections);
-embeddings, the LM head, norms and MoE routers stay in the model dtype (as SGLang and vLLM serve
-FP8 / W4A16 checkpoints). :func:`quantizable` names them the same way in engines and trainers.
+The quantized layers are the decoder's ``nn.Linear`` modules (attention and MLP projections) and
+its MoE experts' fused 3-D weights (:mod:`miles_ray.quant.experts`); embeddings, the LM head, norms
+and MoE routers stay in the model dtype (as SGLang and vLLM serve FP8 / W4A16 checkpoints).
+:func:`quantizable` names them the same way in engines and trainers.
 
 - Engine (:class:`QuantLinear`): holds what the trainer sent, ``weight`` (FP8 ``[N, K]`` or packed
   INT4 ``[N, K/2]`` uint8) and ``weight_scale``, and computes with it: FP8 quantizes activations in
@@ -11,7 +12,8 @@ FP8 / W4A16 checkpoints). :func:`quantizable` names them the same way in engines
 - Trainer (:class:`FakeQuantLinear`): the fp32 master weight, quantize-dequantized in the forward
   with a straight-through gradient (QAT); FP8 also the activations. Its numbers are the engine's.
 - Sync (:func:`quantize_state`): each quantizable ``<name>.weight`` travels as its quantized bytes
-  plus ``<name>.weight_scale``.
+  plus ``<name>.weight_scale``; an experts tensor ``<experts>.gate_up_proj`` as its bytes plus
+  ``<experts>.gate_up_proj_scale``.
 """
 from __future__ import annotations
 
@@ -19,15 +21,33 @@ import torch
 import torch.nn.functional as F
 
 from miles_ray.quant import formats as fmt
+from miles_ray.quant.experts import expert_weights, fake_quantize_experts, quantize_engine_experts, quantize_tensor
 
 SCHEMES = ("fp8", "int4")
 
 
-def quantizable(model: torch.nn.Module) -> list[str]:
-    """Names of the decoder's linears (``model.layers.<i>...``) in module order."""
+def _layers_prefix(model: torch.nn.Module) -> str:
     body = model.get_decoder() if hasattr(model, "get_decoder") else model
-    prefix = next(n for n, m in model.named_modules() if m is body)
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(f"{prefix}.layers.")]
+    return next(n for n, m in model.named_modules() if m is body) + ".layers."
+
+
+def _linears(model: torch.nn.Module) -> list[str]:
+    prefix = _layers_prefix(model)
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(prefix)]
+
+
+def quantizable(model: torch.nn.Module) -> list[str]:
+    """Names of the decoder's linears (``model.layers.<i>...``, module names: the tensor is
+    ``<name>.weight``) in module order, then of its fused MoE expert tensors (tensor names, e.g.
+    ``model.layers.<i>.mlp.experts.gate_up_proj``)."""
+    prefix = _layers_prefix(model)
+    experts = [f"{n}.{w}" for n, m in model.named_modules() if n.startswith(prefix) for w in expert_weights(m)]
+    return _linears(model) + experts
+
+
+def tensor_key(name: str, state: dict) -> str:
+    """The state-dict key of a :func:`quantizable` name (an experts tensor is named as is)."""
+    return name if name in state else f"{name}.weight"
 
 
 def _replace(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
@@ -35,12 +55,7 @@ def _replace(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None
     setattr(model.get_submodule(parent), child, module)
 
 
-def quantize_weight(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """What travels for ``w``: (quantized bytes, scale)."""
-    if scheme == "fp8":
-        return fmt.fp8_quantize_weight(w)
-    q, scale = fmt.int4_quantize_weight(w)
-    return fmt.int4_pack(q), scale
+quantize_weight = quantize_tensor  # what travels for a weight: (quantized bytes, scale)
 
 
 class QuantLinear(torch.nn.Module):
@@ -96,8 +111,8 @@ class FakeQuantLinear(torch.nn.Linear):
 
 def quantize_engine_model(model: torch.nn.Module, scheme: str, fp8_backend: str = "auto") -> int:
     """Engines: every quantizable linear becomes a :class:`QuantLinear` (FP8 ones on the resolved
-    GEMM backend); returns how many."""
-    names = quantizable(model)
+    GEMM backend) and every experts module serves quantized experts; returns how many tensors."""
+    names = _linears(model)
     backend = "dequant"
     if scheme == "fp8":
         from miles_ray.quant.kernels import resolve_backend
@@ -107,21 +122,23 @@ def quantize_engine_model(model: torch.nn.Module, scheme: str, fp8_backend: str 
         module = QuantLinear(model.get_submodule(name), scheme)
         module.backend = backend
         _replace(model, name, module)
-    return len(names)
+    return len(names) + quantize_engine_experts(model, _layers_prefix(model), scheme)
 
 
 def fake_quantize_model(model: torch.nn.Module, scheme: str) -> int:
-    """Trainers: every quantizable linear becomes a :class:`FakeQuantLinear` (parameters kept)."""
-    names = quantizable(model)
+    """Trainers: every quantizable linear becomes a :class:`FakeQuantLinear` (parameters kept),
+    every experts module fake-quantizes its expert tensors; returns how many tensors."""
+    names = _linears(model)
     for name in names:
         _replace(model, name, FakeQuantLinear(model.get_submodule(name), scheme))
-    return len(names)
+    return len(names) + fake_quantize_experts(model, _layers_prefix(model), scheme)
 
 
 def quantize_state(state: dict, names: list[str], scheme: str) -> dict:
-    """A state dict for the engines: each ``<name>.weight`` of ``names`` quantized, plus its scale."""
+    """A state dict for the engines: each :func:`quantizable` tensor of ``names`` quantized (its
+    bytes under its own key, plus ``<key>_scale``); everything else as is."""
     out = {}
-    wanted = {f"{n}.weight" for n in names}
+    wanted = {tensor_key(n, state) for n in names}
     for key, value in state.items():
         if key in wanted:
             out[key], out[key + "_scale"] = quantize_weight(value, scheme)
