@@ -1,7 +1,7 @@
 """Per-GPU memory of a rollout engine, item by item.
 
 - weights at ``rollout.precision``: bf16 = unquantized, in ``model.dtype``; fp8 = every decoder
-  linear weight (attention, MLP, shared experts; routed experts too under SGLang, not in-process)
+  linear weight (attention, MLP, shared and routed experts)
   one byte plus an fp32 scale per 128 x 128 block; int4 = half a byte plus a 16-bit scale per 128
   input columns; embeddings, LM head, norms and routers stay in ``model.dtype`` (as SGLang / vLLM
   serve FP8 / W4A16 checkpoints);
@@ -42,9 +42,8 @@ WEIGHT_KNOBS = {"bf16": "rollout.precision=fp8", "fp8": "rollout.precision=int4"
 
 
 def weight_bytes(inv: Inventory, precision: str, dtype: str, experts: bool = True) -> int:
-    """The whole model as an engine serves it at ``precision`` (bf16 | fp8 | int4); ``experts=False``:
-    routed experts stay in ``dtype`` (in-process engines: transformers 5 keeps them as 3-D
-    parameters, which :func:`miles_ray.quant.modules.quantize_engine_model`, nn.Linear only, skips)."""
+    """The whole model as an engine serves it at ``precision`` (bf16 | fp8 | int4), routed experts
+    included (``experts=False``: they stay in ``dtype``, for an engine that does not quantize them)."""
     b = DTYPE_BYTES[dtype]
     if precision == "bf16":
         return inv.numel * b

@@ -239,8 +239,8 @@ def test_force_starts_anyway_and_cpu_runs_skip_the_plan(model_cache, tmp_path, c
 @pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
 @pytest.mark.parametrize("scheme", ["fp8", "int4"])
 def test_engine_weight_bytes_match_a_quantized_engine_model(arch, scheme, model_cache):
-    """In-process engines: the bytes of a real quantized engine model (routed experts, 3-D
-    parameters in transformers 5, stay unquantized)."""
+    """In-process engines: the bytes of a real quantized engine model (routed experts included:
+    miles_ray/quant/experts.py quantizes transformers 5's fused 3-D expert parameters)."""
     from miles_ray.models import load_model
     from miles_ray.plan.engine import weight_bytes
     from miles_ray.quant.modules import quantize_engine_model
@@ -249,4 +249,4 @@ def test_engine_weight_bytes_match_a_quantized_engine_model(arch, scheme, model_
     quantize_engine_model(model, scheme)
     real = _bytes(model.parameters()) + _bytes(b for n, b in model.named_buffers() if not n.endswith("inv_freq"))
     config = read_model_config(f"tiny:{arch}", model_cache)
-    assert weight_bytes(inventory(config), scheme, "float32", experts=False) == real
+    assert weight_bytes(inventory(config), scheme, "float32") == real
