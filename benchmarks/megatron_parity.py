@@ -15,8 +15,12 @@ Also printed (not in RESULT): tiny Qwen3-MoE log-probs and one GRPO step at TP=2
 Also: Qwen3-MoE at EP=2 vs HF (``ep2_logprob_max_abs``) and R3 on recorded experts, megatron vs
 the FSDP backend on the same traces (``r3_logprob_max_abs``).
 
+Also: the bucketed export's peak memory on the gathering rank over one bucket
+(``export_peak_over_bucket``) and the trainer's load peak over its stage (``megatron_load_rss_ratio``).
+
 Last line: ``RESULT tp2_logprob_max_abs=<x> pp2_logprob_max_abs=<x> step_param_max_rel=<x>
-ep2_logprob_max_abs=<x> r3_logprob_max_abs=<x>``.
+ep2_logprob_max_abs=<x> r3_logprob_max_abs=<x> packed_logprob_max_abs=<x> bf16_step_rel=<x>
+export_peak_over_bucket=<x> megatron_load_rss_ratio=<x>``.
 """
 from __future__ import annotations
 
@@ -282,6 +286,78 @@ def scale_results(cache: str, batch: list) -> str:
     return f"packed_logprob_max_abs={packed:.3g} bf16_step_rel={bf16:.3g}"
 
 
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _exact_rss() -> None:
+    """glibc: large blocks always from mmap (a fixed threshold, M_MMAP_THRESHOLD = -3), so a freed
+    buffer leaves the RSS and a new one shows in it, instead of pages kept and reused unseen."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").mallopt(-3, 128 << 10)
+
+
+def _reset_peak() -> int:
+    """Reset this process's peak RSS (VmHWM, Linux ``clear_refs`` 5) after returning freed heap
+    pages (``malloc_trim``); returns the current RSS in bytes."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kb("VmRSS") << 10
+
+
+def _export_worker(rank, world, port, cache, spec, bucket_bytes, out):
+    from miles_ray.config import AlgorithmConfig, TrainConfig
+    from miles_ray.training.collectives import init_distributed
+    from miles_ray.training.megatron import parallel
+    from miles_ray.training.megatron.trainer import MegatronPolicyTrainer
+
+    _exact_rss()
+    torch.set_num_threads(1)
+    init_distributed(rank, world, "127.0.0.1", port)
+    parallel.initialize(2, 1)  # megatron imported and its groups made before the baseline
+    base = _reset_peak()
+    trainer = MegatronPolicyTrainer(spec, TrainConfig(packing=False), AlgorithmConfig(kl_coef=0.0), tiny_cache_dir=cache,
+                                    parallel_cfg={"tensor_parallel": 2})
+    shard = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    load = ((_status_kb("VmHWM") << 10) - base) / shard
+    state = trainer.engine_state()
+    base = _reset_peak()  # the first export (a second one reuses pages the allocator kept: it reads ~0)
+    for bucket in trainer.iter_export(state, 1, bucket_bytes):
+        del bucket  # a streaming transport ships and drops each bucket
+    peak = ((_status_kb("VmHWM") << 10) - base) / bucket_bytes
+    if rank == 0:
+        torch.save({"export": peak, "load": load, "shard": shard}, out)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def export_memory(cache: str, spec: str = "tiny:qwen3:768x2", bucket_bytes: int = 8 << 20) -> dict:
+    """Rank 0 of TP=2: peak RSS growth of a bucketed export over one bucket's bytes
+    (``export_peak_over_bucket``), and of the trainer's construction (sharded loading, the
+    megatron stage and its fp32 main weights) over the stage's parameter bytes
+    (``megatron_load_rss_ratio``)."""
+    from miles_ray.models.loading import resolve_model_path
+
+    resolve_model_path(spec, cache)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "mem.pt")
+        mp.spawn(_export_worker, args=(2, _port(), cache, spec, bucket_bytes, out), nprocs=2, join=True)
+        return torch.load(out, weights_only=True)
+
+
+def export_results(cache: str) -> str:
+    """This part's RESULT keys (``export_peak_over_bucket``, ``megatron_load_rss_ratio``)."""
+    mem = export_memory(cache)
+    print(f"export: peak RSS over one bucket {mem['export']:.3g}; load: peak RSS over the stage's "
+          f"{mem['shard'] / 2**20:.1f} MiB {mem['load']:.3g}", flush=True)
+    return f"export_peak_over_bucket={mem['export']:.3g} megatron_load_rss_ratio={mem['load']:.3g}"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cache", default="runs/_models")
@@ -312,7 +388,8 @@ def main(argv=None) -> None:
     r3 = r3_logprob_max_abs(args.cache)
     print(f"Qwen3-MoE R3, megatron (TP=2 x EP=2) vs FSDP on the same traces: log-prob max abs diff {r3:.3g}")
     print(f"RESULT tp2_logprob_max_abs={tp2:.3g} pp2_logprob_max_abs={pp2:.3g} step_param_max_rel={rel:.3g} "
-          f"ep2_logprob_max_abs={ep2:.3g} r3_logprob_max_abs={r3:.3g} {scale_results(args.cache, batch)}")
+          f"ep2_logprob_max_abs={ep2:.3g} r3_logprob_max_abs={r3:.3g} {scale_results(args.cache, batch)} "
+          f"{export_results(args.cache)}")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ NCCL would; ``cpu:gloo,cuda:nccl`` becomes ``cpu:gloo,cuda:gloo``.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 
 import torch
@@ -178,6 +179,29 @@ def broadcast_object(obj, src: int, group=None):
     box = [obj]
     dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
+
+
+def reduce_disjoint_(tensor: torch.Tensor, dst: int = 0, group=None) -> torch.Tensor:
+    """A gather into one buffer: each element of the contiguous ``tensor`` is set on at most one
+    rank (zeros elsewhere); afterwards global rank ``dst`` holds every rank's elements, bit for bit.
+    The bytes are summed (a ``uint8`` view): ``x + 0`` is exact for every bit pattern (-0.0 and NaN
+    included), which a float sum is not (``-0.0 + 0.0 = +0.0``); NCCL and gloo both sum ``uint8``.
+    Other ranks' ``tensor`` is left undefined."""
+    if world(group)[1] > 1:
+        dist.reduce(tensor.view(torch.uint8), dst=dst, group=group)
+    return tensor
+
+
+def all_gather_json(obj, group=None) -> list:
+    """Every rank's JSON-serialisable ``obj`` in rank order, moved as UTF-8 bytes in tensors (no
+    pickle: what arrives is only ever parsed as JSON)."""
+    if world(group)[1] == 1:
+        return [json.loads(json.dumps(obj))]
+    data = torch.tensor(list(json.dumps(obj).encode()), dtype=torch.uint8)
+    sizes = [int(n) for n in all_gather(torch.tensor([data.numel()]), group)]
+    joined = all_gather_uneven(data, sizes, group).numpy().tobytes()
+    starts = [sum(sizes[:r]) for r in range(len(sizes))]
+    return [json.loads(joined[a:a + n].decode()) for a, n in zip(starts, sizes)]
 
 
 def send_object(obj, dst: int) -> None:

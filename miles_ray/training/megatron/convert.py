@@ -56,9 +56,10 @@ def _groups(hf_config) -> tuple[int, int, int]:
 
 def _qkv_to_megatron(q, k, v, hf_config, tp_rank: int, tp: int) -> torch.Tensor:
     g, per, d = _groups(hf_config)
-    rest = q.shape[1:]
+    rest, g = q.shape[1:], g // tp  # rank r: query groups [r g/tp, (r+1) g/tp), i.e. its rows of q, k, v
+    q, k, v = (t.chunk(tp, dim=0)[tp_rank] for t in (q, k, v))  # (lazy views read only these rows)
     fused = torch.cat([q.reshape(g, per * d, *rest), k.reshape(g, d, *rest), v.reshape(g, d, *rest)], dim=1)
-    return fused.chunk(tp, dim=0)[tp_rank].reshape(-1, *rest).clone()
+    return fused.reshape(-1, *rest).clone()
 
 
 def _qkv_to_hf(shards: list, hf_config) -> tuple:
@@ -146,6 +147,46 @@ def to_hf(key: str, shards: list, hf_config, layer_offset: int, expert_offset: i
         return {f"{pre}{HF_EXPERTS[expert[2]]}@{expert_offset + int(expert[1])}": full}
     name, dim = LAYER_PLAIN[sub]
     return {pre + name: shards[0].clone() if dim is None else torch.cat(shards, dim=dim)}
+
+
+def shard_to_hf(key: str, shard: torch.Tensor, hf_config, layer_offset: int, tp_rank: int, tp: int,
+                expert_offset: int = 0) -> list:
+    """Where TP rank ``tp_rank``'s shard of megatron parameter ``key`` lies in the HF tensors:
+    ``[(HF name, index, tensor)]``, ``index`` a tuple of slices into that HF tensor (an expert's:
+    into its ``<name>@<e>`` slice; ``tp_rank`` / ``tp``: the expert-TP ones). A replicated
+    parameter comes from TP rank 0 only. The union over the TP ranks is :func:`to_hf`'s answer."""
+    dim = tp_dim(key)
+    if dim is None:
+        return [(n, (), t) for n, t in to_hf(key, [shard], hf_config, layer_offset, expert_offset).items()] \
+            if tp_rank == 0 else []
+    if not key.startswith(LAYER_PREFIX):
+        return [(TOP_PLAIN[key][0], _part(dim, tp_rank, shard.shape[dim]), shard)]
+    local, sub = key[len(LAYER_PREFIX):].split(".", 1)
+    pre = f"model.layers.{layer_offset + int(local)}."
+    if sub.startswith("self_attention.linear_qkv."):
+        g, per, d = _groups(hf_config)
+        rest = shard.shape[1:]
+        parts = shard.reshape(g // tp, (per + 2) * d, *rest).split([per * d, d, d], dim=1)
+        kind = sub.rsplit(".", 1)[1]
+        return [(f"{pre}self_attn.{x}_proj.{kind}", _part(0, tp_rank, t.shape[0] * t.shape[1]), t.reshape(-1, *rest))
+                for x, t in zip("qkv", parts)]
+    expert = EXPERT.match(sub)
+    if sub == "mlp.linear_fc1.weight" or (expert and expert[2] == "1"):
+        gate, up = shard.chunk(2)
+        n = gate.shape[0]
+        if not expert:
+            return [(f"{pre}mlp.gate_proj.weight", _part(0, tp_rank, n), gate),
+                    (f"{pre}mlp.up_proj.weight", _part(0, tp_rank, n), up)]
+        name = f"{pre}{HF_EXPERTS['1']}@{expert_offset + int(expert[1])}"
+        return [(name, _part(0, tp_rank, n), gate), (name, (slice(n * (tp + tp_rank), n * (tp + tp_rank + 1)),), up)]
+    if expert:
+        return [(f"{pre}{HF_EXPERTS['2']}@{expert_offset + int(expert[1])}", _part(1, tp_rank, shard.shape[1]), shard)]
+    return [(pre + LAYER_PLAIN[sub][0], _part(dim, tp_rank, shard.shape[dim]), shard)]
+
+
+def _part(dim: int, rank: int, n: int) -> tuple:
+    """Index of rank ``rank``'s ``n`` rows (dim 0) or columns (dim 1)."""
+    return (slice(None),) * dim + (slice(rank * n, (rank + 1) * n),)
 
 
 def fuse_experts(items, hf_config):

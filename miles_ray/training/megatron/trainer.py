@@ -27,12 +27,13 @@ import torch
 from miles_ray.algorithms import LOSS_AGGREGATIONS
 from miles_ray.algorithms.losses import sft_token_loss
 from miles_ray.training.megatron import grads, moe, options, parallel, weights
+from miles_ray.training.megatron.hf_files import hf_source
 from miles_ray.training.megatron.logprobs import head_logprobs
 from miles_ray.training.megatron.optimizer import build as build_optimizer
 from miles_ray.training.megatron.model import build_gpt_model, layer_spec, transformer_config
 from miles_ray.training.megatron.packed import use_varlen_attention
 from miles_ray.training.megatron.schedule import run_micro_batches
-from miles_ray.models import load_model, load_tokenizer
+from miles_ray.models import load_tokenizer
 from miles_ray.training.base import TorchTrainerBase, padded_micro_batches
 from miles_ray.training.collectives import all_max, all_sum, device, world
 from miles_ray.training.batching import loss_tokens, pack, unpack
@@ -71,33 +72,33 @@ class MegatronPolicyTrainer(PolicyLossMixin, TorchTrainerBase):
         self.strategy = "megatron"
         self.rank, self.world_size = world()
         self.device = device()
-        hf = load_model(model_spec, "float32", tiny_cache_dir)
-        self.hf_config = hf.config
+        hf_config, hf_state, self.hf_files = hf_source(model_spec, tiny_cache_dir)  # sharded: lazy file view
+        self.hf_config = hf_config
         ep, etp = par["expert_parallel"], par["expert_tensor_parallel"]  # expert parallelism (MoE)
-        validate_layout(hf.config, par["tensor_parallel"], par["pipeline_parallel"], self.world_size, ep, etp)
+        validate_layout(hf_config, par["tensor_parallel"], par["pipeline_parallel"], self.world_size, ep, etp)
         parallel.initialize(par["tensor_parallel"], par["pipeline_parallel"], seed, ep, etp)
         self.where = parallel.layout()
-        moe = bool(getattr(hf.config, "num_experts", None))  # megatron trains MoE under TP only with SP
+        moe = bool(getattr(hf_config, "num_experts", None))  # megatron trains MoE under TP only with SP
         self.sequence_parallel = (par["sequence_parallel"] or moe) and par["tensor_parallel"] > 1
-        self.mconfig = transformer_config(hf.config, par["tensor_parallel"], par["pipeline_parallel"],
+        self.mconfig = transformer_config(hf_config, par["tensor_parallel"], par["pipeline_parallel"],
                                           self.sequence_parallel, dtype=options.model_dtype(self.precision), ep=ep, etp=etp)
         self.mconfig = options.with_recompute(self.mconfig, train_cfg.gradient_checkpointing, par["recompute"])
-        self.spec, self.spec_name = layer_spec(par["layer_spec"], hf.config, self.sequence_parallel)
+        self.spec, self.spec_name = layer_spec(par["layer_spec"], hf_config, self.sequence_parallel)
         use_varlen_attention(self.spec)  # THD (packed rows) on the local spec
         log.info("megatron backend: %s layer spec, TP=%d PP=%d DP=%d SP=%s", self.spec_name, self.where["tp"],
                  self.where["pp"], self.where["dp"], self.sequence_parallel)
-        hf_state = hf.state_dict()
         self.model, initial = self._stage(hf_state)
         self.module = self.core = self.model
         self.ref = self._stage(hf_state)[0].eval().requires_grad_(False) if algo_cfg.kl_coef > 0 else None
-        del hf, hf_state
+        del hf_state
+        self._export_plan = None  # export.HFStream, built on the first export (collective)
         self.routing, self.ref_routing = self._routing(self.model), self._routing(self.ref)  # MoE: R3 / agreement
         self.optimizer = build_optimizer(self.model, train_cfg.lr, train_cfg.weight_decay, initial)
         del initial
         self.base_lr, self.schedule_steps, self.opt_steps = train_cfg.lr, schedule_steps, 0
         self.offloaded, self.version, self.mismatch_max = False, 0, 0.0
 
-    def _stage(self, hf_state: dict):
+    def _stage(self, hf_state):
         model = build_gpt_model(self.hf_config, self.mconfig, self.spec, self.where["first"], self.where["last"])
         model.to(options.model_dtype(self.precision))  # all of it, norms too (megatron's Float16Module: .bfloat16())
         return model, weights.load_hf(model, hf_state, self.hf_config)
@@ -224,21 +225,31 @@ class MegatronPolicyTrainer(PolicyLossMixin, TorchTrainerBase):
     # -- weights --------------------------------------------------------------------------------
     def full_state_dict(self, to_cpu: bool = True) -> dict | None:
         """The HF-named full state dict on rank 0 (None elsewhere); collective."""
-        return weights.gather_hf_state(self.model, self.hf_config)
+        from miles_ray.training.megatron.export import gather_hf_state
+
+        return gather_hf_state(self._stream())
 
     def engine_state(self, to_cpu: bool = True):
         """What engines load: an :class:`~miles_ray.training.megatron.export.HFStream` on every rank (its
         buckets are gathered and converted as :meth:`iter_export` packs them)."""
+        return self._stream().placed(to_cpu)
+
+    def _stream(self):
+        """The export plan (:class:`~miles_ray.training.megatron.export.HFStream`), exchanged once
+        (collective: every rank calls this at the same point, the first export)."""
         from miles_ray.training.megatron.export import HFStream
 
-        return HFStream(self.model, self.hf_config)
+        if self._export_plan is None:
+            self._export_plan = HFStream(self.model, self.hf_config)
+        return self._export_plan
 
     def iter_export(self, state, version: int, bucket_bytes: int):
-        """Buckets on rank 0, one at a time (collective); a transport whose payloads refer to the
+        """Buckets on rank 0, one at a time (collective; tensor collectives only, see
+        :mod:`~miles_ray.training.megatron.export`); a transport whose payloads refer to the
         buffers (shm / cuda_ipc handles) keeps them alive itself (:mod:`miles_ray.weights.ipc`)."""
         from miles_ray.training.megatron.export import iter_buckets
 
-        yield from iter_buckets(state, version, bucket_bytes)
+        yield from iter_buckets(state, version, bucket_bytes, state.to_cpu)
 
     def export_state(self) -> dict | None:
         return self.full_state_dict()
