@@ -5,7 +5,6 @@ load bit for bit as ``from_pretrained``, in one process and at 2 ranks (DDP, FSD
 reference), and an FSDP2 rank reads exactly the bytes of its experts."""
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from miles_ray.models.loading import load_empty, load_model, resolve_model_path
 from miles_ray.models.sharded import materialize
 from miles_ray.models.sharded_moe import Stacked, sources
 from miles_ray.training.collectives import barrier, init_distributed
+from helpers.ranks import free_port
 
 SPECS = ("tiny:qwen3_moe", "tiny:mixtral")
 
@@ -117,18 +117,12 @@ def _worker(rank, world_size, port, cache, fused, out):
     torch.distributed.destroy_process_group()
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(model_cache, fused_dir, tmp_path_factory):
     for spec in SPECS:  # written here, once, not by both ranks at the same time
         resolve_model_path(spec, model_cache)
     out = tmp_path_factory.mktemp("sharded_moe")
-    mp.spawn(_worker, args=(2, _port(), model_cache, fused_dir, str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), model_cache, fused_dir, str(out)), nprocs=2, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 

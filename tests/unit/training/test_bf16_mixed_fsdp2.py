@@ -4,7 +4,6 @@
 so Adam steps of 1e-3 on RMSNorm weights of 1.0 (below bf16's spacing there, 2^-8) accumulate,
 where pure bf16 parameters never move."""
 import random
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 from miles_ray.config import AlgorithmConfig, TrainConfig
 from miles_ray.sample import Sample
 from miles_ray.training.collectives import barrier, init_distributed
+from helpers.ranks import free_port
 
 
 def _samples(n=4, seed=0):
@@ -50,16 +50,10 @@ def _worker(rank, world, port, cache, out):
     torch.distributed.destroy_process_group()
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(model_cache, tiny_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("bf16_mixed") / "rank0.pt")
-    mp.spawn(_worker, args=(2, _port(), model_cache, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), model_cache, out), nprocs=2, join=True)
     return torch.load(out, weights_only=True)
 
 

@@ -9,7 +9,6 @@ over the model-parallel group), all at 2 ranks."""
 import copy
 import os
 import random
-import socket
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ import torch.multiprocessing as mp
 from miles_ray.config import AlgorithmConfig, TrainConfig
 from miles_ray.sample import Sample
 from miles_ray.training import collectives as co
+from helpers.ranks import free_port
 
 REFUSAL = "No backend type associated with device type cpu"  # torch's words
 
@@ -114,16 +114,10 @@ def _worker(rank, world, ports, cache, out):
     torch.distributed.destroy_process_group()
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def emulated_run(model_cache, tiny_dir, tmp_path_factory):  # tiny_dir: written once, before the ranks start
     out = tmp_path_factory.mktemp("emulated")
-    mp.spawn(_worker, args=(2, (_port(), _port()), model_cache, str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, (free_port(), free_port()), model_cache, str(out)), nprocs=2, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 

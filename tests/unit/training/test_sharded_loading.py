@@ -5,7 +5,6 @@ FSDP2; tied embeddings stay tied; buffers (rotary ``inv_freq``, non-persistent) 
 FSDP2 rank reads exactly the bytes of its shards. MoE models (fused experts):
 tests/unit/models/test_sharded_moe.py."""
 import os
-import socket
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from miles_ray.config import AlgorithmConfig, TrainConfig
 from miles_ray.models.loading import load_empty, load_model
 from miles_ray.models.sharded import materialize
 from miles_ray.training.collectives import barrier, init_distributed
+from helpers.ranks import free_port
 
 
 def _equal(a: dict, b: dict) -> list[str]:
@@ -78,16 +78,10 @@ def _worker(rank, world_size, port, cache, out):
     torch.distributed.destroy_process_group()
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(model_cache, tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded_loading")
-    mp.spawn(_worker, args=(2, _port(), model_cache, str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), model_cache, str(out)), nprocs=2, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
