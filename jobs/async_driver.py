@@ -67,7 +67,10 @@ def staleness_metrics(samples: list, trained_version: int, bound: int) -> dict:
     lags = [versioning.staleness(trained_version, s.weight_version) for s in samples]
     worst = max(lags)
     if worst > bound:
-        raise AssertionError(f"staleness bound violated: a sample lags {worst} versions > async_rl.staleness={bound}")
+        late = next(s for s, lag in zip(samples, lags) if lag == worst)
+        raise AssertionError(f"staleness bound violated: a sample lags {worst} versions > async_rl.staleness={bound} "
+                             f"(group {late.group_id}, trained version {trained_version}, spans "
+                             f"{late.metadata.get('weight_versions')}, groups {sorted({s.group_id for s in samples})})")
     hist = collections.Counter(lags)
     return {"staleness_max": worst, "staleness_mean": sum(lags) / len(lags),
             **{f"staleness_frac_{k}": hist[k] / len(lags) for k in range(bound + 1)}}
@@ -144,7 +147,7 @@ def train_one(run: Run, pump: RolloutPump, step: int, t_prev: float) -> tuple[di
                **step_entry(samples), **steps.speculation_metrics(run, samples, t1 - t_prev)}
     metrics.update(steps.learn(run, samples))
     t2 = time.time()
-    metrics["time_sync_s"] = run.recovery.sync(new)  # engines pause, load, resume in-flight requests
+    metrics.update(steps.synced(run, new))  # engines pause, load, resume in-flight requests
     every, state = cfg.checkpoint.every, None
     if every and (step + 1) % every == 0 and step + 1 < cfg.total_steps:
         state = snapshot(run, pump, version=new)

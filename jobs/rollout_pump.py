@@ -4,13 +4,15 @@ While the :class:`StalenessController` has capacity, it takes prompts, sends one
 (a streaming call: each group comes back as soon as its samples are done), sends each finished
 group to a reward worker at once (scoring overlaps generation; the pump never blocks on it), keeps
 or filters each scored group (dynamic sampling; a filtered group gives its slot back, so the pump
-refills) and puts kept groups in the BufferActor.
+refills) and puts kept groups in the BufferActor in the order they were submitted (a group that
+finishes early waits for the earlier ones: :class:`AdmissionOrder`, without which the staleness
+bound does not hold per group).
 A dead engine or reward worker is recovered in place (:meth:`Recovery.get`); an engine whose call
 runs past ``rollout.request_timeout_s`` is hung: it is restarted and the call regenerated.
 
 Invariant (checked by :class:`GroupLedger` and the controller):
 ``submitted = consumed + filtered + buffered + running``, where running groups are being generated
-(``inflight``) or scored (``scoring``).
+(``inflight``), scored (``scoring``) or held for an earlier group (``order.held``).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from jobs import steps
 from jobs.context import Run
 from jobs.recovery import is_actor_failure
 from miles_ray import versioning
-from miles_ray.async_rl import GROUP_FILTERS, StalenessController
+from miles_ray.async_rl import GROUP_FILTERS, AdmissionOrder, StalenessController
 from miles_ray.ledger import GroupLedger
 
 log = logging.getLogger("miles_ray.rollout_pump")
@@ -44,6 +46,7 @@ class RolloutPump(threading.Thread):
         self.next_group = 0
         self.inflight: dict = {}  # stream -> (engine index, requests, start time, group ids yielded)
         self.scoring: dict = {}  # reward ref -> (worker index, samples, requests)
+        self.order = AdmissionOrder()  # kept groups enter the buffer in submission order
         self.next_worker = -1  # round robin over the reward workers
         self.expired: set = set()  # in-flight refs past rollout.request_timeout_s (their engine was killed)
         self.timeouts = 0  # calls that ran past it, since the pump started
@@ -139,6 +142,7 @@ class RolloutPump(threading.Thread):
         reqs = steps.requests_for(self.ctx.sampler.next_batch(k), self.next_group)
         self.next_group += k
         self.ledger.submitted.update(r["group_id"] for r in reqs)
+        self.order.submit(r["group_id"] for r in reqs)
         self._send(reqs)
 
     def _send(self, reqs: list) -> None:
@@ -189,7 +193,7 @@ class RolloutPump(threading.Thread):
         self.expired.discard(stream)
 
     def _scored(self, ref) -> None:
-        w, generated, _ = self.scoring.pop(ref)
+        w, generated, requests = self.scoring.pop(ref)
         run = self.ctx
         workers = run.actors.rewards
         samples, _ = run.recovery.get(ref, lambda: workers[w].score.remote(generated), "reward", w)
@@ -199,27 +203,35 @@ class RolloutPump(threading.Thread):
         for s in samples:
             groups[s.group_id].append(s)
         for gid, group in groups.items():
+            reqs = [r for r in requests if r["group_id"] == gid]
             if self.keep(group):
-                ray.get(run.actors.buffer.put_group.remote(group))
-                self.ledger.accepted.add(gid)
-                with self.lock:
-                    self.ctrl.accept()
+                self._buffer(self.order.kept(gid, (group, reqs)))
             else:
                 self.ledger.filtered.add(gid)
                 with self.lock:
                     self.ctrl.filter()
+                self._buffer(self.order.filtered(gid))
         self.last_progress = time.time()
+
+    def _buffer(self, released: list) -> None:
+        """Kept groups whose turn came (:class:`AdmissionOrder`), into the buffer in admission order."""
+        for gid, (group, _) in released:
+            ray.get(self.ctx.actors.buffer.put_group.remote(group))
+            self.ledger.accepted.add(gid)
+            with self.lock:
+                self.ctrl.accept()
 
     def _running_requests(self) -> list:
         """Requests not in the buffer yet: being generated, being scored, or waiting to be re-sent."""
         generating = [r for _, reqs, _, done in self.inflight.values() for r in reqs if r["group_id"] not in done]
-        return generating + [r for _, _, reqs in self.scoring.values() for r in reqs] + list(self.resend)
+        held = [r for _, reqs in self.order.held.values() for r in reqs]
+        return generating + [r for _, _, reqs in self.scoring.values() for r in reqs] + held + list(self.resend)
 
     def running_groups(self) -> set:
         return {r["group_id"] for r in self._running_requests()}
 
     def idle(self) -> bool:
-        return not self.inflight and not self.scoring and not self.resend
+        return not self.inflight and not self.scoring and not self.resend and not self.order.held
 
     def state_dict(self) -> dict:
         """Call inside :meth:`held` (or with the pump stopped)."""
@@ -230,6 +242,7 @@ class RolloutPump(threading.Thread):
     def load_state_dict(self, state: dict) -> None:
         """Before :meth:`start`: in-flight groups of the checkpoint are re-sent first."""
         self.next_group, self.resend = state["next_group"], list(state["inflight"])
+        self.order.submit(r["group_id"] for r in self.resend)
         self.ctrl.load_state(state["ctrl"])
         self.ledger = GroupLedger.from_state(state["ledger"])
         self.ctx.sampler.load_state_dict(state["sampler"])
@@ -239,4 +252,6 @@ class RolloutPump(threading.Thread):
         calls = [f"rollout-{i}: generate groups {reqs[0]['group_id']}..{reqs[-1]['group_id']} running for "
                  f"{now - t0:.0f}s" for i, reqs, t0, _ in self.inflight.values()]
         calls += [f"reward-{w}: scoring {len(samples)} samples" for w, samples, _ in self.scoring.values()]
+        if self.order.held:
+            calls.append(f"{len(self.order.held)} scored groups wait for group {self.order.waiting_for()} (admission order)")
         return "; ".join(calls) or "no generation in flight (staleness bound reached, buffer short of a batch)"

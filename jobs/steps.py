@@ -136,8 +136,23 @@ def rollout_metrics(samples: list) -> dict:
         "response_len_mean": sum(s.response_length for s in samples) / len(samples),
         "frac_finished": sum(s.finish_reason == "stop" for s in samples) / len(samples),
         "num_samples": len(samples),
+        **update_aborts(samples),
         **agent_metrics(samples),
     }
+
+
+def synced(run: Run, version: int) -> dict:
+    """Sync ``version`` to the engines: its seconds and the engine servers' prefix-cache flushes
+    (one per server per update: the update protocol, :mod:`jobs.weight_sync`)."""
+    before = run.weights.cache_flushes
+    seconds = run.recovery.sync(version)
+    return {"time_sync_s": seconds, "rollout/cache_flushes": run.weights.cache_flushes - before}
+
+
+def update_aborts(samples: list) -> dict:
+    """Requests of these samples that a weight update's pause aborted and the client re-submitted
+    (SGLang versions whose pause aborts: :meth:`EngineClient._finish`)."""
+    return {"rollout/update_aborts": sum(s.metadata.get("update_aborts", 0) for s in samples)}
 
 
 def agent_metrics(samples: list) -> dict:

@@ -80,7 +80,7 @@ def train_loop(run: Run, resume_from: Path | None = None) -> list[float]:
             injector.on_step(step)
             try:
                 samples, metrics = train_step(run, step, replay)
-                sync_s = run.recovery.sync(versioning.after_steps(step + 1))
+                sync = steps.synced(run, versioning.after_steps(step + 1))
             except Exception as err:  # noqa: BLE001 - a dead trainer rank: rebuild, restore, redo
                 if not run.recovery.trainer_failed(err):
                     raise
@@ -89,7 +89,7 @@ def train_loop(run: Run, resume_from: Path | None = None) -> list[float]:
                 del rewards[step - start:]
                 bar.n = step
                 continue
-            metrics.update(weight_version=versioning.after_steps(step + 1), time_sync_s=sync_s,
+            metrics.update(weight_version=versioning.after_steps(step + 1), **sync,
                            time_step_s=time.time() - t0, **run.recovery.metrics(), **step_entry(samples),
                            **injector.counts(run.recovery.events))
             metrics.update(evals.after_step(step))  # eval/ fields (held-out sets), when due

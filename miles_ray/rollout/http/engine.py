@@ -19,10 +19,9 @@ The update protocol (:mod:`miles_ray.rollout.sglang.protocol`, driven by jobs/we
 """
 from __future__ import annotations
 
-import socket
-
 from miles_ray.config import Config
 from miles_ray.models import load_tokenizer
+from miles_ray.rollout.http.launch import free_port, launch_on_free_port  # noqa: F401 - free_port: re-exported
 from miles_ray.rollout.sglang.client import EngineClient
 from miles_ray.rollout.sglang.protocol import Protocol, protocol_for
 from miles_ray.rollout.types import SamplingParams, engine_seed
@@ -97,12 +96,6 @@ def router_client(cfg: Config, url: str) -> EngineClient:
     return configure_client(EngineClient(url), cfg)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 class HttpEngine:
     def __init__(self, backend: str, client: EngineClient, tokenizer, process=None, fmt: str = "raw",
                  tp_size: int = 1, partial: bool = False):
@@ -118,13 +111,11 @@ class HttpEngine:
     @classmethod
     def launch(cls, cfg: Config, rank: int, host: str = "127.0.0.1", token: str | None = None,
                env: dict | None = None) -> "HttpEngine":
-        from miles_ray.rollout.http.launch import launch_server
-
         r = cfg.rollout
         extra = server_args(cfg, rank)
         if token and r.backend == "sglang":
             extra += ["--api-key", token]  # SGLang's own bearer check (add_api_key_middleware)
-        process, client = launch_server(r.backend, cfg.model.path, free_port(host), host, extra, token=token, env=env)
+        process, client = launch_on_free_port(r.backend, cfg.model.path, host, extra, token=token, env=env)
         configure_client(client, cfg)
         return cls(r.backend, client, load_tokenizer(cfg.model.path, cfg.model.tiny_cache_dir), process,
                    weight_format(cfg), cfg.cluster.gpus_per_engine, cfg.async_rl.enabled)

@@ -7,10 +7,11 @@ import happens in the child process, so sglang is never imported here.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
-from miles_ray.rollout.sglang.client import EngineClient
+from miles_ray.rollout.sglang.client import EngineClient, ServerExited
 
 
 def server_command(backend: str, model_path: str, port: int, host: str = "127.0.0.1", extra: list | None = None) -> list:
@@ -55,6 +56,27 @@ def launch_server(backend: str, model_path: str, port: int, host: str = "127.0.0
         process.kill()
         raise
     return process, client
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+BIND_FAILED = 3  # uvicorn's STARTUP_FAILURE: the port chosen was taken before the server bound it
+
+
+def launch_on_free_port(backend: str, model_path: str, host: str, extra: list | None = None, tries: int = 3,
+                        **kwargs):
+    """:func:`launch_server` on a free port; a server that could not bind it (another process took
+    the port between choosing and binding: a race on a shared machine) is started again on another."""
+    for attempt in range(tries):
+        try:
+            return launch_server(backend, model_path, free_port(host), host, extra, **kwargs)
+        except ServerExited as err:
+            if err.code != BIND_FAILED or attempt == tries - 1:
+                raise
 
 
 def router_command(worker_urls: list, host: str, port: int, token: str | None = None) -> list:

@@ -76,6 +76,14 @@ def version_spans(meta: dict, offset: int = 0) -> list[dict]:
             for s in spans]
 
 
+class ServerExited(RuntimeError):
+    """The server process exited before it was healthy (``code``: its exit status)."""
+
+    def __init__(self, code: int):
+        super().__init__(f"engine server exited with code {code} before it was healthy")
+        self.code = code
+
+
 class EngineClient:
     def __init__(self, url: str, timeout_s: float | None = None, token: str | None = None,
                  protocol: Protocol | None = None):
@@ -119,8 +127,8 @@ class EngineClient:
                 prompt_index=req["prompt_index"], group_id=req["group_id"], prompt=req["prompt"], label=req["label"],
                 prompt_ids=ids[i // n], response_ids=out["output_ids"],
                 response_logprobs=[x[0] for x in meta["output_token_logprobs"]], response_text=out["text"],
-                finish_reason=meta["finish_reason"]["type"], weight_version=spans[0]["version"] if spans else
-                first_version(meta), metadata={"weight_versions": spans},
+                finish_reason=meta["finish_reason"]["type"], weight_version=min(s["version"] for s in spans) if spans
+                else first_version(meta), metadata={"weight_versions": spans, "update_aborts": out["update_aborts"]},
                 routed_experts=routed_trace(meta.get("routed_experts"),
                                             len(ids[i // n]) + len(out["output_ids"]) - 1, self.routed_topk)))
         return samples
@@ -131,10 +139,10 @@ class EngineClient:
         for ``/continue_generation`` on the server) and the segments are joined; the spans record
         each segment's version (each segment ran under one version: updates hold the model-update
         writer lock)."""
-        spans = version_spans(out["meta_info"])
+        spans, aborts = version_spans(out["meta_info"]), 0
         while (self.protocol.pause_aborts and out["meta_info"]["finish_reason"]["type"] == "abort"
                and rid not in self.cancelled and len(out["output_ids"]) < params.max_new_tokens):
-            done = len(out["output_ids"])
+            done, aborts = len(out["output_ids"]), aborts + 1
             rest = {**sglang_sampling(params), "max_new_tokens": params.max_new_tokens - done, "n": 1}
             more = self.generate(input_ids=prompt + out["output_ids"], sampling_params=rest, rid=rid)
             more = more[0] if isinstance(more, list) else more
@@ -145,6 +153,7 @@ class EngineClient:
             text = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else out["text"] + more["text"]
             out = {"text": text, "output_ids": ids, "meta_info": meta}
         self.cancelled.discard(rid)
+        out["update_aborts"] = aborts  # re-submissions: each followed an abort by a pause
         return out, [s for s in spans if s["end"] > s["start"]] or spans[:1]
 
     # -- control --------------------------------------------------------------------------------
@@ -161,7 +170,7 @@ class EngineClient:
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             if process is not None and process.poll() is not None:
-                raise RuntimeError(f"engine server exited with code {process.returncode} before it was healthy")
+                raise ServerExited(process.returncode)
             try:
                 if self.health()["status"] == 200:
                     return

@@ -2,7 +2,8 @@
 behave as SGLang 0.5.5 and as 0.5.23 (``rollout.sglang_version``), the update protocol on every
 sync (pause in the version's mode, update, flush, version, continue): every step's ledger intact,
 no in-flight request aborted by a weight update (only by a pause whose mode aborts: 0.5.5, whose
-aborted requests the client re-submits), the prefix cache flushed at every update. Counters come
+aborted requests the client re-submits), the prefix cache flushed at every update (each step's row:
+``rollout/cache_flushes``, ``rollout/update_aborts``). Counters come
 from the stand-ins' stats files (``--stats-path``, :mod:`miles_ray.rollout.http.server_sglang`)."""
 import json
 
@@ -26,6 +27,17 @@ def _stats(tmp_path) -> list[dict]:
     return [json.loads(f.read_text()) for f in files]
 
 
+def _rows(tmp_path) -> list[dict]:
+    return [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+
+
+def _check_rows(rows: list[dict], stats: list[dict], engines: int = 2) -> None:
+    """Every step's row counts its sync's flushes (one per engine server) and the pause aborts its
+    samples went through (each one also counted by a stand-in: never more than they saw)."""
+    assert [r["rollout/cache_flushes"] for r in rows] == [engines] * len(rows)
+    assert sum(r["rollout/update_aborts"] for r in rows) <= sum(s["aborts"]["pause"] for s in stats)
+
+
 def _check_protocol(stats: list[dict], version: str, pause_may_abort: bool) -> None:
     for s in stats:
         assert s["sglang_version"] == version
@@ -47,6 +59,9 @@ def test_sync_run_per_sglang_version(local_ray_gpus, tmp_path, model_cache, toke
     assert summary["steps"] == 2
     check_run(tmp_path / "run", cfg, tokenizer)
     _check_protocol(_stats(tmp_path), version, pause_may_abort=False)
+    rows = _rows(tmp_path)
+    _check_rows(rows, _stats(tmp_path))
+    assert all(r["rollout/update_aborts"] == 0 for r in rows)  # sync: nothing in flight at an update
 
 
 @pytest.mark.parametrize("version", ["0.5.5", "0.5.23"])
@@ -60,11 +75,13 @@ def test_async_partial_rollout_per_sglang_version(local_ray_gpus, tmp_path, mode
                "rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=4", "async_rl.enabled=true",
                "async_rl.staleness=1", "rollout.max_new_tokens=12", "train.sft_warmup_steps=2")
     summary = run(cfg)
-    rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    rows = _rows(tmp_path)
     assert summary["steps"] == len(rows) == 3 and summary["lost"] == 0 and summary["duplicates"] == 0
     assert all(r["async/staleness_max"] <= 1 for r in rows)
     check_run(tmp_path / "run", cfg, tokenizer)
     _check_protocol(_stats(tmp_path), version, pause_may_abort=version == "0.5.5")
+    _check_rows(rows, _stats(tmp_path))
+    assert version == "0.5.5" or all(r["rollout/update_aborts"] == 0 for r in rows)  # retract: none aborted
 
 
 def test_r3_uses_sglang_routed_experts_on_0_5_23(local_ray_gpus, tmp_path, model_cache, tokenizer):
