@@ -2,37 +2,21 @@
 padded rows (TP=2 with SP, PP=2), chunked vocab-parallel log-probs vs the unchunked ones (values
 and gradients), activation recompute (same gradients at TP=2), bf16_mixed with the distributed
 optimizer (fp32 main shards per DP rank, checkpoint at DP=2 loaded at DP=1)."""
-import copy
-import random
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from miles_ray.config import AlgorithmConfig, TrainConfig
-from miles_ray.sample import Sample
-
-TRAIN = dict(packing=False, micro_batch_size=2, grad_clip=1.0)
-ALGO = dict(kl_coef=0.05, eps_low=0.1, eps_high=0.1, entropy_coef=0.01)
+from helpers.ranks import free_port, random_samples
 
 
 def _samples(n=6, seed=0):
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        p, r = rng.randint(2, 7), rng.randint(1, 8)
-        resp = [rng.randint(3, 300) for _ in range(r)]
-        out.append(Sample(i, i // 2, "p", "1", [rng.randint(3, 300) for _ in range(p)], response_ids=resp,
-                          response_logprobs=[-1.0] * r, advantages=[rng.uniform(-2, 2)] * r,
-                          old_logprobs=[-1.0 + 0.1 * (k % 3) for k in range(r)]))
-    return out
+    return random_samples(n, seed, old_logprobs=True)
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+TRAIN = dict(packing=False, micro_batch_size=2, grad_clip=1.0)
+ALGO = dict(kl_coef=0.05, eps_low=0.1, eps_high=0.1, entropy_coef=0.01)
 
 
 def _trainer(cache, par, **train):
@@ -124,7 +108,7 @@ def _run(worker, tmp_path, cache, *extra):
 
     resolve_model_path("tiny:qwen3", cache)  # written once here, not raced by the spawned ranks
     out = str(tmp_path / "found.pt")
-    mp.spawn(worker, args=(2, _port(), cache, out, *extra), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, free_port(), cache, out, *extra), nprocs=2, join=True)
     return torch.load(out, weights_only=True)  # plain tensors / numbers written by our own worker
 
 
