@@ -68,12 +68,14 @@ BIND_FAILED = 3  # uvicorn's STARTUP_FAILURE: the port chosen was taken before t
 
 
 def launch_on_free_port(backend: str, model_path: str, host: str, extra: list | None = None, tries: int = 3,
-                        **kwargs):
-    """:func:`launch_server` on a free port; a server that could not bind it (another process took
-    the port between choosing and binding: a race on a shared machine) is started again on another."""
+                        first_port: int | None = None, **kwargs):
+    """:func:`launch_server` on a free port (``first_port`` first, when given); a server that could
+    not bind it (another process took the port between choosing and binding: a race on a shared
+    machine) is started again on another."""
     for attempt in range(tries):
+        port = first_port if attempt == 0 and first_port else free_port(host)
         try:
-            return launch_server(backend, model_path, free_port(host), host, extra, **kwargs)
+            return launch_server(backend, model_path, port, host, extra, **kwargs)
         except ServerExited as err:
             if err.code != BIND_FAILED or attempt == tries - 1:
                 raise

@@ -308,8 +308,11 @@ def main(argv=None) -> None:
     engine = NativeEngine(args.model_path, args.dtype, args.tiny_cache_dir, args.seed, args.max_running_requests)
     app = create_app(engine, args.strict_sglang, args.tp_size, args.weight_load_delay_s, args.group_timeout_s,
                      args.sglang_version, args.enable_return_routed_experts, args.stats_path)
-    uvicorn.run(Guard(app, token, int(args.max_request_mb * (1 << 20))), host=args.host, port=args.port,
-                log_level="warning")
+    try:
+        uvicorn.run(Guard(app, token, int(args.max_request_mb * (1 << 20))), host=args.host, port=args.port,
+                    log_level="warning")
+    except SystemExit as err:  # uvicorn's startup failure (3: the port was taken): exit now, engine threads too
+        os._exit(err.code if isinstance(err.code, int) else 1)
 
 
 if __name__ == "__main__":

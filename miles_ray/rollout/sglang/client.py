@@ -157,9 +157,11 @@ class EngineClient:
         return out, [s for s in spans if s["end"] > s["start"]] or spans[:1]
 
     # -- control --------------------------------------------------------------------------------
-    def health(self) -> dict:
-        """``{"status": code, ...body}``; SGLang's body is empty."""
-        r = self.http.get(f"{self.url}/health")
+    def health(self, timeout_s: float | None = None) -> dict:
+        """``{"status": code, ...body}``; SGLang's body is empty. ``timeout_s``: per request (default:
+        the client's)."""
+        extra = {"timeout": timeout_s} if timeout_s is not None else {}
+        r = self.http.get(f"{self.url}/health", **extra)
         try:
             body = r.json() if r.content else {}
         except ValueError:
@@ -172,7 +174,7 @@ class EngineClient:
             if process is not None and process.poll() is not None:
                 raise ServerExited(process.returncode)
             try:
-                if self.health()["status"] == 200:
+                if self.health(timeout_s=30.0)["status"] == 200:  # bounded: whatever answers the port
                     return
             except httpx.TransportError:
                 pass
