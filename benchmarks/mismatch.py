@@ -12,9 +12,15 @@
    |delta log-prob| without R3 / with R3; ``r3_routing_agreement`` = slots whose experts used in
    training equal rollout's, with R3 (the router's own top-k agreement is printed beside it).
 3. on_policy_slowdown: rollout wall time of the same batch in true on-policy mode / normal mode.
+4. on_policy_len / on_policy_mem_ratio: long sequences, engine and trainer in separate processes
+   (tiny Qwen3): the native engine samples 2 responses of ``--long`` tokens (1024) in true on-policy
+   mode, then the trainer's exact forward recomputes them with gradients (forward + backward, as in
+   training): the largest |rollout - trainer| log-prob is folded into true_on_policy_max_abs. The
+   same is run in normal mode (stock engine, stock trainer forward); on_policy_mem_ratio = peak
+   memory growth of the process (peak RSS, reset after loading, over the RSS then), true on-policy / normal.
 
 Last line: RESULT true_on_policy_max_abs=<x> r3_mismatch_reduction=<x> r3_routing_agreement=<x>
-on_policy_slowdown=<x>
+on_policy_slowdown=<x> on_policy_len=<n> on_policy_mem_ratio=<x>
 """
 from __future__ import annotations
 
@@ -101,10 +107,77 @@ def slowdown(cache: str) -> float:
     return times["true_on_policy"] / times["normal"]
 
 
+def _status_kb(field: str) -> int:
+    """``VmRSS`` / ``VmHWM`` (peak RSS) of this process, in kB."""
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
+
+
+def _reset_peak() -> int:
+    """Reset the peak-RSS mark (Linux ``clear_refs``); returns the RSS now, in kB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kb("VmRSS")
+
+
+def long_side(cache: str, mode: str, n: int) -> dict:
+    """One process: 2 samples of ``n`` tokens, then the trainer's forward + backward over them."""
+    import torch
+
+    from miles_ray.models import load_model
+    from miles_ray.rollout import SamplingParams
+    from miles_ray.rollout.native import NativeEngine
+    from miles_ray.training.batching import pack, unpack
+
+    exact = mode == "true_on_policy"
+    max_len = -(-(n + 24) // 64) * 64
+    engine = NativeEngine("tiny:qwen3", tiny_cache_dir=cache, seed=5, exact_check=False,
+                          **({"exact_max_len": max_len} if exact else {}))
+    model = load_model("tiny:qwen3", "float32", cache)
+    if exact:
+        from miles_ray.models.exact import ExactLMForTraining
+        core = ExactLMForTraining(model, max_len)
+    else:
+        from miles_ray.training.fsdp.logprobs import CausalLMForTraining
+        core = CausalLMForTraining(model)
+    reqs = [{"prompt": "What is 3+4?", "label": "", "prompt_index": i, "group_id": i} for i in range(2)]
+    base = _reset_peak()
+    t0 = time.perf_counter()
+    samples = engine.generate(reqs, 1, SamplingParams(n, ignore_eos=True))
+    t1 = time.perf_counter()
+    batch = pack(samples, 0, torch.device("cpu"), packed=False)
+    logp, _ = core(batch, 1.0)
+    logp.sum().backward()
+    got = unpack(logp, batch)
+    worst = max(abs(a - b) for s, lp in zip(samples, got) for a, b in zip(s.response_logprobs, lp))
+    peak = _status_kb("VmHWM") - base
+    return {"mode": mode, "tokens": min(len(s.response_ids) for s in samples), "max_abs": worst,
+            "peak_mb": peak / 1024, "rollout_s": t1 - t0, "train_s": time.perf_counter() - t1}
+
+
+def long_run(cache: str, n: int) -> tuple[int, float, float]:
+    """(response tokens, max |rollout - trainer| in true on-policy mode, memory ratio)."""
+    import subprocess
+
+    out = {}
+    for mode in ("normal", "true_on_policy"):
+        res = subprocess.run([sys.executable, __file__, "--long-side", mode, "--long", str(n), "--cache", cache],
+                             capture_output=True, text=True, check=True)
+        out[mode] = json.loads(res.stdout.strip().splitlines()[-1])
+        print(f"long sequences, {mode}: {out[mode]}", flush=True)
+    top = out["true_on_policy"]
+    return top["tokens"], top["max_abs"], top["peak_mb"] / max(out["normal"]["peak_mb"], 1e-9)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--long", type=int, default=1024, help="response tokens of the long-sequence comparison")
+    ap.add_argument("--long-side", choices=["normal", "true_on_policy"], help=argparse.SUPPRESS)
+    ap.add_argument("--cache", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.long_side:
+        print(json.dumps(long_side(args.cache, args.long_side, args.long)))
+        return
     tmp = Path(tempfile.mkdtemp(prefix="mismatch-"))
     worst = max(true_on_policy_run(tmp, spec, args.steps) for spec in ("tiny:qwen3", "tiny:qwen3_moe"))
     import ray
@@ -112,8 +185,11 @@ def main() -> None:
     ray.shutdown()
     reduction, agreement = r3(str(tmp / "models"))
     slow = slowdown(str(tmp / "models"))
+    n, long_worst, mem = long_run(str(tmp / "models"), args.long)
+    worst = max(worst, long_worst)
     print(f"RESULT true_on_policy_max_abs={worst!r} r3_mismatch_reduction={reduction:.2f} "
-          f"r3_routing_agreement={agreement:.4f} on_policy_slowdown={slow:.2f}")
+          f"r3_routing_agreement={agreement:.4f} on_policy_slowdown={slow:.2f} on_policy_len={n} "
+          f"on_policy_mem_ratio={mem:.2f}")
 
 
 if __name__ == "__main__":

@@ -103,6 +103,10 @@ class Config(Section):
         if self.algorithm.true_on_policy and (self.draft.enabled or self.rollout.serve_http):
             raise ValueError("algorithm.true_on_policy runs in-actor native engines without speculation; set "
                              "draft.enabled=false and rollout.serve_http=false")
+        if self.algorithm.true_on_policy and self.train.strategy == "fsdp2" and self.cluster.num_trainers > 1:
+            raise ValueError("algorithm.true_on_policy with train.strategy=fsdp2 and cluster.num_trainers > 1 is refused: the "
+                             "exact forward reads whole weights and never gathers FSDP2's shards; use train.strategy=ddp "
+                             "(replicas) or cluster.num_trainers=1")
         if self.train.precision == "fp8_unified" and self.rollout.precision != "fp8":
             raise ValueError("train.precision=fp8_unified trains on the engines' FP8 numbers: set rollout.precision=fp8")
         if self.train.qat == "int4" and self.rollout.precision != "int4":

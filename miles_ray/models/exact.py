@@ -2,79 +2,39 @@
 
 Engines and trainers must produce bit-identical log-probs for every sampled token, although the
 engine decodes one token per step against a KV cache and the trainer runs whole sequences. Every
-op here computes a token's numbers with the same kernel calls whatever else is in the batch:
+op computes a token's numbers with the same kernel calls whatever else is in the batch, wherever
+the operands lie in memory and whatever the thread count (:mod:`miles_ray.models.exact_ops`):
 
-- products (projections, MLPs, experts, router, LM head, attention scores and values): one
-  ``[1, K] x [K, N]`` product per row (``torch.bmm`` with the weight broadcast with stride 0:
-  nothing is copied), and every ``bmm`` call holds exactly ``CHUNK`` rows (the last call padded
-  with zeros), so neither a row's reduction order nor the library's kernel choice depends on how
-  many rows there are (plain ``F.linear`` picks its kernel by the row count: on this CPU fp32 rows
-  differ for M < 12; cuBLAS picks batched-GEMM algorithms by batch count);
-- attention: every query row attends over keys padded to one fixed length ``max_len`` (future and
-  padding keys are masked to -inf: their probabilities are exactly 0, so what the cache holds there
-  never counts): decode and a full forward reduce in the same order;
-- row reductions (RMSNorm, softmax, log-softmax) also run on exactly ``CHUNK`` rows per call
-  (:func:`by_rows`);
-  RoPE, activations and residuals are element-wise.
+- products (projections, MLPs, experts, router, LM head): one ``[1, K] x [K, N]`` product per row
+  (``torch.bmm`` with the weight broadcast, not copied), in calls of exactly ``CHUNK`` entries whose
+  operands sit at canonical addresses (64-byte aligned; a misaligned weight is copied first);
+- attention (:mod:`miles_ray.models.exact_attention`): fixed-shape products read in place from the
+  engine's slot KV layout (no per-token copy; memory linear in length), every query reducing over
+  the same ``max_len`` keys with future ones masked to exact zeros;
+- row reductions (RMSNorm, softmax, log-softmax) in calls of exactly ``CHUNK`` rows; transcendental
+  element-wise ops (SiLU, RoPE's cos/sin) in fixed blocks on ATen's vector path; the rest
+  (residuals, RoPE's products) is exactly rounded element-wise arithmetic;
 - MoE: router logits by row, softmax in fp32, top-k, each selected expert by row, the weighted sum
   in top-k order.
 
-Gradients flow (the trainer trains through it); backward uses ordinary matmuls (they need no
-invariance). Cost: several times slower than the stock forward (see docs); tiny and small models.
-:func:`self_test` checks decode == full forward and batch invariance on probes at startup;
-``true_on_policy`` is refused where it fails.
+Gradients flow (the trainer trains through it); backward uses ordinary matmuls and SDPA (they need
+no invariance). Cost: several times slower than the stock forward (see docs); tiny and small
+models. :func:`~miles_ray.models.exact_check.self_test` probes it at startup at the run's lengths,
+batch sizes and thread counts and with misaligned weights; ``true_on_policy`` is refused where it
+fails.
 """
 from __future__ import annotations
 
 import torch
 
 from miles_ray.errors import UserError
+from miles_ray.models.exact_attention import ExactAttention, ExactCache, window_attend
+from miles_ray.models.exact_check import self_test  # noqa: F401 (re-exported)
+from miles_ray.models.exact_ops import (CHUNK, align_parameters, by_rows, fixed_bmm, pointwise,  # noqa: F401
+                                        row_linear, softmax32)
 
-CHUNK = 64  # rows in every batched call of the exact forward (fixed: kernels never see another shape)
-
-
-def fixed_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``torch.bmm(a, b)`` in calls of exactly ``CHUNK`` batch entries (zero padding; a ``b``
-    broadcast with batch stride 0 stays broadcast)."""
-    n = a.shape[0]
-    pad = -n % CHUNK
-    broadcast = b.stride(0) == 0
-    a = torch.cat([a, a.new_zeros(pad, *a.shape[1:])]) if pad else a.contiguous()  # one memory layout always:
-    if not broadcast:  # the library's kernel path depends on operand strides too
-        b = torch.cat([b, b.new_zeros(pad, *b.shape[1:])]) if pad else b.contiguous()
-    parts = [torch.bmm(a[i:i + CHUNK], b[:1].expand(CHUNK, -1, -1) if broadcast else b[i:i + CHUNK])
-             for i in range(0, n + pad, CHUNK)]
-    return torch.cat(parts)[:n]
-
-
-def by_rows(fn, x: torch.Tensor) -> torch.Tensor:
-    """A row-wise ``fn`` (over the last dim) applied in calls of exactly ``CHUNK`` rows."""
-    flat = x.reshape(-1, x.shape[-1])
-    n = flat.shape[0]
-    pad = -n % CHUNK
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad, flat.shape[-1])])
-    out = torch.cat([fn(flat[i:i + CHUNK]) for i in range(0, n + pad, CHUNK)])[:n]
-    return out.reshape(*x.shape[:-1], out.shape[-1])
-
-
-class _RowLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight):
-        ctx.save_for_backward(x, weight)
-        return fixed_bmm(x.unsqueeze(1), weight.t().unsqueeze(0).expand(x.shape[0], -1, -1)).squeeze(1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        return grad @ weight, grad.t() @ x
-
-
-def row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` computed row by row (row-invariant); ``x [..., K]``."""
-    out = _RowLinear.apply(x.reshape(-1, x.shape[-1]), weight)
-    out = out + bias if bias is not None else out
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+__all__ = ["CHUNK", "ExactForward", "ExactLMForTraining", "by_rows", "exact_logprobs", "fixed_bmm", "row_linear",
+           "self_test"]
 
 
 def _lin(module, x):
@@ -98,8 +58,18 @@ class ExactForward:
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.head_dim ** -0.5
+        align_parameters(hf_model)  # canonical weight addresses: no per-call copies
 
     # -- pieces ---------------------------------------------------------------------------------
+    def _cos_sin(self, positions, dtype):
+        """RoPE tables at ``positions [N]``: the model's ``inv_freq``, cos/sin per element."""
+        rot = self.hf.model.rotary_emb
+        freqs = positions.float()[:, None] * rot.inv_freq.float()[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        scaling = getattr(rot, "attention_scaling", 1.0)
+        cos, sin = pointwise(torch.cos, emb) * scaling, pointwise(torch.sin, emb) * scaling
+        return cos.to(dtype), sin.to(dtype)
+
     def _qkv(self, attn, h, positions):
         """``h [N, d]`` at absolute ``positions [N]`` -> q ``[N, H, D]``, k and v ``[N, H_kv, D]``."""
         N = h.shape[0]
@@ -108,30 +78,17 @@ class ExactForward:
         v = _lin(attn.v_proj, h).view(N, self.n_kv, self.head_dim)
         if hasattr(attn, "q_norm"):
             q, k = by_rows(attn.q_norm, q), by_rows(attn.k_norm, k)
-        cos, sin = self.hf.model.rotary_emb(h, positions[None])
-        return _rope(q, cos[0], sin[0]), _rope(k, cos[0], sin[0]), v
-
-    def _attend(self, q, keys, values, positions):
-        """``q [N, H, D]``; ``keys/values [N, H_kv, max_len, D]`` (each query row's own); causal at
-        ``positions [N]``. Returns ``[N, H * D]``."""
-        N, H, D = q.shape
-        rep = H // self.n_kv
-        keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
-        scores = fixed_bmm(q.reshape(N * H, 1, D), keys.reshape(N * H, -1, D).transpose(1, 2)) * self.scale
-        future = torch.arange(self.max_len, device=q.device)[None, :] > positions[:, None]  # [N, max_len]
-        scores = scores.view(N, H, self.max_len).masked_fill(future[:, None, :], float("-inf"))
-        probs = by_rows(lambda t: torch.softmax(t.float(), dim=-1), scores).to(values.dtype)
-        out = fixed_bmm(probs.reshape(N * H, 1, self.max_len), values.reshape(N * H, self.max_len, D))
-        return out.reshape(N, H * D)
+        cos, sin = self._cos_sin(positions, h.dtype)
+        return _rope(q, cos, sin), _rope(k, cos, sin), v
 
     def _mlp(self, mlp, h):
         if hasattr(mlp, "experts"):
             return self._moe(mlp, h)
-        return _lin(mlp.down_proj, mlp.act_fn(_lin(mlp.gate_proj, h)) * _lin(mlp.up_proj, h))
+        return _lin(mlp.down_proj, pointwise(mlp.act_fn, _lin(mlp.gate_proj, h)) * _lin(mlp.up_proj, h))
 
     def _moe(self, block, h):
         router, experts = block.gate, block.experts
-        probs = by_rows(lambda t: torch.softmax(t.float(), dim=-1), row_linear(h, router.weight))
+        probs = by_rows(softmax32, row_linear(h, router.weight))
         weights, index = torch.topk(probs, router.top_k, dim=-1)
         if getattr(router, "norm_topk_prob", True):
             weights = weights / weights.sum(-1, keepdim=True)
@@ -140,7 +97,8 @@ class ExactForward:
             e = index[:, slot]
             gate_up = fixed_bmm(h.unsqueeze(1), experts.gate_up_proj[e].transpose(1, 2)).squeeze(1)
             gate, up = gate_up.chunk(2, dim=-1)
-            y = fixed_bmm((experts.act_fn(gate) * up).unsqueeze(1), experts.down_proj[e].transpose(1, 2)).squeeze(1)
+            act = pointwise(experts.act_fn, gate) * up
+            y = fixed_bmm(act.unsqueeze(1), experts.down_proj[e].transpose(1, 2)).squeeze(1)
             out = out + y * weights[:, slot, None].to(y.dtype)
         return out
 
@@ -148,12 +106,34 @@ class ExactForward:
         """Final norm, then the LM head row by row, in fp32."""
         return _lin(self.hf.lm_head, by_rows(self.hf.model.norm, x)).float()
 
+    def _layer(self, layer, x, positions, attend):
+        """One decoder layer over rows ``x [N, d]``; ``attend(q, k, v) -> [N, H * D]``."""
+        h = by_rows(layer.input_layernorm, x)
+        q, k, v = self._qkv(layer.self_attn, h, positions)
+        x = x + _lin(layer.self_attn.o_proj, attend(q, k, v))
+        return x + self._mlp(layer.mlp, by_rows(layer.post_attention_layernorm, x))
+
     # -- whole sequences (trainer) --------------------------------------------------------------
     def hidden(self, ids: torch.Tensor) -> torch.Tensor:
-        """Right-padded rows ``ids [R, L]`` -> last hidden states ``[R, L, d]``: the engine's
-        prefill code on a scratch cache (gradients flow through the cache writes)."""
-        cache = self.new_cache(ids.shape[0], self.max_len)
-        return self.hidden_with_cache(ids, cache, torch.arange(ids.shape[0], device=ids.device))
+        """Right-padded rows ``ids [R, L]`` -> last hidden states ``[R, L, d]`` (gradients flow):
+        attention as the engine's prefill computes it, over a scratch slot layout."""
+        R, L = ids.shape
+        self._check_len(L)
+        positions = torch.arange(L, device=ids.device).repeat(R)
+
+        def attend(q, k, v):
+            shape = lambda t: t.view(R, L, *t.shape[1:])  # noqa: E731
+            out = ExactAttention.apply(shape(q), shape(k), shape(v), self.max_len, self.scale)
+            return out.reshape(R * L, -1)
+
+        x = self.hf.model.embed_tokens(ids).reshape(R * L, -1)
+        for layer in self.layers:
+            x = self._layer(layer, x, positions, attend)
+        return x.view(R, L, -1)
+
+    def _check_len(self, L: int) -> None:
+        if L > self.max_len:
+            raise ValueError(f"a sequence of {L} tokens exceeds the exact forward's max_len={self.max_len}")
 
     # -- engine interface (NativeForward's) -----------------------------------------------------
     def cache_capacity(self, needed: int, current: int = 0) -> int:
@@ -164,39 +144,30 @@ class ExactForward:
                             "rollout.max_new_tokens)")
         return self.max_len
 
-    def new_cache(self, slots: int, capacity: int):
-        from miles_ray.models.kv_cache import SlotCache
-
+    def new_cache(self, slots: int, capacity: int) -> ExactCache:
         self.cache_capacity(capacity)
         p = next(self.hf.parameters())
-        return SlotCache(len(self.layers), slots, self.n_kv, self.head_dim, self.max_len, p.dtype, p.device)
+        return ExactCache(len(self.layers), slots, self.n_kv, self.head_dim, self.max_len, p.dtype, p.device)
 
     @torch.no_grad()
     def prefill(self, ids, lengths, cache, slots):
-        """Right-padded prompts into ``slots``; logits at each prompt's last token ``[N, V]``."""
+        """Right-padded prompts ``ids [N, P]`` into ``slots``; logits at each prompt's last token."""
         N, P = ids.shape
-        x = self.hidden_with_cache(ids, cache, slots)
-        cache.lengths[slots] = lengths
-        return self.logits(x[torch.arange(N, device=ids.device), lengths - 1])
-
-    def hidden_with_cache(self, ids, cache, slots):
-        """Right-padded rows ``ids [R, L]`` through every layer, each row's K/V written into its
-        cache slot and attended from there (keys beyond L: whatever the slot holds, masked)."""
-        R, L = ids.shape
-        if L > self.max_len:
-            raise ValueError(f"a sequence of {L} tokens exceeds the exact forward's max_len={self.max_len}")
-        positions = torch.arange(L, device=ids.device).repeat(R)
-        x = self.hf.model.embed_tokens(ids).reshape(R * L, -1)
-        row = torch.arange(R, device=ids.device).repeat_interleave(L)
+        self._check_len(P)
+        positions = torch.arange(P, device=ids.device)
+        x = self.hf.model.embed_tokens(ids).reshape(N * P, -1)
         for li, layer in enumerate(self.layers):
-            h = by_rows(layer.input_layernorm, x)
-            q, k, v = self._qkv(layer.self_attn, h, positions)
-            cache.k[li, slots, :, :L] = k.view(R, L, self.n_kv, -1).transpose(1, 2)
-            cache.v[li, slots, :, :L] = v.view(R, L, self.n_kv, -1).transpose(1, 2)
-            keys, values = cache.k[li, slots][row], cache.v[li, slots][row]
-            x = x + _lin(layer.self_attn.o_proj, self._attend(q, keys, values, positions))
-            x = x + self._mlp(layer.mlp, by_rows(layer.post_attention_layernorm, x))
-        return x.view(R, L, -1)
+            def attend(q, k, v, li=li):
+                cache.k[li, slots, :, :P] = k.view(N, P, self.n_kv, -1).transpose(1, 2)
+                cache.v[li, slots, :, :P] = v.view(N, P, self.n_kv, -1).transpose(1, 2)
+                q = q.view(N, P, self.n_heads, -1).transpose(0, 1)
+                pos = positions[:, None].expand(P, N)
+                out = window_attend(q, *cache.layer(li), slots, pos, self.n_kv, self.scale)
+                return out.transpose(0, 1).reshape(N * P, -1)
+
+            x = self._layer(layer, x, positions.repeat(N), attend)
+        cache.lengths[slots] = lengths
+        return self.logits(x.view(N, P, -1)[torch.arange(N, device=ids.device), lengths - 1])
 
     @torch.no_grad()
     def decode(self, tokens, cache):
@@ -206,12 +177,12 @@ class ExactForward:
         rows = torch.arange(B, device=tokens.device)
         x = self.hf.model.embed_tokens(tokens)
         for li, layer in enumerate(self.layers):
-            h = by_rows(layer.input_layernorm, x)
-            q, k, v = self._qkv(layer.self_attn, h, pos)
-            cache.k[li, rows, :, pos] = k
-            cache.v[li, rows, :, pos] = v
-            x = x + _lin(layer.self_attn.o_proj, self._attend(q, cache.k[li, :B], cache.v[li, :B], pos))
-            x = x + self._mlp(layer.mlp, by_rows(layer.post_attention_layernorm, x))
+            def attend(q, k, v, li=li):
+                cache.k[li, rows, :, pos] = k
+                cache.v[li, rows, :, pos] = v
+                return window_attend(q[None], *cache.layer(li), rows, pos[None], self.n_kv, self.scale)[0]
+
+            x = self._layer(layer, x, pos, attend)
         cache.lengths[:B] = pos + 1
         return self.logits(x)
 
@@ -252,26 +223,3 @@ def exact_logprobs(logits: torch.Tensor, temperature, targets: torch.Tensor) -> 
         (logits.shape[0], 1), float(temperature), dtype=torch.float32, device=logits.device)
     logp = by_rows(lambda t: torch.log_softmax(t, dim=-1), logits / temp)
     return logp.gather(-1, targets[:, None]).squeeze(-1)
-
-
-@torch.no_grad()
-def self_test(forward: ExactForward, vocab_size: int, length: int = 16, seed: int = 0) -> None:
-    """Decode == full forward (bit for bit) and batch invariance, on probe sequences; raises a
-    :class:`UserError` naming the first difference (true on-policy is then refused)."""
-    device = next(forward.hf.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    probes = torch.randint(3, vocab_size, (4, length), generator=gen).to(device)  # 4 x 16 rows: a whole chunk
-    full = forward.logits(forward.hidden(probes))  # [4, L, V]
-    cache = forward.new_cache(4, forward.max_len)
-    forward.prefill(probes[:, :4], torch.full((4,), 4, device=device), cache, torch.arange(4, device=device))
-    for t in range(4, length):
-        step = forward.decode(probes[:, t], cache)  # 4 rows at once
-        if not torch.equal(step, full[:, t]):
-            diff = (step - full[:, t]).abs().max().item()
-            raise UserError(f"algorithm.true_on_policy: the startup self-test found decode logits differing from the full "
-                            f"forward at position {t} by {diff:.3g} on this machine ({device}); true on-policy is "
-                            "refused here (set algorithm.true_on_policy=false)")
-    alone = forward.logits(forward.hidden(probes[:1]))
-    if not torch.equal(alone, full[:1]):
-        raise UserError("algorithm.true_on_policy: the startup self-test found the full forward of one sequence differing "
-                        f"from the same sequence in a batch of 4 on this machine ({device}); true on-policy is refused")

@@ -56,7 +56,8 @@ class NativeEngine:
                                    num_draft_tokens)
         self.speculate = self.spec is not None
         self.exact_max_len = exact_max_len
-        self.forward = NativeForward(self.model) if not exact_max_len else _exact(self.model, exact_max_len, exact_check)
+        self.forward = (NativeForward(self.model) if not exact_max_len
+                        else _exact(self.model, exact_max_len, exact_check, max_running))
         self.routes = RouteTracker(self.model, enabled=not exact_max_len)  # MoE: each token's experts, per request
         if self.routes.active and self.spec is not None:
             raise ValueError("speculative decoding is not supported for MoE models (routing traces of draft tokens "
@@ -317,12 +318,12 @@ class NativeEngine:
                       routed_experts=self.routes.trace(r))
 
 
-def _exact(model, max_len: int, check: bool = True):
+def _exact(model, max_len: int, check: bool = True, max_running: int = 64):
     """The row-invariant forward of true on-policy mode, after its startup self-test (``check``:
-    only benchmarks measuring where it fails turn it off)."""
+    only benchmarks measuring where it fails turn it off) at this engine's decode batch size."""
     from miles_ray.models.exact import ExactForward, self_test
 
     forward = ExactForward(model, max_len)
     if check:
-        self_test(forward, model.config.vocab_size)
+        self_test(forward, model.config.vocab_size, batch_sizes=(max_running,))
     return forward

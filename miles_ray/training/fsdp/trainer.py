@@ -49,6 +49,7 @@ class PolicyTrainer(PolicyLossMixin, SFTMixin, FSDPTrainerBase):
         self.exact_max_len = exact_max_len
         if exact_max_len:  # true on-policy: the exact forward takes right-padded rows
             train_cfg = train_cfg.model_copy(update={"packing": False})
+        self.exact_rows = getattr(train_cfg, "micro_batch_size", 1)  # rows per micro-batch: a self-test probe
         super().__init__(model, train_cfg, train_cfg.lr, getattr(train_cfg, "strategy", "ddp"), precision,
                          self._core(model, train_cfg.logprob_chunk_tokens), schedule_steps, weights)
         self.ref = self._reference(*ref) if ref is not None else None
@@ -62,7 +63,7 @@ class PolicyTrainer(PolicyLossMixin, SFTMixin, FSDPTrainerBase):
         from miles_ray.models.exact import ExactLMForTraining, self_test
 
         core = ExactLMForTraining(model, self.exact_max_len)
-        self_test(core.exact, model.config.vocab_size)
+        self_test(core.exact, model.config.vocab_size, batch_sizes=(self.exact_rows,))
         return core
 
     def _reference(self, ref: torch.nn.Module, weights=None) -> torch.nn.Module:

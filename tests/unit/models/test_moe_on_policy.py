@@ -101,7 +101,7 @@ def test_self_test_refuses_a_forward_that_is_not_batch_invariant(model_cache):
 
 
 def test_config_guards():
-    with pytest.raises(ValueError, match="need rollout.backend=native"):
+    with pytest.raises(ValueError, match="needs rollout.backend=native or sglang"):
         load_config(None, ["algorithm.routing_replay=r3"])
     with pytest.raises(ValueError, match="engines' dtype"):
         load_config(None, ["algorithm.true_on_policy=true", "rollout.backend=native", "model.dtype=bfloat16"])
