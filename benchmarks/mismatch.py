@@ -10,7 +10,9 @@
    output is ~100x smaller than a trained model's and routing would not matter); the engine samples
    in bf16, the trainer recomputes in fp32 (the induced mismatch). ``r3_mismatch_reduction`` = mean
    |delta log-prob| without R3 / with R3; ``r3_routing_agreement`` = slots whose experts used in
-   training equal rollout's, with R3 (the router's own top-k agreement is printed beside it).
+   training equal rollout's, with R3 (1.0 by construction: replay uses the recorded experts);
+   ``r3_routing_agreement_own`` = slots where the trainer router's own top-k equals rollout's, the
+   fidelity figure (it can fail: it falls as engine and trainer numerics drift apart).
 3. on_policy_slowdown: rollout wall time of the same batch in true on-policy mode / normal mode.
 4. on_policy_len / on_policy_mem_ratio: long sequences, engine and trainer in separate processes
    (tiny Qwen3): the native engine samples 2 responses of ``--long`` tokens (1024) in true on-policy
@@ -20,7 +22,7 @@
    memory growth of the process (peak RSS, reset after loading, over the RSS then), true on-policy / normal.
 
 Last line: RESULT true_on_policy_max_abs=<x> r3_mismatch_reduction=<x> r3_routing_agreement=<x>
-on_policy_slowdown=<x> on_policy_len=<n> on_policy_mem_ratio=<x>
+on_policy_slowdown=<x> on_policy_len=<n> on_policy_mem_ratio=<x> r3_routing_agreement_own=<x>
 """
 from __future__ import annotations
 
@@ -87,7 +89,9 @@ def r3(cache: str) -> tuple[float, float]:
         m = out[replay]
         print(f"R3={replay}: mismatch_abs {m['mismatch_abs']:.5f}, routing_agreement {m['routing_agreement']:.4f} "
               f"(router's own top-k: {m['routing_agreement_own']:.4f})", flush=True)
-    return out["none"]["mismatch_abs"] / out["r3"]["mismatch_abs"], out["r3"]["routing_agreement"]
+    r3_run = out["r3"]
+    return (out["none"]["mismatch_abs"] / r3_run["mismatch_abs"], r3_run["routing_agreement"],
+            r3_run["routing_agreement_own"])
 
 
 def slowdown(cache: str) -> float:
@@ -183,13 +187,13 @@ def main() -> None:
     import ray
 
     ray.shutdown()
-    reduction, agreement = r3(str(tmp / "models"))
+    reduction, agreement, own = r3(str(tmp / "models"))
     slow = slowdown(str(tmp / "models"))
     n, long_worst, mem = long_run(str(tmp / "models"), args.long)
     worst = max(worst, long_worst)
     print(f"RESULT true_on_policy_max_abs={worst!r} r3_mismatch_reduction={reduction:.2f} "
           f"r3_routing_agreement={agreement:.4f} on_policy_slowdown={slow:.2f} on_policy_len={n} "
-          f"on_policy_mem_ratio={mem:.2f}")
+          f"on_policy_mem_ratio={mem:.2f} r3_routing_agreement_own={own:.4f}")
 
 
 if __name__ == "__main__":
