@@ -59,7 +59,7 @@ def true_on_policy_run(tmp: Path, spec: str, steps: int) -> float:
     return worst
 
 
-def r3(cache: str) -> tuple[float, float]:
+def r3(cache: str) -> tuple[float, float, float]:
     import torch
 
     from miles_ray.config import AlgorithmConfig, TrainConfig
