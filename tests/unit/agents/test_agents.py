@@ -156,8 +156,11 @@ def test_abort_stops_one_conversation_mid_turn(native, tokenizer):
     deadline = time.time() + 30
     while "0-0" not in agent.clients and time.time() < deadline:
         time.sleep(0.01)
-    time.sleep(0.2)
-    assert agent.abort("0-0")  # the conversation id: <group_id>-<k>
+    native.pause()  # hold the engine between two decode steps: the abort lands mid-turn on any machine
+    try:
+        assert agent.abort("0-0")  # the conversation id: <group_id>-<k>
+    finally:
+        native.resume()
     worker.join(120)
     first, second = result["out"]
     assert first.finish_reason == "abort" and len(first.response_ids) < 300

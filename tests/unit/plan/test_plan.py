@@ -3,13 +3,10 @@ models and a real trainer step, the published sizes of the example configs, colo
 the CLI (`miles-ray plan`; `miles-ray train` refusing a GPU plan that does not fit, and --force)
 without starting Ray."""
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from miles_ray.config import load_config
 from miles_ray.plan import count_parameters, memory_plan, read_model_config
@@ -129,45 +126,6 @@ def test_model_state_bytes_exact_after_a_real_step(arch, precision, dtype, model
     names = [i.name for i in memory_plan(cfg, model).roles["trainer"]]
     assert "reference model (kl_coef > 0)" in names
     assert _bytes(trainer.ref.parameters()) == parameter_bytes(rank)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _fsdp2_worker(rank, world, port, model_cache, out_dir):
-    from miles_ray.training.collectives import init_distributed
-    from miles_ray.training.fsdp import PolicyTrainer
-
-    init_distributed(rank, world, "127.0.0.1", port)
-    cfg = _cfg(model_cache, **{"train.strategy": "fsdp2", "train.precision": "bf16_mixed", "model.dtype": "bfloat16",
-                               "cluster.num_trainers": 2})
-    trainer = PolicyTrainer(cfg.model.path, cfg.train, cfg.algorithm, "bfloat16", model_cache)
-    trainer.sft_step(_samples())
-    torch.save(_state_bytes(trainer), os.path.join(out_dir, f"rank{rank}.pt"))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-
-
-def test_fsdp2_divides_model_states_by_dp(model_cache, tmp_path):
-    """Two real FSDP2 ranks: their shards add up to the full bytes exactly, and each holds the plan's
-    1/dp (up to FSDP2's padding of each tensor's first dimension)."""
-    from miles_ray.models.loading import resolve_model_path
-
-    resolve_model_path("tiny:qwen3", model_cache)  # written once, before the ranks race for it
-    mp.spawn(_fsdp2_worker, args=(2, _free_port(), model_cache, str(tmp_path)), nprocs=2, join=True)
-    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    model = read_model_config("tiny:qwen3", model_cache)
-    full = policy_rank(_cfg(model_cache, **{"model.dtype": "bfloat16", "train.precision": "bf16_mixed"}),
-                       inventory(model), model)
-    sharded = policy_rank(_cfg(model_cache, **{"model.dtype": "bfloat16", "train.precision": "bf16_mixed",
-                                               "train.strategy": "fsdp2", "cluster.num_trainers": 2}),
-                          inventory(model), model)
-    for i, fn in enumerate((parameter_bytes, gradient_bytes, optimizer_bytes)):
-        assert got[0][i] + got[1][i] == fn(full)
-        assert max(g[i] for g in got) == pytest.approx(fn(sharded), rel=0.01)
 
 
 def test_colocated_phases_and_biggest_item(model_cache):
