@@ -78,14 +78,14 @@ def test_floor_check_finds_a_planted_lazy_upward_import(tmp_path):
 
 
 def test_unit_tier_starts_no_ray_and_no_server():
-    """tests/unit: no Ray cluster (no shared-Ray fixture, no ray marker, no ray.init), no job, no
-    engine server; those belong in tests/system."""
+    """tests/unit is one process: no Ray cluster (no shared-Ray fixture, no ray marker, no
+    ray.init), no engine server, no spawned rank group; those belong in tests/system."""
     bad = []
     for path in sorted((ROOT / "tests" / "unit").rglob("test_*.py")):
         if path.name == "test_architecture.py":
             continue
         text = path.read_text()
-        for needle in ("local_ray", "mark.ray", "ray.init(", "launch_server(", "cluster_utils"):
+        for needle in ("local_ray", "mark.ray", "ray.init(", "launch_server(", "cluster_utils", "mp.spawn("):
             if needle in text:
                 bad.append(f"{path.relative_to(ROOT)}: {needle}")
     assert bad == []

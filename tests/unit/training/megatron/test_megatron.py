@@ -1,8 +1,7 @@
-"""Megatron backend on CPU over real gloo groups (torch.multiprocessing spawn, like
-test_distributed): TP=1 (DP=2), TP=2 and PP=2 against the HF model and the FSDP backend; the
-HF <-> Megatron conversion round trip; distributed checkpoint save / resume; start-time layout
-checks. (Ray: a run on the megatron backend with a trainer-rank death is in
-test_megatron_ray.py.)"""
+"""Megatron backend, one process: the HF <-> Megatron conversion round trip, start-time layout
+checks, the run-log line, the shims' documentation. The multi-rank runs (TP=1 x DP=2, TP=2 with SP
+and resume, PP=2 against HF and the FSDP backend) are in tests/system/training/megatron/
+test_megatron_ranks.py; a Ray run with a trainer-rank death in test_megatron_ray.py."""
 import importlib.util
 
 import pytest
