@@ -136,9 +136,16 @@ class Routing:
 
     @torch.no_grad()
     def _count(self, own, recorded, used, known) -> None:
-        if not bool(known.any()):
-            return
-        rec = recorded[known].sort(-1).values
-        self.stats["slots"] += int(known.sum())
-        self.stats["own_agree"] += int((own[known].sort(-1).values == rec).all(-1).sum())
-        self.stats["used_agree"] += int((used[known].sort(-1).values == rec).all(-1).sum())
+        count_agreement(self.stats, own, recorded, used, known)
+
+
+@torch.no_grad()
+def count_agreement(stats: dict, own, recorded, used, known) -> None:
+    """Add to ``stats`` the recorded slots (``known``), those where the router's own top-k equals the
+    recording (``own_agree``) and those where the experts used equal it (``used_agree``)."""
+    if not bool(known.any()):
+        return
+    rec = recorded[known].sort(-1).values
+    stats["slots"] += int(known.sum())
+    stats["own_agree"] += int((own[known].sort(-1).values == rec).all(-1).sum())
+    stats["used_agree"] += int((used[known].sort(-1).values == rec).all(-1).sum())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from miles_ray.training import collectives
+from miles_ray.models.moe import count_agreement
 
 
 def _own_slice(full: torch.Tensor, sizes: list, group) -> torch.Tensor:
@@ -154,12 +155,7 @@ class RouterReplay:
 
     @torch.no_grad()
     def count(self, own, recorded, used, known) -> None:
-        if not bool(known.any()):
-            return
-        rec = recorded[known].sort(-1).values
-        self.stats["slots"] += int(known.sum())
-        self.stats["own_agree"] += int((own[known].sort(-1).values == rec).all(-1).sum())
-        self.stats["used_agree"] += int((used[known].sort(-1).values == rec).all(-1).sum())
+        count_agreement(self.stats, own, recorded, used, known)
 
 
 class ReplayBatches(list):
